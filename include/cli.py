@@ -1,0 +1,137 @@
+"""Command line that needs no running Airflow.
+
+    python -m include validate FILE [--inventory PATH ...]
+    python -m include plan FILE [--inventory PATH ...] [--json]
+    python -m include status NAMESPACE/NAME [--store DIR]
+
+``FILE`` holds one or more YAML documents (VMMigration, and optionally the VirtualMachine, Provider
+and Secret objects it points at, like ``kubectl apply -f``). ``--inventory`` adds more such files
+or folders (the spec store's folder, for instance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from include.inventory import BundleInventory, resolve
+from include.plan import build_plan, describe
+from include.providers import driver_for
+from include.spec import SpecValidationError
+from include.storage import backend_for
+from include.store import SpecStore, index_documents, load_documents
+
+
+def _documents(paths: list[Path]) -> list[tuple[Path, list[dict]]]:
+    out = []
+    for path in paths:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
+        for file in files:
+            out.append((file, load_documents(file)))
+    return out
+
+
+def _load(args: argparse.Namespace):
+    try:
+        docs = _documents([Path(args.file)] + [Path(p) for p in args.inventory])
+    except (OSError, yaml.YAMLError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    index = index_documents(docs)
+    mine = {e.key: e for e in index.migrations.values() if e.path == Path(args.file)}
+    if not mine:
+        print(f"error: {args.file} holds no VMMigration document", file=sys.stderr)
+        raise SystemExit(2)
+    return index, mine
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    index, mine = _load(args)
+    inventory = BundleInventory(index.objects)
+    failed = 0
+    for key, entry in mine.items():
+        errors = list(entry.error.errors) if entry.error else []
+        if entry.migration is not None and (args.inventory or len(index.objects)):
+            try:
+                resolve(entry.migration, inventory)
+            except SpecValidationError as err:
+                errors += err.errors
+        if errors:
+            failed += 1
+            print(f"VMMigration {key}: {len(errors)} error{'s' if len(errors) != 1 else ''}")
+            for err in errors:
+                print(f"  {err}")
+        else:
+            print(f"VMMigration {key}: valid")
+    return 1 if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    index, mine = _load(args)
+    inventory = BundleInventory(index.objects)
+    status = 0
+    plans = []
+    for key, entry in mine.items():
+        try:
+            if entry.error:
+                raise entry.error
+            assert entry.migration is not None
+            resolved = resolve(entry.migration, inventory)
+            source = driver_for(resolved.source.provider)
+            vm = source.get_vm(resolved.source.provider_vm_id)
+            pool = entry.migration.spec.targetStorageHint or driver_for(resolved.target).default_storage()
+            plan = build_plan(resolved, vm, target_storage=pool)
+            storage = backend_for(entry.migration.spec.storage, resolved.storage_credentials)
+            plan["storage"]["location"] = storage.location(plan["storage"]["prefix"])
+        except SpecValidationError as err:
+            print(f"VMMigration {key}: cannot plan:", file=sys.stderr)
+            for e in err.errors:
+                print(f"  {e}", file=sys.stderr)
+            status = 1
+            continue
+        except Exception as err:  # noqa: BLE001 - report and go on with the next document
+            print(f"VMMigration {key}: cannot plan: {err}", file=sys.stderr)
+            status = 1
+            continue
+        plans.append(plan)
+        if not args.json:
+            print(describe(plan, plan["storage"]["location"]))
+    if args.json:
+        print(json.dumps(plans if len(plans) != 1 else plans[0], indent=2))
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = SpecStore(args.store) if args.store else SpecStore()
+    namespace, _, name = args.name.rpartition("/")
+    status = store.read_json(store.status_path(namespace or "default", name))
+    if status is None:
+        print(f"no status for {namespace or 'default'}/{name} in {store.root}", file=sys.stderr)
+        return 1
+    print(yaml.safe_dump({"status": status}, sort_keys=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m include", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (("validate", cmd_validate, "check a VMMigration file, every error with its path"),
+                                  ("plan", cmd_plan, "show what a run would do")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("file")
+        p.add_argument("--inventory", action="append", default=[],
+                       help="YAML file or folder with VirtualMachine/Provider/Secret objects (repeatable)")
+        p.set_defaults(func=func)
+        if name == "plan":
+            p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p = sub.add_parser("status", help="print a migration's status from the spec store")
+    p.add_argument("name", help="NAMESPACE/NAME")
+    p.add_argument("--store", help="spec store folder (default: $VMMIGRATION_STORE or var/store)")
+    p.set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    return args.func(args)

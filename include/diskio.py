@@ -1,0 +1,242 @@
+"""Disk I/O: streaming copies with one-pass sha256 and progress, sparse files, and qemu-img.
+
+Memory stays bounded by the chunk size whatever the disk size. A stream is a sequence of
+``Segment``: data bytes, or a hole of N zero bytes that is never materialised (holes are hashed
+as zeros from a shared buffer and written by seeking, so sparse disks stay sparse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 * 1024 * 1024
+_ZEROS = bytes(CHUNK)
+
+
+class QemuImgError(RuntimeError):
+    """qemu-img failed; the message carries its stderr."""
+
+
+class ChecksumMismatch(RuntimeError):
+    """Data read back does not hash to what was recorded when it was written."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of a stream: ``data`` bytes, or (``data is None``) a hole of ``length`` zero bytes."""
+
+    length: int
+    data: bytes | memoryview | None = None
+
+
+class ProgressTracker:
+    """Bytes done / total with rate and ETA; reports through ``callback`` at most every ``percent_step``
+    percent or ``interval`` seconds (whichever comes first), plus once at the end."""
+
+    def __init__(self, total: int, callback: Callable[[int, int, float, float | None], None] | None = None,
+                 *, interval: float = 10.0, percent_step: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.total = max(int(total), 0)
+        self.done = 0
+        self.callback = callback
+        self.interval = interval
+        self.percent_step = percent_step
+        self.clock = clock
+        self.started = clock()
+        self._last_time = self.started
+        self._last_done = 0
+
+    @property
+    def rate(self) -> float:
+        elapsed = self.clock() - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.rate
+        if rate <= 0 or self.total <= 0:
+            return None
+        return max(self.total - self.done, 0) / rate
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        step = self.total * self.percent_step / 100.0 if self.total else 0
+        if (now - self._last_time >= self.interval) or (step and self.done - self._last_done >= step):
+            self._emit(now)
+
+    def finish(self) -> None:
+        self._emit(self.clock())
+
+    def _emit(self, now: float) -> None:
+        self._last_time = now
+        self._last_done = self.done
+        if self.callback is not None:
+            self.callback(self.done, self.total, self.rate, self.eta)
+
+
+def format_progress(done: int, total: int, rate: float, eta: float | None) -> str:
+    percent = done * 100.0 / total if total else 100.0
+    eta_text = f"{eta:.0f}s" if eta is not None else "?"
+    return (f"{percent:5.1f}% {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB "
+            f"at {rate / 2**20:,.1f} MiB/s, ETA {eta_text}")
+
+
+def hash_segments(segments: Iterable[Segment], hasher: Any) -> Iterator[Segment]:
+    """Pass segments through, feeding every logical byte (holes as zeros) to ``hasher`` once."""
+    for seg in segments:
+        if seg.data is None:
+            left = seg.length
+            while left:
+                n = min(left, CHUNK)
+                hasher.update(_ZEROS[:n] if n != CHUNK else _ZEROS)
+                left -= n
+        else:
+            hasher.update(seg.data)
+        yield seg
+
+
+def file_segments(path: str | os.PathLike[str], *, chunk: int = CHUNK, sparse: bool = True) -> Iterator[Segment]:
+    """Read a file as segments, reporting its holes (SEEK_DATA/SEEK_HOLE) instead of reading zeros."""
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        pos = 0
+        while pos < size:
+            if sparse:
+                try:
+                    data_at = os.lseek(fh.fileno(), pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole is left
+                    data_at = size
+                if data_at > pos:
+                    yield Segment(length=data_at - pos)
+                    pos = data_at
+                    continue
+                hole_at = os.lseek(fh.fileno(), pos, os.SEEK_HOLE)
+            else:
+                hole_at = size
+            os.lseek(fh.fileno(), pos, os.SEEK_SET)
+            while pos < hole_at:
+                buf = fh.read(min(chunk, hole_at - pos))
+                if not buf:
+                    raise OSError(f"{path}: file shrank while being read at offset {pos}")
+                pos += len(buf)
+                yield Segment(length=len(buf), data=buf)
+
+
+def write_segments(segments: Iterable[Segment], fh: BinaryIO, progress: ProgressTracker | None = None) -> int:
+    """Write segments to a file object, seeking over holes; returns the logical length written."""
+    total = 0
+    for seg in segments:
+        if seg.data is None:
+            fh.seek(seg.length, os.SEEK_CUR)
+        else:
+            fh.write(seg.data)
+        total += seg.length
+        if progress is not None:
+            progress.add(seg.length)
+    fh.truncate(total)
+    return total
+
+
+def sha256_file(path: str | os.PathLike[str], progress: ProgressTracker | None = None) -> str:
+    hasher = hashlib.sha256()
+    for seg in hash_segments(file_segments(path), hasher):
+        if progress is not None:
+            progress.add(seg.length)
+    return hasher.hexdigest()
+
+
+def allocated_bytes(path: str | os.PathLike[str]) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+# -- qemu-img -------------------------------------------------------------------------------------
+
+def qemu_img_path() -> str:
+    found = shutil.which("qemu-img")
+    if not found:
+        raise QemuImgError("qemu-img is not installed (Debian package qemu-utils)")
+    return found
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([qemu_img_path(), *args], capture_output=True, text=True)
+    if proc.returncode not in (0,):
+        raise QemuImgError(f"qemu-img {' '.join(args[:1])} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def image_info(path: str | os.PathLike[str], fmt: str | None = None) -> dict[str, Any]:
+    args = ["info", "--output=json", "-U"]
+    if fmt:
+        args += ["-f", fmt]
+    return json.loads(_run([*args, str(path)]).stdout)
+
+
+def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[str], dst_fmt: str,
+            progress: Callable[[float], None] | None = None) -> None:
+    """``qemu-img convert`` keeping the output sparse, reporting percent through ``progress``."""
+    args = [qemu_img_path(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt]
+    if dst_fmt == "vmdk":
+        args += ["-o", "subformat=streamOptimized"]
+    args += [str(src), str(dst)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdout is not None and proc.stderr is not None
+    buf = ""
+    pattern = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+    while True:
+        ch = proc.stdout.read(1)
+        if not ch:
+            break
+        buf += ch
+        if ch in "\r\n":
+            match = pattern.search(buf)
+            if match and progress is not None:
+                progress(float(match.group(1)))
+            buf = ""
+    err = proc.stderr.read()
+    if proc.wait() != 0:
+        raise QemuImgError(f"qemu-img convert {src_fmt} -> {dst_fmt} failed: {err.strip()}")
+
+
+def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], fmt_a: str | None = None,
+            fmt_b: str | None = None) -> bool:
+    """``qemu-img compare``: True when both images have the same guest-visible content."""
+    args = [qemu_img_path(), "compare", "-U"]
+    if fmt_a:
+        args += ["-f", fmt_a]
+    if fmt_b:
+        args += ["-F", fmt_b]
+    proc = subprocess.run([*args, str(a), str(b)], capture_output=True, text=True)
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    raise QemuImgError(f"qemu-img compare failed: {proc.stderr.strip()}")
+
+
+def check(path: str | os.PathLike[str], fmt: str) -> None:
+    if fmt == "raw":
+        return
+    proc = subprocess.run([qemu_img_path(), "check", "-U", "-f", fmt, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise QemuImgError(f"qemu-img check {path} reports errors: {(proc.stdout + proc.stderr).strip()}")
+
+
+def ensure_free_space(folder: Path, needed: int) -> None:
+    """Refuse early, with the guide's advice, when a staging folder cannot hold ``needed`` bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(f"not enough space in {folder}: {needed} bytes needed, {free} free "
+                      f"(see 'Monitor Disk Space' in the user guide)")

@@ -1,0 +1,98 @@
+"""Domain errors of the migration engine (no Airflow imports).
+
+Each error says whether retrying can help (``permanent``) and which condition reason the status
+records (the guide's troubleshooting section names them). Operators turn permanent errors into
+``AirflowFailException`` so that Airflow does not retry them.
+"""
+
+from __future__ import annotations
+
+
+class MigrationFailure(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    permanent = False
+    reason = "MigrationFailed"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+    def __reduce__(self):
+        return (_rebuild, (self.__class__, str(self)))
+
+
+def _rebuild(cls: type[MigrationFailure], text: str) -> MigrationFailure:
+    err = cls.__new__(cls)
+    Exception.__init__(err, text)
+    err.field = None
+    return err
+
+
+class InvalidMigration(MigrationFailure):
+    """The spec or what it points at is unusable as given."""
+
+    permanent = True
+    reason = "ValidationFailed"
+
+
+class NotFound(InvalidMigration):
+    """A VM, pool, provider or object that must exist does not."""
+
+    reason = "NotFound"
+
+
+class Conflict(InvalidMigration):
+    """Something the migration would create already exists."""
+
+    reason = "AlreadyExists"
+
+
+class UnsupportedDiskFormat(InvalidMigration):
+    """A disk format the engine cannot read or write."""
+
+    reason = "UnsupportedDiskFormat"
+
+
+class HypervisorError(MigrationFailure):
+    """A hypervisor API call failed (transient unless said otherwise)."""
+
+    reason = "HypervisorError"
+
+
+class StorageError(MigrationFailure):
+    """Intermediate storage failed (transient)."""
+
+    reason = "StorageError"
+
+
+class StorageAuthError(StorageError):
+    """The storage backend refused the credentials."""
+
+    permanent = True
+    reason = "StorageAuthenticationFailed"
+
+
+class ChecksumError(MigrationFailure):
+    """Bytes read back do not match the sha256 recorded when they were written."""
+
+    reason = "ChecksumMismatch"
+
+
+class ConversionError(MigrationFailure):
+    """qemu-img could not convert a disk (the guide: "Failed to convert disk format")."""
+
+    reason = "ConversionFailed"
+
+
+class TargetCreationError(MigrationFailure):
+    """The target VM could not be created (the guide: "Failed to create VM")."""
+
+    reason = "CreateFailed"
+
+
+class TargetValidationError(MigrationFailure):
+    """The target VM does not match what was asked."""
+
+    permanent = True
+    reason = "TargetValidationFailed"

@@ -1,0 +1,625 @@
+"""The work of each phase of a migration, free of Airflow.
+
+Operators in ``plugins/operators`` are thin wrappers around these functions; the command line and
+the tests can call them too. Every phase reads what it needs from the spec store (the spec, the
+plan Validating saved, the per-disk records earlier phases left), so any phase can be run on its
+own, and writes its outcome back there and to the status sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from include import diskio, status as st
+from include.diskio import ProgressTracker, Segment, format_progress, hash_segments
+from include.errors import (
+    ChecksumError,
+    Conflict,
+    ConversionError,
+    InvalidMigration,
+    MigrationFailure,
+    NotFound,
+    TargetValidationError,
+)
+from include.inventory import BundleInventory, ProviderInfo, Resolved, resolve
+from include.plan import build_plan, describe, staging_root
+from include.providers import driver_for
+from include.providers.base import DiskInfo, HypervisorDriver, TargetDisk
+from include.spec import SpecValidationError, VMMigration
+from include.status import Phase
+from include.storage import backend_for
+from include.storage.base import StorageBackend
+from include.store import FileStatusSink, SpecStore, StatusSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MigrationContext:
+    """Everything a phase needs about one migration, built lazily from the spec store."""
+
+    namespace: str
+    name: str
+    store: SpecStore = field(default_factory=SpecStore)
+    sink: StatusSink | None = None
+    driver_factory: Callable[[ProviderInfo], HypervisorDriver] = driver_for
+    logger: logging.Logger = log
+    status_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.sink is None:
+            self.sink = FileStatusSink(self.store)
+
+    # -- lazily resolved pieces --------------------------------------------------------------------
+    @cached_property
+    def migration(self) -> VMMigration:
+        entry = self.store.entry(self.namespace, self.name)
+        if entry.error is not None:
+            raise entry.error
+        assert entry.migration is not None
+        return entry.migration
+
+    @cached_property
+    def resolved(self) -> Resolved:
+        return resolve(self.migration, BundleInventory(self.store.index().objects))
+
+    @cached_property
+    def plan(self) -> dict[str, Any]:
+        plan = self.store.load_plan(self.namespace, self.name)
+        if plan is None:
+            raise InvalidMigration(f"no plan for {self.namespace}/{self.name}: run the Validating phase first "
+                                   f"(task validate_migration)")
+        return plan
+
+    @cached_property
+    def source(self) -> HypervisorDriver:
+        return self.driver_factory(self.resolved.source.provider)
+
+    @cached_property
+    def target(self) -> HypervisorDriver:
+        return self.driver_factory(self.resolved.target)
+
+    @cached_property
+    def storage(self) -> StorageBackend:
+        return backend_for(self.migration.spec.storage, self.resolved.storage_credentials)
+
+    @property
+    def staging(self) -> Path:
+        return staging_root() / self.namespace / self.name
+
+    def disk_plan(self, disk: str) -> dict[str, Any]:
+        for entry in self.plan["disks"]:
+            if entry["name"] == disk:
+                return entry
+        raise InvalidMigration(f"disk {disk!r} is not in the plan of {self.namespace}/{self.name} "
+                               f"(planned: {', '.join(d['name'] for d in self.plan['disks'])}); the source VM "
+                               f"changed since Validating: run the migration again")
+
+    def disk_info(self, disk: str) -> DiskInfo:
+        d = self.disk_plan(disk)
+        return DiskInfo(name=d["name"], format=d["sourceFormat"], capacity=d["sizeBytes"],
+                        allocation=d["allocatedBytes"], path=d["sourcePath"], pool=d["sourcePool"],
+                        volume=d["sourceVolume"], bus=d.get("bus", "virtio"))
+
+    def record(self, disk: str, **values: Any) -> dict[str, Any]:
+        return self.store.update_disk_record(self.namespace, self.name, disk, **values)
+
+    def disk_record(self, disk: str) -> dict[str, Any]:
+        return self.store.disk_record(self.namespace, self.name, disk)
+
+    def update_status(self, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+        """Status writes never fail a phase: a failed write is logged and the work goes on."""
+        try:
+            assert self.sink is not None
+            return self.sink.update(self.namespace, self.name, mutate)
+        except Exception:  # noqa: BLE001 - a status write must never fail a disk copy
+            self.logger.warning("could not write the status of %s/%s", self.namespace, self.name, exc_info=True)
+            return None
+
+    def progress(self, phase: Phase, disk: str, total: int, verb: str) -> ProgressTracker:
+        """A tracker that logs and writes status at least every 5% or ``status_interval`` seconds."""
+
+        def report(done: int, total_: int, rate: float, eta: float | None) -> None:
+            self.logger.info("%s %s: %s", verb, disk, format_progress(done, total_, rate, eta))
+            self.update_status(lambda s: st.report_bytes(s, phase, disk, done, total_, rate=rate, eta=eta))
+
+        return ProgressTracker(total, report, interval=self.status_interval, percent_step=5.0)
+
+    def close(self) -> None:
+        for attr in ("source", "target"):
+            if attr in self.__dict__:
+                self.__dict__[attr].close()
+
+
+# -- phase bodies ----------------------------------------------------------------------------------
+
+def begin(ctx: MigrationContext, phase: Phase, *, disk: str | None = None, message: str | None = None) -> None:
+    ctx.logger.info("=== %s%s: %s/%s", phase.value, f" [{disk}]" if disk else "", ctx.namespace, ctx.name)
+    ctx.update_status(lambda s: st.enter_phase(s, phase, disk=disk, message=message))
+
+
+def _all_disks_reached(ctx: MigrationContext, phase: Phase, disk: str) -> bool:
+    done = st.DONE_CONDITION[phase]
+    current = ctx.sink.get(ctx.namespace, ctx.name) if ctx.sink else None
+    reached = {d["name"] for d in (current or {}).get("disks", []) if d.get("phase") == done} | {disk}
+    return all(d["name"] in reached for d in ctx.plan["disks"])
+
+
+def finish(ctx: MigrationContext, phase: Phase, message: str, *, disk: str | None = None) -> None:
+    ctx.logger.info("=== %s done%s: %s", phase.value, f" [{disk}]" if disk else "", message)
+    if disk is None:
+        ctx.update_status(lambda s: st.complete_phase(s, phase, message=message))
+        return
+
+    def mutate(s: dict[str, Any]) -> None:
+        reached = {d["name"] for d in s.get("disks", []) if d.get("phase") == st.DONE_CONDITION[phase]} | {disk}
+        last = all(d["name"] in reached for d in ctx.plan["disks"])
+        st.complete_phase(s, phase, message=message if not last else _phase_summary(phase, ctx), disk=disk,
+                          all_disks_done=last)
+
+    ctx.update_status(mutate)
+
+
+def _phase_summary(phase: Phase, ctx: MigrationContext) -> str:
+    n = len(ctx.plan["disks"])
+    return f"{st.DONE_CONDITION[phase]} {n} disk{'s' if n != 1 else ''}"
+
+
+def validate(ctx: MigrationContext) -> dict[str, Any]:
+    """Validating: the spec, its references, the source VM, the target provider and pool, the storage."""
+    begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
+    ctx.store.clear_disk_records(ctx.namespace, ctx.name)
+    migration = ctx.migration  # raises SpecValidationError naming every bad field
+    resolved = ctx.resolved
+    spec = migration.spec
+    ctx.logger.info("source %s", ctx.source.check())
+    vm = ctx.source.get_vm(resolved.source.provider_vm_id)
+    if vm.running:
+        raise InvalidMigration(
+            f"VM {vm.name} is running; shut it down first: this engine does cold migrations (warm migration "
+            f"is on the roadmap)", field="spec.sourceName")
+    if not vm.disks:
+        raise InvalidMigration(f"VM {vm.name} has no disk to migrate", field="spec.sourceName")
+    ctx.logger.info("target %s", ctx.target.check())
+    pool = spec.targetStorageHint or ctx.target.default_storage()
+    if not ctx.target.storage_exists(pool):
+        raise NotFound(f"target storage {pool!r} does not exist on provider {resolved.target.ref}",
+                       field="spec.targetStorageHint")
+    if ctx.target.vm_exists(spec.targetName):
+        raise Conflict(f"a VM named {spec.targetName!r} already exists on provider {resolved.target.ref}",
+                       field="spec.targetName")
+    plan = build_plan(resolved, vm, target_storage=pool)
+    for d in plan["disks"]:
+        if ctx.target.volume_exists(pool, d["targetVolume"]):
+            raise Conflict(f"volume {d['targetVolume']!r} already exists in {pool}", field="spec.targetName")
+    ctx.logger.info("storage %s", ctx.storage.check())
+    ctx.store.save_plan(ctx.namespace, ctx.name, plan)
+    ctx.__dict__["plan"] = plan
+    ctx.logger.info("plan:\n%s", describe(plan, ctx.storage.location(plan["storage"]["prefix"])))
+
+    def record_disks(s: dict[str, Any]) -> None:
+        s["disks"] = [{"name": d["name"], "sizeBytes": d["sizeBytes"], "sourceFormat": d["sourceFormat"],
+                       "targetFormat": d["targetFormat"], "transitFormat": d["transitFormat"]}
+                      for d in plan["disks"]]
+        s["dagId"] = plan["dagId"]
+
+    ctx.update_status(record_disks)
+    finish(ctx, Phase.VALIDATING, f"Source VM {vm.name} ({len(vm.disks)} disks) and target provider "
+                                  f"{resolved.target.ref} validated")
+    return {"disks": [d["name"] for d in plan["disks"]]}
+
+
+def snapshot(ctx: MigrationContext) -> dict[str, Any]:
+    begin(ctx, Phase.SNAPSHOTTING, message="Creating source VM snapshot")
+    snap = ctx.plan["snapshot"]
+    disks = [ctx.disk_info(d["name"]) for d in ctx.plan["disks"]]
+    if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
+        raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started after Validating; shut it down",
+                               field="spec.sourceName")
+    covered = ctx.source.create_snapshot(ctx.plan["source"]["vm"], snap["name"], disks)
+    if covered:
+        message = f"Snapshot {snap['name']} of {', '.join(covered)} created"
+    else:
+        message = ("No snapshot: libvirt takes one only when every disk is qcow2; the VM is shut off, so its "
+                   "disks are stable, and Exporting checks that it stays off")
+    for d in disks:
+        if d.name not in covered:
+            ctx.logger.warning("disk %s (%s) is not covered by the snapshot", d.name, d.format)
+    ctx.update_status(lambda s: s.__setitem__("snapshot", snap["name"] if covered else None))
+    finish(ctx, Phase.SNAPSHOTTING, message)
+    return {"snapshot": snap["name"] if covered else None, "disks": covered}
+
+
+def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """Exporting: make the disk readable in its transit format; converts here when the source is raw."""
+    d = ctx.disk_plan(disk)
+    begin(ctx, Phase.EXPORTING, disk=disk, message=f"Exporting disk {disk}")
+    info = ctx.disk_info(disk)
+    if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
+        raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started during the migration; its disks are no "
+                               f"longer stable: shut it down and run the migration again", field="spec.sourceName")
+    if d["conversion"] != "source":
+        # The disk travels in its own format: it is streamed straight from the provider by Transferring.
+        ctx.record(disk, exportPath=None, exportFormat=d["sourceFormat"], exportBytes=info.allocation)
+        message = f"Disk {disk} exported as a {d['sourceFormat']} stream from {info.pool}/{info.volume}"
+        finish(ctx, Phase.EXPORTING, message, disk=disk)
+        return {"disk": disk, "staged": False}
+    staged = ctx.staging / f"{disk}.export.{d['transitFormat']}"
+    raw_path = _local_source_path(ctx, info)
+    diskio.ensure_free_space(ctx.staging, info.allocation)
+    tmp_raw = None
+    try:
+        if raw_path is None:  # remote provider: fetch the raw disk once (sparse), then convert locally
+            tmp_raw = ctx.staging / f"{disk}.export.raw"
+            tracker = ctx.progress(Phase.EXPORTING, disk, info.capacity, "exporting")
+            with open(tmp_raw, "wb") as fh:
+                diskio.write_segments(ctx.source.read_disk(info), fh, tracker)
+            tracker.finish()
+            raw_path = tmp_raw
+        _convert(ctx, Phase.EXPORTING, disk, raw_path, "raw", staged, d["transitFormat"])
+    finally:
+        if tmp_raw is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_raw.unlink()
+    size = staged.stat().st_size
+    ctx.record(disk, exportPath=str(staged), exportFormat=d["transitFormat"], exportBytes=size)
+    finish(ctx, Phase.EXPORTING, f"Disk {disk} exported and converted raw -> {d['transitFormat']}", disk=disk)
+    return {"disk": disk, "staged": True}
+
+
+def _local_source_path(ctx: MigrationContext, info: DiskInfo) -> Path | None:
+    """The disk's file when the source libvirt runs on this host (qemu:///...), for qemu-img to read."""
+    endpoint = ctx.plan["source"]["endpoint"]
+    if endpoint.split(":", 1)[0] in ("qemu", "libvirt") and endpoint.startswith(("qemu:///", "qemu:/")) \
+            and os.path.exists(info.path):
+        return Path(info.path)
+    return None
+
+
+def _convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt: str, dst: Path, dst_fmt: str,
+             ) -> None:
+    total = ctx.disk_plan(disk)["sizeBytes"]
+    tracker = ctx.progress(phase, disk, total, f"converting {src_fmt}->{dst_fmt}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        diskio.convert(src, src_fmt, dst, dst_fmt,
+                       progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
+    except diskio.QemuImgError as err:
+        with contextlib.suppress(FileNotFoundError):
+            dst.unlink()
+        raise ConversionError(f"Failed to convert disk format of {disk}: {err}") from err
+    tracker.add(total - tracker.done)
+    tracker.finish()
+
+
+def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """Transferring: stream the export into intermediate storage, hashing every byte once."""
+    d = ctx.disk_plan(disk)
+    rec = ctx.disk_record(disk)
+    begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
+    if rec.get("exportPath"):
+        source: Iterator[Segment] = diskio.file_segments(rec["exportPath"])
+        total = os.path.getsize(rec["exportPath"])
+    else:
+        info = ctx.disk_info(disk)
+        source = ctx.source.read_disk(info)
+        total = _source_file_size(ctx, info)
+    key = d["objectKey"]
+    hasher = hashlib.sha256()
+    tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
+    written = 0
+    with ctx.storage.open_writer(key, size_hint=rec.get("exportBytes") or total) as writer:
+        for seg in hash_segments(source, hasher):
+            writer.write(seg)
+            written += seg.length
+            tracker.add(seg.length)
+        tracker.total = written
+        writer.commit()
+    tracker.finish()
+    digest = hasher.hexdigest()
+    ctx.storage.put_manifest(key, {"disk": disk, "sha256": digest, "size": written, "format": d["transitFormat"],
+                                   "virtualSize": d["sizeBytes"], "migration": ctx.plan["migration"]})
+    ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written)
+    if rec.get("exportPath"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rec["exportPath"])
+
+    def mutate(s: dict[str, Any]) -> None:
+        entry = st.disk_entry(s, disk)
+        entry["sha256"] = digest
+        entry["transitBytes"] = written
+
+    ctx.update_status(mutate)
+    finish(ctx, Phase.TRANSFERRING, f"Disk {disk} stored at {ctx.storage.location(key)} "
+                                    f"({written} bytes, sha256 {digest[:12]}...)", disk=disk)
+    return {"disk": disk, "sha256": digest, "bytes": written}
+
+
+def _source_file_size(ctx: MigrationContext, info: DiskInfo) -> int:
+    """Length of the byte stream a volume download yields (its file size on the provider)."""
+    local = _local_source_path(ctx, info)
+    if local is not None:
+        return local.stat().st_size
+    return max(info.allocation, 1)
+
+
+def _verified_segments(ctx: MigrationContext, disk: str, key: str, expected: str) -> Iterator[Segment]:
+    """The stored object's segments; raises ChecksumError at the end if they don't hash to ``expected``."""
+    hasher = hashlib.sha256()
+    yield from hash_segments(ctx.storage.read(key), hasher)
+    if hasher.hexdigest() != expected:
+        raise ChecksumError(f"disk {disk}: the object {ctx.storage.location(key)} has sha256 "
+                            f"{hasher.hexdigest()}, expected {expected} (corrupted in storage)")
+
+
+def _expected_sha(ctx: MigrationContext, disk: str) -> str:
+    d = ctx.disk_plan(disk)
+    manifest = ctx.storage.get_manifest(d["objectKey"])
+    if not manifest or not manifest.get("sha256"):
+        raise ChecksumError(f"disk {disk}: no manifest with a sha256 beside {ctx.storage.location(d['objectKey'])}")
+    recorded = ctx.disk_record(disk).get("transitSha256")
+    if recorded and recorded != manifest["sha256"]:
+        raise ChecksumError(f"disk {disk}: the manifest's sha256 differs from the one computed on upload")
+    return manifest["sha256"]
+
+
+def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """Converting: on arrival, turn a compact transit image into the target format (when they differ)."""
+    d = ctx.disk_plan(disk)
+    begin(ctx, Phase.CONVERTING, disk=disk, message=f"Converting disk {disk}")
+    if d["conversion"] != "target":
+        why = "converted before upload" if d["conversion"] == "source" else "formats match"
+        ctx.record(disk, convertedPath=None)
+        finish(ctx, Phase.CONVERTING, f"Disk {disk}: no conversion needed on arrival ({why}, "
+                                      f"{d['transitFormat']} -> {d['targetFormat']})", disk=disk)
+        return {"disk": disk, "converted": False}
+    key = d["objectKey"]
+    expected = _expected_sha(ctx, disk)
+    local = ctx.storage.local_path(key)
+    fetched = None
+    diskio.ensure_free_space(ctx.staging, d["sizeBytes"] if d["targetFormat"] == "raw" else d["allocatedBytes"])
+    try:
+        size = ctx.storage.size(key)
+        tracker = ctx.progress(Phase.CONVERTING, disk, size, "verifying")
+        if local is None:  # object storage: fetch it once, verifying on the way
+            fetched = ctx.staging / f"{disk}.download.{d['transitFormat']}"
+            fetched.parent.mkdir(parents=True, exist_ok=True)
+            with open(fetched, "wb") as fh:
+                diskio.write_segments(_verified_segments(ctx, disk, key, expected), fh, tracker)
+            local = fetched
+        else:
+            for seg in _verified_segments(ctx, disk, key, expected):
+                tracker.add(seg.length)
+        tracker.finish()
+        out = ctx.staging / f"{disk}.converted.{d['targetFormat']}"
+        _convert(ctx, Phase.CONVERTING, disk, local, d["transitFormat"], out, d["targetFormat"])
+    finally:
+        if fetched is not None:
+            with contextlib.suppress(FileNotFoundError):
+                fetched.unlink()
+    ctx.record(disk, convertedPath=str(out))
+    finish(ctx, Phase.CONVERTING, f"Disk {disk} verified and converted {d['transitFormat']} -> {d['targetFormat']}",
+           disk=disk)
+    return {"disk": disk, "converted": True}
+
+
+def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """Importing: write the disk into the target storage, verifying its sha256 on the way."""
+    d = ctx.disk_plan(disk)
+    rec = ctx.disk_record(disk)
+    begin(ctx, Phase.IMPORTING, disk=disk, message=f"Importing disk {disk}")
+    pool, volume = d["targetStorage"], d["targetVolume"]
+    if rec.get("convertedPath"):
+        path = Path(rec["convertedPath"])
+        length = path.stat().st_size
+        segments: Iterator[Segment] = diskio.file_segments(path)
+        expected = None
+    else:
+        length = ctx.storage.size(d["objectKey"])
+        expected = _expected_sha(ctx, disk)
+        segments = _verified_segments(ctx, disk, d["objectKey"], expected)
+    if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over
+        ctx.target.delete_volume(pool, volume)
+    ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
+    ctx.record(disk, targetVolumeCreated=True)
+    hasher = hashlib.sha256()
+    tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
+
+    def counted() -> Iterator[Segment]:
+        for seg in hash_segments(segments, hasher):
+            tracker.add(seg.length)
+            yield seg
+
+    try:
+        ctx.target.write_volume(pool, volume, counted(), length)
+    except ChecksumError:
+        ctx.target.delete_volume(pool, volume)
+        raise
+    tracker.finish()
+    if d["targetCapacity"] > d["sizeBytes"]:
+        _resize(ctx, pool, volume, d["targetCapacity"])
+    target_sha = hasher.hexdigest()
+    ctx.record(disk, targetSha256=target_sha, targetBytes=length)
+    if rec.get("convertedPath"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rec["convertedPath"])
+
+    def mutate(s: dict[str, Any]) -> None:
+        entry = st.disk_entry(s, disk)
+        entry["targetVolume"] = f"{pool}/{volume}"
+        entry["targetSha256"] = target_sha
+
+    ctx.update_status(mutate)
+    check = "sha256 verified" if expected else "converted image written"
+    finish(ctx, Phase.IMPORTING, f"Disk {disk} imported into {pool}/{volume} ({check})", disk=disk)
+    return {"disk": disk, "volume": f"{pool}/{volume}"}
+
+
+def _resize(ctx: MigrationContext, pool: str, volume: str, capacity: int) -> None:
+    driver = ctx.target
+    resize = getattr(driver, "resize_volume", None)
+    if resize is None:
+        raise InvalidMigration("this target cannot grow disks", field="spec.targetResourceHints.disk")
+    resize(pool, volume, capacity)
+
+
+def create_vm(ctx: MigrationContext) -> dict[str, Any]:
+    begin(ctx, Phase.CREATING, message="Creating VM on target provider")
+    tgt = ctx.plan["target"]
+    from include.spec import NetworkHint
+
+    disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
+                        capacity=d["targetCapacity"], bus=d.get("bus", "virtio")) for d in ctx.plan["disks"]]
+    networks = [NetworkHint(**n) for n in tgt["networks"]]
+    if ctx.target.vm_exists(tgt["vm"]):
+        if not ctx.store.read_json(ctx.store.status_path(ctx.namespace, ctx.name)) or \
+                not _created_by_us(ctx):
+            raise Conflict(f"a VM named {tgt['vm']!r} already exists on the target", field="spec.targetName")
+        ctx.target.delete_vm(tgt["vm"], delete_storage=False)  # our own half-made VM from a failed try
+    ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks)
+    ctx.update_status(lambda s: s.__setitem__("targetVM", tgt["vm"]))
+    finish(ctx, Phase.CREATING, f"VM {tgt['vm']} defined on {tgt['provider']} with {tgt['vcpus']} vCPU, "
+                                f"{tgt['memoryMiB']} MiB and {len(disks)} disks")
+    return {"vm": tgt["vm"]}
+
+
+def _created_by_us(ctx: MigrationContext) -> bool:
+    status = ctx.sink.get(ctx.namespace, ctx.name) if ctx.sink else None
+    return bool(status and status.get("targetVM") == ctx.plan["target"]["vm"])
+
+
+def validate_target(ctx: MigrationContext) -> dict[str, Any]:
+    begin(ctx, Phase.VALIDATING_TARGET, message="Validating target VM")
+    tgt = ctx.plan["target"]
+    desc = ctx.target.describe_vm(tgt["vm"])
+    problems = []
+    if desc["vcpus"] != tgt["vcpus"]:
+        problems.append(f"vcpus {desc['vcpus']} != {tgt['vcpus']}")
+    if desc["memory_mib"] != tgt["memoryMiB"]:
+        problems.append(f"memory {desc['memory_mib']} MiB != {tgt['memoryMiB']} MiB")
+    by_name = {d["name"]: d for d in desc["disks"]}
+    for d in ctx.plan["disks"]:
+        got = by_name.get(d["name"])
+        if got is None:
+            problems.append(f"disk {d['name']} missing")
+            continue
+        if got["format"] != d["targetFormat"]:
+            problems.append(f"disk {d['name']} format {got['format']} != {d['targetFormat']}")
+        if got["capacity"] != d["targetCapacity"]:
+            problems.append(f"disk {d['name']} size {got['capacity']} != {d['targetCapacity']}")
+        if os.path.exists(got["path"]):
+            try:
+                diskio.check(got["path"], got["format"])
+            except diskio.QemuImgError as err:
+                problems.append(str(err))
+    wanted = [(n.get("bridge"), n.get("network")) for n in tgt["networks"]]
+    have = [(i.get("bridge"), i.get("network")) for i in desc["interfaces"]]
+    if wanted != have:
+        problems.append(f"interfaces {have} != {wanted}")
+    if problems:
+        raise TargetValidationError(f"target VM {tgt['vm']} does not match the plan: " + "; ".join(problems))
+    finish(ctx, Phase.VALIDATING_TARGET, f"Target VM {tgt['vm']} matches the plan (cpu, memory, "
+                                         f"{len(ctx.plan['disks'])} disks, networks)")
+    return {"vm": tgt["vm"]}
+
+
+def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
+    """After the run: follow cleanupPolicy on success; on failure remove what the run half-created."""
+    done: list[str] = []
+    plan = ctx.store.load_plan(ctx.namespace, ctx.name)
+    policy = ctx.migration.spec.cleanupPolicy
+    if plan is None:  # failed before a plan existed (Validating): nothing was created
+        return {"removed": done}
+    ctx.__dict__["plan"] = plan
+    if ctx.staging.exists():
+        shutil.rmtree(ctx.staging, ignore_errors=True)
+        done.append(f"staging folder {ctx.staging}")
+    if not succeeded:
+        done += _rollback_target(ctx)
+    if policy.deleteIntermediate:
+        with _logged(ctx, "deleting intermediate files"):
+            n = ctx.storage.delete_prefix(plan["storage"]["prefix"])
+            done.append(f"{n} intermediate files under {ctx.storage.location(plan['storage']['prefix'])}")
+    if policy.deleteSnapshot:
+        with _logged(ctx, "deleting the snapshot"):
+            if ctx.source.delete_snapshot(plan["source"]["vm"], plan["snapshot"]["name"]):
+                done.append(f"snapshot {plan['snapshot']['name']}")
+    if succeeded and policy.deleteSource:
+        ctx.source.delete_vm(plan["source"]["vm"], delete_storage=True)
+        done.append(f"source VM {plan['source']['vm']} and its disks (deleteSource)")
+    for item in done:
+        ctx.logger.info("cleanup: removed %s", item)
+    return {"removed": done}
+
+
+def _rollback_target(ctx: MigrationContext) -> list[str]:
+    removed = []
+    plan = ctx.plan
+    if _created_by_us(ctx):
+        with _logged(ctx, "removing the half-created target VM"):
+            if ctx.target.delete_vm(plan["target"]["vm"], delete_storage=False):
+                removed.append(f"target VM {plan['target']['vm']}")
+    for d in plan["disks"]:
+        if ctx.disk_record(d["name"]).get("targetVolumeCreated"):
+            with _logged(ctx, f"removing target volume {d['targetVolume']}"):
+                if ctx.target.delete_volume(d["targetStorage"], d["targetVolume"]):
+                    removed.append(f"target volume {d['targetStorage']}/{d['targetVolume']}")
+    return removed
+
+
+@contextlib.contextmanager
+def _logged(ctx: MigrationContext, what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - cleanup goes on with the next item; the error is logged
+        ctx.logger.warning("cleanup: %s failed", what, exc_info=True)
+
+
+def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
+    """Ready or Failed, with cleanup."""
+    result = cleanup(ctx, succeeded=succeeded, failure=failure)
+    if succeeded:
+        tgt = ctx.plan["target"]
+        ctx.update_status(lambda s: st.mark_ready(s, f"VM {tgt['vm']} is ready on {tgt['provider']}"))
+    else:
+        def mark(s: dict[str, Any]) -> None:
+            if s.get("phase") != Phase.FAILED.value:
+                phase = Phase(s["phase"]) if s.get("phase") in st.DONE_CONDITION else Phase.VALIDATING
+                st.fail(s, phase, "MigrationFailed", failure or "a phase failed; see its task log")
+
+        ctx.update_status(mark)
+    return result
+
+
+def record_failure(ctx: MigrationContext, phase: Phase, err: BaseException, *, final: bool,
+                   attempt: int | None = None, max_attempts: int | None = None) -> None:
+    """Write a failure into the status: Failed when final, a retry note on the phase's condition otherwise."""
+    reason = getattr(err, "reason", None) or ("ValidationFailed" if isinstance(err, SpecValidationError)
+                                              else "PhaseFailed")
+    message = failure_message(err)
+    if final:
+        ctx.update_status(lambda s: st.fail(s, phase, reason, message))
+    else:
+        note = f"attempt {attempt}/{max_attempts} failed, will retry: {message}" if attempt else message
+        ctx.update_status(lambda s: st.set_condition(s, phase.value, "True", reason="Retrying", message=note))
+
+
+def failure_message(err: BaseException) -> str:
+    if isinstance(err, SpecValidationError):
+        return "; ".join(str(e) for e in err.errors)
+    if isinstance(err, MigrationFailure):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def is_permanent(err: BaseException) -> bool:
+    return isinstance(err, SpecValidationError) or (isinstance(err, MigrationFailure) and err.permanent)

@@ -1,0 +1,151 @@
+"""Planning: from a resolved VMMigration and the source VM's disks to what a run will do.
+
+The plan is a JSON document saved in the spec store by Validating. Every later phase reads it
+back from there (not from XCom), which is what lets ``airflow tasks test`` run any one phase.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from include.errors import InvalidMigration
+from include.inventory import Resolved
+from include.providers import native_format
+from include.providers.base import VMInfo
+from include.status import Phase, human_bytes
+from include.store import dag_id_for
+
+STAGING_ENV = "VMMIGRATION_STAGING"
+GB = 1000**3
+
+
+def staging_root() -> Path:
+    """Local scratch space for conversions (the guide: "/tmp should have space for largest disk")."""
+    return Path(os.environ.get(STAGING_ENV) or Path(tempfile.gettempdir()) / "vmmigration")
+
+
+def snapshot_name(name: str) -> str:
+    return f"vmmigration-{name}"
+
+
+def choose_formats(source_fmt: str, target_fmt: str) -> tuple[str, str]:
+    """(transit format, where to convert: "none" | "source" | "target").
+
+    Convert once, on the side that keeps the transfer smallest: a raw source becomes the target's
+    compact format before it leaves; a compact source travels as it is and is converted on arrival.
+    """
+    if source_fmt == target_fmt:
+        return source_fmt, "none"
+    if source_fmt == "raw":
+        return target_fmt, "source"
+    return source_fmt, "target"
+
+
+def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[str, Any]:
+    migration = resolved.migration
+    spec = migration.spec
+    target_format = spec.targetDiskFormat or native_format(resolved.target.type)
+    prefix = f"{migration.namespace}/{migration.name}"
+    hints = spec.targetResourceHints
+    disks = []
+    for index, disk in enumerate(vm.disks):
+        transit, conversion = choose_formats(disk.format, target_format)
+        capacity = disk.capacity
+        if index == 0 and hints.disk is not None:
+            wanted = hints.disk * GB
+            if wanted < capacity:
+                raise InvalidMigration(
+                    f"{hints.disk} GB is smaller than disk {disk.name} ({human_bytes(capacity)}); disks are "
+                    f"never shrunk", field="spec.targetResourceHints.disk")
+            capacity = wanted
+        disks.append({
+            "name": disk.name,
+            "sizeBytes": disk.capacity,
+            "allocatedBytes": disk.allocation,
+            "sourceFormat": disk.format,
+            "sourcePath": disk.path,
+            "sourcePool": disk.pool,
+            "sourceVolume": disk.volume,
+            "bus": disk.bus,
+            "transitFormat": transit,
+            "conversion": conversion,
+            "targetFormat": target_format,
+            "objectKey": f"{prefix}/{disk.name}.{transit}",
+            "targetStorage": target_storage,
+            "targetVolume": f"{spec.targetName}-{disk.name}.{target_format}",
+            "targetCapacity": capacity,
+        })
+    cleanup = spec.cleanupPolicy
+    return {
+        "migration": migration.key,
+        "dagId": dag_id_for(migration.namespace, migration.name),
+        "source": {
+            "provider": resolved.source.provider.ref,
+            "type": resolved.source.provider.type,
+            "endpoint": resolved.source.provider.endpoint,
+            "vm": resolved.source.provider_vm_id,
+            "running": vm.running,
+            "vcpus": vm.vcpus,
+            "memoryMiB": vm.memory_mib,
+        },
+        "target": {
+            "provider": resolved.target.ref,
+            "type": resolved.target.type,
+            "endpoint": resolved.target.endpoint,
+            "vm": spec.targetName,
+            "storage": target_storage,
+            "vcpus": hints.cpu or vm.vcpus,
+            "memoryMiB": hints.memory or vm.memory_mib,
+            "networks": [{k: v for k, v in (("name", h.name), ("network", h.network), ("bridge", h.bridge)) if v}
+                         for h in spec.targetNetworkHints],
+        },
+        "storage": {"type": spec.storage.type, "prefix": prefix},
+        "snapshot": {"name": snapshot_name(migration.name),
+                     "disks": [d.name for d in vm.disks] if all(d.format == "qcow2" for d in vm.disks) else []},
+        "disks": disks,
+        "phases": [p.value for p in Phase if p not in (Phase.PENDING, Phase.FAILED)],
+        "cleanup": {
+            "deleteIntermediate": cleanup.deleteIntermediate,
+            "deleteSnapshot": cleanup.deleteSnapshot,
+            "deleteSource": cleanup.deleteSource,
+        },
+    }
+
+
+def describe(plan: dict[str, Any], storage_location: str | None = None) -> str:
+    """The plan as text, for ``plan`` on the command line and the Validating log."""
+    src, tgt = plan["source"], plan["target"]
+    lines = [
+        f"Migration {plan['migration']}  (DAG {plan['dagId']})",
+        f"  source: VM {src['vm']} on {src['type']} provider {src['provider']} ({src['endpoint']}), "
+        f"{src['vcpus']} vCPU, {src['memoryMiB']} MiB",
+        f"  target: VM {tgt['vm']} on {tgt['type']} provider {tgt['provider']} ({tgt['endpoint']}), "
+        f"storage {tgt['storage']}, {tgt['vcpus']} vCPU, {tgt['memoryMiB']} MiB",
+    ]
+    for net in tgt["networks"]:
+        lines.append(f"          nic {net['name']} -> " + (f"bridge {net['bridge']}" if net.get("bridge")
+                                                            else f"network {net['network']}"))
+    lines.append(f"  storage: {plan['storage']['type']} at {storage_location or plan['storage']['prefix']}")
+    lines.append(f"  disks ({len(plan['disks'])}):")
+    for d in plan["disks"]:
+        conv = {"none": "no conversion",
+                "source": f"convert {d['sourceFormat']} -> {d['targetFormat']} before upload",
+                "target": f"convert {d['transitFormat']} -> {d['targetFormat']} after download"}[d["conversion"]]
+        lines.append(f"    {d['name']}: {human_bytes(d['sizeBytes'])} virtual, {human_bytes(d['allocatedBytes'])} "
+                     f"allocated, {d['sourceFormat']}; {conv}; travels as {d['transitFormat']} "
+                     f"({d['objectKey']}); lands as {d['targetStorage']}/{d['targetVolume']}")
+    lines.append("  phases: " + " -> ".join(plan["phases"]))
+    snap = plan["snapshot"]
+    lines.append(f"  snapshot: {snap['name']} of " + (", ".join(snap["disks"]) or "no disk (libvirt snapshots need every disk in qcow2)"))
+    c = plan["cleanup"]
+    lines.append("  cleanup after success: "
+                 + ", ".join([
+                     "delete intermediate files" if c["deleteIntermediate"] else "keep intermediate files",
+                     "delete the snapshot" if c["deleteSnapshot"] else "keep the snapshot",
+                     "DELETE THE SOURCE VM" if c["deleteSource"] else "keep the source VM",
+                 ]))
+    lines.append("  after a failure: the partial target is removed, the source VM is always kept")
+    return "\n".join(lines)

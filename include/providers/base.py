@@ -1,0 +1,111 @@
+"""What every hypervisor driver offers the pipeline (libvirt now; vSphere and Proxmox VE next)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from include.diskio import Segment
+from include.spec import NetworkHint
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One disk of a VM (CD-ROMs and other non-disk devices are never listed)."""
+
+    name: str  # the guest-visible target ("vda"); the label of its map index
+    format: str  # qcow2 | raw | vmdk
+    capacity: int  # virtual size in bytes
+    allocation: int  # bytes allocated on the host (what actually has to move)
+    path: str  # where the provider keeps it
+    pool: str | None = None
+    volume: str | None = None
+    bus: str = "virtio"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    name: str
+    running: bool
+    vcpus: int
+    memory_mib: int
+    disks: tuple[DiskInfo, ...]
+    interfaces: tuple[dict[str, str], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TargetDisk:
+    name: str  # guest-visible target, kept from the source
+    pool: str
+    volume: str
+    format: str
+    capacity: int
+    bus: str = "virtio"
+
+
+class HypervisorDriver(abc.ABC):
+    """A hypervisor as the pipeline needs it. Methods raise ``include.errors`` exceptions."""
+
+    #: the disk format this hypervisor uses when targetDiskFormat is not set
+    native_format = "qcow2"
+    #: the formats it can attach to a VM
+    attachable_formats: Sequence[str] = ("qcow2", "raw")
+
+    @abc.abstractmethod
+    def check(self) -> str:
+        """Connect and return a one-line description (version); raise if unreachable."""
+
+    @abc.abstractmethod
+    def get_vm(self, name: str) -> VMInfo: ...
+
+    @abc.abstractmethod
+    def vm_exists(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def storage_exists(self, hint: str) -> bool:
+        """Whether the target storage named by targetStorageHint (a pool, datastore...) exists."""
+
+    @abc.abstractmethod
+    def default_storage(self) -> str: ...
+
+    @abc.abstractmethod
+    def create_snapshot(self, vm: str, snapshot: str, disks: Sequence[DiskInfo]) -> list[str]:
+        """Snapshot what can be snapshotted; returns the names of the disks it covers."""
+
+    @abc.abstractmethod
+    def delete_snapshot(self, vm: str, snapshot: str) -> bool: ...
+
+    @abc.abstractmethod
+    def read_disk(self, disk: DiskInfo) -> Iterator[Segment]:
+        """Stream a disk's bytes (in its own format), holes reported as holes."""
+
+    @abc.abstractmethod
+    def create_volume(self, storage: str, volume: str, fmt: str, capacity: int) -> str: ...
+
+    @abc.abstractmethod
+    def write_volume(self, storage: str, volume: str, segments: Iterator[Segment], length: int) -> None: ...
+
+    @abc.abstractmethod
+    def volume_exists(self, storage: str, volume: str) -> bool: ...
+
+    @abc.abstractmethod
+    def delete_volume(self, storage: str, volume: str) -> bool: ...
+
+    @abc.abstractmethod
+    def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
+                  networks: Sequence[NetworkHint]) -> None: ...
+
+    @abc.abstractmethod
+    def describe_vm(self, name: str) -> dict[str, Any]:
+        """What the target validation checks: vcpus, memory_mib, disks and interfaces."""
+
+    @abc.abstractmethod
+    def delete_vm(self, name: str, *, delete_storage: bool) -> bool: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection."""

@@ -1,0 +1,244 @@
+"""The VMMigration status of the user guide: phase, progress, conditions, message and per-disk details.
+
+``MigrationStatus`` is a plain dict-backed document (what ``kubectl get vmmigration -o yaml`` shows
+under ``status``). The helpers here are the only place that decide how a phase change, a byte
+count or a failure turns into that document, so that every sink (a file here, the Kubernetes
+status subresource later) writes the same thing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import Enum
+from typing import Any
+
+
+class Phase(str, Enum):
+    """The eleven phases of the guide, in order."""
+
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    SNAPSHOTTING = "Snapshotting"
+    EXPORTING = "Exporting"
+    TRANSFERRING = "Transferring"
+    CONVERTING = "Converting"
+    IMPORTING = "Importing"
+    CREATING = "Creating"
+    VALIDATING_TARGET = "ValidatingTarget"
+    READY = "Ready"
+    FAILED = "Failed"
+
+    @property
+    def index(self) -> int:
+        return list(Phase).index(self)
+
+
+#: Condition type recorded when a phase completes (the guide: Validated, Snapshotted, Exported, ...).
+DONE_CONDITION = {
+    Phase.VALIDATING: "Validated",
+    Phase.SNAPSHOTTING: "Snapshotted",
+    Phase.EXPORTING: "Exported",
+    Phase.TRANSFERRING: "Transferred",
+    Phase.CONVERTING: "Converted",
+    Phase.IMPORTING: "Imported",
+    Phase.CREATING: "Created",
+    Phase.VALIDATING_TARGET: "TargetValidated",
+}
+
+#: Overall progress (percent) at the start of each phase; the byte-moving phases get the widest spans.
+PHASE_START = {
+    Phase.PENDING: 0,
+    Phase.VALIDATING: 0,
+    Phase.SNAPSHOTTING: 2,
+    Phase.EXPORTING: 5,
+    Phase.TRANSFERRING: 15,
+    Phase.CONVERTING: 55,
+    Phase.IMPORTING: 65,
+    Phase.CREATING: 92,
+    Phase.VALIDATING_TARGET: 96,
+    Phase.READY: 100,
+}
+
+#: What the message says while a per-disk phase moves bytes.
+PHASE_VERB = {
+    Phase.EXPORTING: "Exporting disk",
+    Phase.TRANSFERRING: "Uploading disk",
+    Phase.CONVERTING: "Converting disk",
+    Phase.IMPORTING: "Importing disk",
+}
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as the guide writes them (``4.5GB/10GB``)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            if unit == "B":
+                return f"{int(n)}B"
+            text = f"{n:.1f}".rstrip("0").rstrip(".")
+            return f"{text}{unit}"
+        n /= 1000.0
+    raise AssertionError("unreachable")
+
+
+def progress_message(phase: Phase, done: int, total: int, *, disk: str | None = None) -> str:
+    """``Uploading disk (45% complete, 4.5GB/10GB)``; the disk name is added when known."""
+    percent = int(done * 100 / total) if total else 100
+    verb = PHASE_VERB.get(phase, phase.value)
+    if disk:
+        verb = f"{verb} {disk}"
+    return f"{verb} ({percent}% complete, {human_bytes(done)}/{human_bytes(total)})"
+
+
+def phase_progress(phase: Phase, fraction: float) -> int:
+    """Overall progress for ``fraction`` (0..1) of the way through ``phase``."""
+    if phase in (Phase.READY,):
+        return 100
+    if phase is Phase.FAILED:
+        raise ValueError("a failed migration keeps the progress it had")
+    start = PHASE_START[phase]
+    following = [p for p in Phase if p.index > phase.index and p in PHASE_START]
+    end = PHASE_START[following[0]] if following else 100
+    fraction = min(max(fraction, 0.0), 1.0)
+    return min(99, int(start + (end - start) * fraction))
+
+
+def new_status() -> dict[str, Any]:
+    return {"phase": Phase.PENDING.value, "progress": 0, "conditions": [], "disks": [],
+            "message": "Migration created, awaiting processing"}
+
+
+def set_condition(status: dict[str, Any], ctype: str, cstatus: str, *, reason: str | None = None,
+                  message: str | None = None) -> None:
+    """Add or update a condition; lastTransitionTime changes only when the status value changes."""
+    conditions = status.setdefault("conditions", [])
+    for cond in conditions:
+        if cond["type"] == ctype:
+            if cond["status"] != cstatus:
+                cond["lastTransitionTime"] = now_iso()
+            cond["status"] = cstatus
+            _set_or_drop(cond, "reason", reason)
+            _set_or_drop(cond, "message", message)
+            return
+    cond = {"type": ctype, "status": cstatus, "lastTransitionTime": now_iso()}
+    _set_or_drop(cond, "reason", reason)
+    _set_or_drop(cond, "message", message)
+    conditions.append(cond)
+
+
+def remove_condition(status: dict[str, Any], ctype: str) -> None:
+    status["conditions"] = [c for c in status.get("conditions", []) if c["type"] != ctype]
+
+
+def _set_or_drop(cond: dict[str, Any], key: str, value: str | None) -> None:
+    if value is None:
+        cond.pop(key, None)
+    else:
+        cond[key] = value
+
+
+def disk_entry(status: dict[str, Any], name: str) -> dict[str, Any]:
+    for disk in status.setdefault("disks", []):
+        if disk["name"] == name:
+            return disk
+    disk = {"name": name}
+    status["disks"].append(disk)
+    return disk
+
+
+def enter_phase(status: dict[str, Any], phase: Phase, *, message: str | None = None,
+                disk: str | None = None) -> None:
+    """Mark ``phase`` as in progress (for one disk, or the whole migration)."""
+    if status.get("phase") in (Phase.READY.value, Phase.FAILED.value) and phase is not Phase.VALIDATING:
+        # a finished migration only starts over from Validating (a new run)
+        return
+    if phase is Phase.VALIDATING:
+        _restart(status)
+    status.setdefault("startTime", now_iso())
+    if disk is not None:
+        entry = disk_entry(status, disk)
+        entry["phase"] = phase.value
+    _advance(status, phase, message or f"{phase.value}")
+    set_condition(status, phase.value, "True", reason="InProgress", message=message)
+
+
+def complete_phase(status: dict[str, Any], phase: Phase, *, message: str | None = None,
+                   disk: str | None = None, all_disks_done: bool = True) -> None:
+    """Record the end of ``phase``; for per-disk phases pass ``all_disks_done`` for the last disk."""
+    if disk is not None:
+        disk_entry(status, disk)["phase"] = DONE_CONDITION.get(phase, phase.value)
+    if not all_disks_done:
+        return
+    remove_condition(status, phase.value)
+    set_condition(status, DONE_CONDITION[phase], "True", reason="Succeeded", message=message)
+    status["progress"] = max(status.get("progress", 0), phase_progress(phase, 1.0))
+
+
+def report_bytes(status: dict[str, Any], phase: Phase, disk: str, done: int, total: int,
+                 *, rate: float | None = None, eta: float | None = None) -> None:
+    """Record per-disk byte progress and recompute the overall progress and message."""
+    entry = disk_entry(status, disk)
+    entry["phase"] = phase.value
+    entry["bytesDone"] = int(done)
+    entry["bytesTotal"] = int(total)
+    if rate is not None:
+        entry["rateBytesPerSecond"] = int(rate)
+    if eta is not None:
+        entry["etaSeconds"] = int(eta)
+    in_phase = [d for d in status["disks"] if d.get("phase") == phase.value and d.get("bytesTotal")]
+    done_all = sum(d.get("bytesDone", 0) for d in in_phase)
+    total_all = sum(d.get("bytesTotal", 0) for d in in_phase)
+    # disks that already finished this phase count as complete
+    finished = [d for d in status["disks"] if d.get("phase") == DONE_CONDITION.get(phase) and d.get("bytesTotal")]
+    done_all += sum(d["bytesTotal"] for d in finished)
+    total_all += sum(d["bytesTotal"] for d in finished)
+    message = progress_message(phase, done_all, total_all) if len(status["disks"]) > 1 else \
+        progress_message(phase, done, total, disk=disk)
+    _advance(status, phase, message, fraction=(done_all / total_all) if total_all else 1.0)
+    set_condition(status, phase.value, "True", reason="InProgress", message=message)
+
+
+def fail(status: dict[str, Any], phase: Phase, reason: str, message: str) -> None:
+    """Move to Failed, recording which phase failed and why (the guide's troubleshooting reasons)."""
+    remove_condition(status, phase.value)
+    if phase in DONE_CONDITION:
+        set_condition(status, DONE_CONDITION[phase], "False", reason=reason, message=message)
+    set_condition(status, Phase.FAILED.value, "True", reason=reason, message=message)
+    status["phase"] = Phase.FAILED.value
+    status["failedPhase"] = phase.value
+    status["message"] = message
+    status["completionTime"] = now_iso()
+
+
+def mark_ready(status: dict[str, Any], message: str) -> None:
+    set_condition(status, Phase.READY.value, "True", reason="Succeeded", message=message)
+    status["phase"] = Phase.READY.value
+    status["progress"] = 100
+    status["message"] = message
+    status["completionTime"] = now_iso()
+
+
+def _restart(status: dict[str, Any]) -> None:
+    """A new run of the same migration starts a fresh status, keeping the history count."""
+    runs = status.get("attempts", 0)
+    status.clear()
+    status.update(new_status())
+    status["attempts"] = runs + 1
+    status["startTime"] = now_iso()
+
+
+def _advance(status: dict[str, Any], phase: Phase, message: str, *, fraction: float = 0.0) -> None:
+    current = status.get("phase", Phase.PENDING.value)
+    current_phase = Phase(current) if current in Phase._value2member_map_ else Phase.PENDING
+    # With disks in different phases, the migration is in the least advanced one still running.
+    per_disk = [Phase(d["phase"]) for d in status.get("disks", []) if d.get("phase") in Phase._value2member_map_]
+    if per_disk and phase in PHASE_VERB:
+        phase = min(per_disk + [phase], key=lambda p: p.index)
+        status["phase"] = phase.value
+    elif phase.index >= current_phase.index or current_phase in (Phase.READY, Phase.FAILED):
+        status["phase"] = phase.value
+    status["message"] = message
+    status["progress"] = max(status.get("progress", 0), phase_progress(Phase(status["phase"]), fraction))

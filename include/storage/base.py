@@ -1,0 +1,75 @@
+"""What every intermediate storage backend offers: objects written atomically, read back as
+segments, each disk's sha256 kept in a manifest beside it."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from include.diskio import Segment
+
+
+class ObjectWriter(abc.ABC):
+    """Receives a disk's bytes; nothing is visible under the final key until ``commit``."""
+
+    @abc.abstractmethod
+    def write(self, segment: Segment) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class StorageBackend(abc.ABC):
+    """Intermediate storage (S3, HTTP, NFS) addressed by keys like ``<ns>/<name>/<disk>.qcow2``."""
+
+    type: str = ""
+
+    @abc.abstractmethod
+    def check(self) -> str:
+        """Verify reachability and credentials; return a description. Raises StorageAuthError/StorageError."""
+
+    @abc.abstractmethod
+    def location(self, key: str) -> str:
+        """Where ``key`` lives, for people (a path or a URL)."""
+
+    @abc.abstractmethod
+    def open_writer(self, key: str, size_hint: int) -> ObjectWriter: ...
+
+    @abc.abstractmethod
+    def read(self, key: str) -> Iterator[Segment]: ...
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def get_manifest(self, key: str) -> dict[str, Any] | None: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A local file holding ``key`` when the backend is a mounted filesystem (lets qemu-img read it
+        in place instead of through a staging copy); None otherwise."""
+        return None
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many went."""
+        return 0

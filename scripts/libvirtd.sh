@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Start virtlogd and libvirtd (Debian 12, no systemd) unless a daemon already answers on qemu:///system.
+set -euo pipefail
+if virsh -c qemu:///system version >/dev/null 2>&1; then exit 0; fi
+logdir="${VMMIG_CACHE:-$HOME/.cache/vmmigration}/logs"; mkdir -p "$logdir"
+pgrep -x virtlogd >/dev/null || setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null &
+pgrep -x libvirtd >/dev/null || setsid nohup /usr/sbin/libvirtd >"$logdir/libvirtd.log" 2>&1 < /dev/null &
+for _ in $(seq 1 100); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+  sleep 0.1
+done
+echo "libvirtd did not come up; see $logdir/libvirtd.log" >&2
+tail -20 "$logdir/libvirtd.log" >&2 || true
+exit 1
