@@ -52,6 +52,7 @@ class MigrationContext:
     store: SpecStore = field(default_factory=SpecStore)
     sink: StatusSink | None = None
     driver_factory: Callable[[ProviderInfo], HypervisorDriver] = driver_for
+    storage_factory: Callable[..., StorageBackend] = backend_for
     logger: logging.Logger = log
     status_interval: float = 10.0
 
@@ -90,7 +91,7 @@ class MigrationContext:
 
     @cached_property
     def storage(self) -> StorageBackend:
-        return backend_for(self.migration.spec.storage, self.resolved.storage_credentials)
+        return self.storage_factory(self.migration.spec.storage, self.resolved.storage_credentials)
 
     @property
     def staging(self) -> Path:
@@ -178,6 +179,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     """Validating: the spec, its references, the source VM, the target provider and pool, the storage."""
     begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
     ctx.store.clear_disk_records(ctx.namespace, ctx.name)
+    ctx.store.plan_path(ctx.namespace, ctx.name).unlink(missing_ok=True)  # a stale plan must not outlive its run
     migration = ctx.migration  # raises SpecValidationError naming every bad field
     resolved = ctx.resolved
     spec = migration.spec
@@ -536,9 +538,9 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
     """After the run: follow cleanupPolicy on success; on failure remove what the run half-created."""
     done: list[str] = []
     plan = ctx.store.load_plan(ctx.namespace, ctx.name)
-    policy = ctx.migration.spec.cleanupPolicy
     if plan is None:  # failed before a plan existed (Validating): nothing was created
         return {"removed": done}
+    policy = ctx.migration.spec.cleanupPolicy
     ctx.__dict__["plan"] = plan
     if ctx.staging.exists():
         shutil.rmtree(ctx.staging, ignore_errors=True)

@@ -208,14 +208,23 @@ def fail(status: dict[str, Any], phase: Phase, reason: str, message: str) -> Non
         set_condition(status, DONE_CONDITION[phase], "False", reason=reason, message=message)
     set_condition(status, Phase.FAILED.value, "True", reason=reason, message=message)
     status["phase"] = Phase.FAILED.value
+    _note_phase(status)
     status["failedPhase"] = phase.value
     status["message"] = message
     status["completionTime"] = now_iso()
 
 
+def _note_phase(status: dict[str, Any]) -> None:
+    """Append the current phase to ``phaseHistory`` when it changed (what ``describe`` shows as events)."""
+    history = status.setdefault("phaseHistory", [])
+    if not history or history[-1]["phase"] != status["phase"]:
+        history.append({"phase": status["phase"], "time": now_iso()})
+
+
 def mark_ready(status: dict[str, Any], message: str) -> None:
     set_condition(status, Phase.READY.value, "True", reason="Succeeded", message=message)
     status["phase"] = Phase.READY.value
+    _note_phase(status)
     status["progress"] = 100
     status["message"] = message
     status["completionTime"] = now_iso()
@@ -240,5 +249,6 @@ def _advance(status: dict[str, Any], phase: Phase, message: str, *, fraction: fl
         status["phase"] = phase.value
     elif phase.index >= current_phase.index or current_phase in (Phase.READY, Phase.FAILED):
         status["phase"] = phase.value
+    _note_phase(status)
     status["message"] = message
     status["progress"] = max(status.get("progress", 0), phase_progress(Phase(status["phase"]), fraction))

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Start virtlogd and libvirtd (Debian 12, no systemd) unless a daemon already answers on qemu:///system.
 set -euo pipefail
+# /dev/kvm as Debian's udev rule leaves it (root:kvm 0660): without it libvirt re-probes QEMU on every
+# domain definition (about 30 s each) and cannot start KVM guests.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G /dev/kvm)" != kvm ]; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
 if virsh -c qemu:///system version >/dev/null 2>&1; then exit 0; fi
 logdir="${VMMIG_CACHE:-$HOME/.cache/vmmigration}/logs"; mkdir -p "$logdir"
 pgrep -x virtlogd >/dev/null || setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null &

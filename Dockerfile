@@ -1,0 +1,25 @@
+# The Airflow image of this project: Airflow 3.3.2 on Python 3.11, plus what the migration engine
+# needs on the workers. Built by docker-compose.yaml (`build: .`).
+FROM apache/airflow:3.3.2-python3.11
+
+USER root
+# qemu-utils: qemu-img for disk format conversion; libvirt-clients: virsh for debugging;
+# libvirt-dev, pkg-config and gcc: to build libvirt-python from its sdist.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        qemu-utils \
+        libvirt-clients \
+        libvirt-dev \
+        pkg-config \
+        gcc \
+    && apt-get autoremove -yqq --purge \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/*
+# Mount points of the named volumes, owned by airflow so that new volumes start out writable.
+RUN mkdir -p /opt/airflow/store /opt/airflow/staging /opt/airflow/cfg /mnt/migrations \
+    && chown airflow:0 /opt/airflow/store /opt/airflow/staging /opt/airflow/cfg /mnt/migrations
+
+USER airflow
+# requirements.txt pins apache-airflow itself to the image's version, so pip cannot move it.
+COPY --chown=airflow:0 requirements.txt /opt/airflow/requirements.txt
+RUN pip install --no-cache-dir -r /opt/airflow/requirements.txt

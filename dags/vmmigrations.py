@@ -1,0 +1,91 @@
+"""One DAG per VMMigration in the spec store (``$VMMIGRATION_STORE``): ``vmmigration__<namespace>__<name>``.
+
+Parsing reads local YAML only (no network). Each DAG runs the guide's phases in order; the per-disk
+phases run as a task group mapped over the VM's disks, each map index labelled with the disk name.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
+
+from include.spec import RetryPolicy
+from include.store import SpecStore
+from operators.cleanup import FinalizeMigrationOperator
+from operators.convert import ConvertDiskOperator
+from operators.create import CreateVMOperator
+from operators.export import ExportDiskOperator
+from operators.import_disk import ImportDiskOperator
+from operators.snapshot import SnapshotVMOperator
+from operators.transfer import TransferDiskOperator
+from operators.validate import ValidateMigrationOperator
+from operators.validate_target import ValidateTargetOperator
+
+STORE = SpecStore()
+MAX_PARALLEL_DISKS = 4
+
+
+def _default_args(policy: RetryPolicy) -> dict:
+    # retryPolicy -> Airflow retries; MigrationRetryPolicy (below) makes the delays exact.
+    from operators.retry import MigrationRetryPolicy
+
+    return {
+        "retries": policy.maxAttempts,
+        "retry_delay": timedelta(seconds=policy.backoff_seconds),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=policy.max_backoff_seconds),
+        "retry_policy": MigrationRetryPolicy(policy.backoff_seconds, policy.max_backoff_seconds),
+        "execution_timeout": timedelta(hours=12),
+    }
+
+
+def build_dag(entry) -> DAG:
+    ns, name = entry.namespace, entry.name
+    policy = entry.migration.spec.retryPolicy if entry.migration else RetryPolicy()
+    transfer_pool = f"{entry.migration.spec.storage.type if entry.migration else 'nfs'}_transfer"
+    common = {"namespace": ns, "migration_name": name}
+    with DAG(
+        dag_id=entry.dag_id,
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,
+        default_args=_default_args(policy),
+        tags=["vmmigration", f"namespace:{ns}"],
+        doc_md=f"Migration **{ns}/{name}** from `{entry.path.name}`. Status: "
+               f"`python -m include status {ns}/{name}`.",
+    ) as dag:
+        validate = ValidateMigrationOperator(task_id="validate_migration", **common)
+        snapshot = SnapshotVMOperator(task_id="snapshot_vm", pool="libvirt_io", **common)
+
+        @task(task_id="list_disks", retries=0)
+        def list_disks(namespace: str, migration_name: str) -> list[str]:
+            """The planned disks, read back from the plan Validating saved."""
+            return SpecStore().planned_disk_names(namespace, migration_name) or []
+
+        @task_group(group_id="disk")
+        def per_disk(disk_name: str) -> None:
+            kw = {**common, "disk_name": disk_name, "max_active_tis_per_dagrun": MAX_PARALLEL_DISKS}
+            (ExportDiskOperator(task_id="export_disk", pool="libvirt_io", **kw)
+             >> TransferDiskOperator(task_id="transfer_disk", pool=transfer_pool, **kw)
+             >> ConvertDiskOperator(task_id="convert_disk", pool="default_pool", **kw)
+             >> ImportDiskOperator(task_id="import_disk", pool="libvirt_io", **kw))
+
+        # Once a plan exists its disk list is known at parse time, so `airflow tasks test` can run a
+        # single mapped phase; before the first Validating, the list comes from the plan at run time.
+        planned = STORE.planned_disk_names(ns, name)
+        disks = per_disk.expand(disk_name=planned if planned else list_disks(ns, name))
+        create = CreateVMOperator(task_id="create_vm", pool="libvirt_io", **common)
+        check = ValidateTargetOperator(task_id="validate_target", **common)
+        finish = FinalizeMigrationOperator(task_id="finalize_migration", outlets=[Asset("migrated_vms")], retries=0,
+                                           **common)
+        validate >> snapshot >> disks >> create >> check >> finish
+        if not planned:
+            snapshot >> dag.get_task("list_disks")
+    return dag
+
+
+_wanted = get_parsing_context().dag_id
+for _entry in sorted(STORE.index().migrations.values(), key=lambda e: e.key):
+    if _wanted is None or _wanted == _entry.dag_id:
+        globals()[_entry.dag_id] = build_dag(_entry)

@@ -1,0 +1,58 @@
+"""LibvirtHook: a libvirt connection (qemu:///system, qemu+ssh://...) as a migration driver."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from airflow.sdk import BaseHook
+
+from hooks.exceptions import HypervisorApiError, ResourceConflict
+from include.providers.libvirt_driver import LibvirtDriver
+
+
+class LibvirtHook(BaseHook):
+    """Connects to libvirt by URI.
+
+    The URI comes from the Provider object (``spec.endpoint``) when the pipeline resolves one, else
+    from the Airflow connection ``libvirt_conn_id`` (its ``host`` field or ``extra.uri``), so that
+    ``airflow tasks test`` and ad-hoc use work with an ``AIRFLOW_CONN_LIBVIRT_DEFAULT`` variable.
+
+    :param libvirt_conn_id: Airflow connection id, used only when ``uri`` is not given.
+    :param uri: explicit libvirt URI.
+    """
+
+    conn_name_attr = "libvirt_conn_id"
+    default_conn_name = "libvirt_default"
+    conn_type = "libvirt"
+    hook_name = "Libvirt"
+
+    def __init__(self, libvirt_conn_id: str = default_conn_name, *, uri: str | None = None) -> None:
+        super().__init__()
+        self.libvirt_conn_id = libvirt_conn_id
+        self.explicit_uri = uri
+
+    @cached_property
+    def uri(self) -> str:
+        if self.explicit_uri:
+            return self.explicit_uri
+        conn = self.get_connection(self.libvirt_conn_id)
+        from_extra = conn.extra_dejson.get("uri")
+        if from_extra and conn.host and from_extra != conn.host:
+            raise ResourceConflict(f"connection {self.libvirt_conn_id} sets both host and extra.uri")
+        uri = from_extra or conn.host
+        if not uri:
+            raise HypervisorApiError(f"connection {self.libvirt_conn_id} has no libvirt URI (host or extra.uri)")
+        return uri
+
+    @cached_property
+    def driver(self) -> LibvirtDriver:
+        return LibvirtDriver(self.uri)
+
+    def get_conn(self) -> LibvirtDriver:
+        return self.driver
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            return True, self.driver.check()
+        except Exception as err:  # noqa: BLE001 - reported to the UI
+            return False, str(err)

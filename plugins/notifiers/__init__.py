@@ -1,0 +1,1 @@
+"""notifiers of the VM migration engine."""

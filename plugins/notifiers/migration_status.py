@@ -1,0 +1,55 @@
+"""MigrationStatusNotifier: writes a phase's failure (or retry) into the migration's status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from airflow.sdk import BaseNotifier
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class MigrationStatusNotifier(BaseNotifier):
+    """Attached as on_failure_callback and on_retry_callback of every phase task.
+
+    A final failure moves the status to Failed with a condition naming the phase and the error; a
+    retry only notes the attempt on the phase's condition. Errors here are logged and swallowed: the
+    finalize task writes Failed again, so this is never the only record of a failure.
+
+    :param namespace: the VMMigration's namespace (templated)
+    :param migration_name: the VMMigration's name (templated)
+    :param phase: the phase the task runs (templated)
+    """
+
+    template_fields: Sequence[str] = ("namespace", "migration_name", "phase")
+
+    def __init__(self, *, namespace: str, migration_name: str, phase: str, store_path: str | None = None) -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.migration_name = migration_name
+        self.phase = phase
+        self.store_path = store_path
+
+    def notify(self, context: Context) -> None:
+        from include.phases import MigrationContext, record_failure
+        from include.status import Phase
+        from include.store import SpecStore
+
+        try:
+            ti = context["ti"]
+            err = context.get("exception") or RuntimeError("task failed (no exception recorded)")
+            cause = err.__cause__ if err.__cause__ is not None and "AirflowFailException" in type(err).__name__ \
+                else err
+            retrying = str(getattr(ti, "state", "")).endswith("up_for_retry")
+            ctx = MigrationContext(namespace=self.namespace, name=self.migration_name,
+                                   store=SpecStore(self.store_path) if self.store_path else SpecStore(),
+                                   logger=self.log)
+            max_tries = getattr(ti, "max_tries", None)
+            record_failure(ctx, Phase(self.phase), cause, final=not retrying,
+                           attempt=getattr(ti, "try_number", None),
+                           max_attempts=(max_tries + 1) if isinstance(max_tries, int) else None)
+        except Exception:  # noqa: BLE001 - a status write must never fail or hide the task's own error
+            self.log.warning("could not record the failure of %s/%s in its status", self.namespace,
+                             self.migration_name, exc_info=True)

@@ -1,0 +1,88 @@
+"""The shared shape of every phase operator: find the migration in the spec store, run the phase's
+body from ``include.phases``, and turn its errors into Airflow's retry semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from include.status import Phase
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from include.phases import MigrationContext
+
+
+class MigrationPhaseOperator(BaseOperator):
+    """Runs one phase of one VMMigration.
+
+    :param namespace: the VMMigration's namespace (templated)
+    :param migration_name: the VMMigration's name (templated)
+    :param store_path: the spec store folder; default ``$VMMIGRATION_STORE``
+    """
+
+    template_fields: Sequence[str] = ("namespace", "migration_name")
+    phase: ClassVar[Phase]
+
+    def __init__(self, *, namespace: str, migration_name: str, store_path: str | None = None, **kwargs: Any) -> None:
+        from notifiers.migration_status import MigrationStatusNotifier
+
+        notifier = MigrationStatusNotifier(namespace=namespace, migration_name=migration_name,
+                                           phase=self.phase.value, store_path=store_path)
+        kwargs.setdefault("on_failure_callback", [notifier])
+        kwargs.setdefault("on_retry_callback", [notifier])
+        super().__init__(**kwargs)
+        self.namespace = namespace
+        self.migration_name = migration_name
+        self.store_path = store_path
+        self._migration_ctx: MigrationContext | None = None
+
+    def _context(self) -> MigrationContext:
+        from hooks.factories import driver_from_hook, storage_from_hook
+        from include.phases import MigrationContext
+        from include.store import SpecStore
+
+        return MigrationContext(namespace=self.namespace, name=self.migration_name,
+                                store=SpecStore(self.store_path) if self.store_path else SpecStore(),
+                                driver_factory=driver_from_hook, storage_factory=storage_from_hook,
+                                logger=self.log)
+
+    def execute(self, context: Context) -> Any:
+        from include.phases import failure_message, is_permanent
+
+        ctx = self._migration_ctx = self._context()
+        try:
+            return self.run_phase(ctx, context)
+        except Exception as err:
+            if is_permanent(err):
+                # Retrying cannot fix bad input or a missing VM: fail now, the status says why.
+                raise AirflowFailException(failure_message(err)) from err
+            raise
+        finally:
+            ctx.close()
+            self._migration_ctx = None
+
+    def run_phase(self, ctx: MigrationContext, context: Context) -> Any:
+        raise NotImplementedError
+
+    def on_kill(self) -> None:
+        if self._migration_ctx is not None:
+            self._migration_ctx.close()
+
+
+class DiskPhaseOperator(MigrationPhaseOperator):
+    """A phase mapped per disk: ``disk_name`` labels the map index.
+
+    :param disk_name: the guest-visible disk (``vda``) this instance moves
+    """
+
+    template_fields: Sequence[str] = ("namespace", "migration_name", "disk_name")
+
+    def __init__(self, *, disk_name: str, **kwargs: Any) -> None:
+        kwargs.setdefault("map_index_template", "{{ task.disk_name }}")
+        super().__init__(**kwargs)
+        self.disk_name = disk_name

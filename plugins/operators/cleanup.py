@@ -1,0 +1,69 @@
+"""Ready or Failed: the last task of every migration, cleaning up by cleanupPolicy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class FinalizeMigrationOperator(BaseOperator):
+    """Runs whatever happened upstream (``trigger_rule="all_done"``).
+
+    When the target validated, it applies cleanupPolicy (intermediate files, snapshot, and the source
+    only when ``deleteSource``) and marks the migration Ready. Otherwise it removes what the run
+    half-created on the target, never touches the source, marks it Failed and fails itself so that
+    the DAG run fails too.
+
+    :param namespace: the VMMigration's namespace (templated)
+    :param migration_name: the VMMigration's name (templated)
+    :param store_path: the spec store folder; default ``$VMMIGRATION_STORE``
+    """
+
+    template_fields: Sequence[str] = ("namespace", "migration_name")
+    ui_color = "#e5e7eb"
+
+    def __init__(self, *, namespace: str, migration_name: str, store_path: str | None = None,
+                 validated_task_id: str = "validate_target", **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")
+        super().__init__(**kwargs)
+        self.namespace = namespace
+        self.migration_name = migration_name
+        self.store_path = store_path
+        self.validated_task_id = validated_task_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from hooks.factories import driver_from_hook, storage_from_hook
+        from include.phases import MigrationContext, finalize
+        from include.store import SpecStore
+
+        ctx = MigrationContext(namespace=self.namespace, name=self.migration_name,
+                               store=SpecStore(self.store_path) if self.store_path else SpecStore(),
+                               driver_factory=driver_from_hook, storage_factory=storage_from_hook, logger=self.log)
+        try:
+            succeeded = self._target_validated(context, ctx)
+            status = ctx.sink.get(self.namespace, self.migration_name) if ctx.sink else None
+            failure = (status or {}).get("message") if not succeeded else None
+            result = finalize(ctx, succeeded=succeeded, failure=failure)
+        finally:
+            ctx.close()
+        if not succeeded:
+            raise AirflowFailException(f"migration {self.namespace}/{self.migration_name} failed: "
+                                       f"{failure or 'see the failed task'}; cleaned up: {result['removed']}")
+        self.log.info("migration %s/%s is Ready", self.namespace, self.migration_name)
+        return result
+
+    def _target_validated(self, context: Context, ctx: Any) -> bool:
+        """This run's validate_target succeeded (its XCom), or, in a step-by-step ``tasks test`` session,
+        the status says the target validated and nothing failed since."""
+        if context["ti"].xcom_pull(task_ids=self.validated_task_id) is not None:
+            return True
+        status = ctx.sink.get(self.namespace, self.migration_name) if ctx.sink else None
+        if not status or status.get("phase") == "Failed":
+            return False
+        return any(c["type"] == "TargetValidated" and c["status"] == "True" for c in status.get("conditions", []))

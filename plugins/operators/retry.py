@@ -1,0 +1,45 @@
+"""retryPolicy as an Airflow RetryPolicy: exact exponential delays, no retry for permanent errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class MigrationRetryPolicy(RetryPolicy):
+    """Delay before retry N is ``backoff * 2**(N-1)`` capped at ``max_backoff`` (5m, 10m, 20m, 30m for the
+    guide's defaults), without Airflow's jitter; permanent migration errors are not retried.
+
+    :param backoff_seconds: the spec's retryPolicy.backoffDuration, in seconds
+    :param max_backoff_seconds: the spec's retryPolicy.maxBackoffDuration, in seconds
+    """
+
+    def __init__(self, backoff_seconds: float, max_backoff_seconds: float) -> None:
+        self.backoff_seconds = float(backoff_seconds)
+        self.max_backoff_seconds = float(max_backoff_seconds)
+
+    def evaluate(self, exception: BaseException, try_number: int, max_tries: int,
+                 context: Context | None = None) -> RetryDecision:
+        from include.backoff import retry_delay
+        from include.phases import failure_message, is_permanent
+        from include.spec import RetryPolicy as SpecRetryPolicy, format_duration
+
+        if is_permanent(exception) or is_permanent(exception.__cause__ or exception):
+            return RetryDecision.fail(reason=f"permanent: {failure_message(exception)}")
+        policy = SpecRetryPolicy(maxAttempts=max_tries, backoffDuration=format_duration(self.backoff_seconds),
+                                 maxBackoffDuration=format_duration(self.max_backoff_seconds))
+        delay = retry_delay(policy, max(try_number, 1))
+        return RetryDecision.retry(delay=timedelta(seconds=delay), reason=f"retryPolicy backoff {delay:.0f}s")
+
+    def serialize(self) -> dict[str, Any]:
+        return {"__type": "MigrationRetryPolicy", "backoff_seconds": self.backoff_seconds,
+                "max_backoff_seconds": self.max_backoff_seconds}
+
+    @classmethod
+    def deserialize(cls, data: dict[str, Any]) -> MigrationRetryPolicy:
+        return cls(data["backoff_seconds"], data["max_backoff_seconds"])
