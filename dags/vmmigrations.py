@@ -6,6 +6,7 @@ phases run as a task group mapped over the VM's disks, each map index labelled w
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
@@ -23,6 +24,7 @@ from operators.validate import ValidateMigrationOperator
 from operators.validate_target import ValidateTargetOperator
 
 STORE = SpecStore()
+TASKS_TEST = sys.argv[1:3] == ["tasks", "test"]
 MAX_PARALLEL_DISKS = 4
 
 
@@ -71,17 +73,17 @@ def build_dag(entry) -> DAG:
              >> ConvertDiskOperator(task_id="convert_disk", pool="default_pool", **kw)
              >> ImportDiskOperator(task_id="import_disk", pool="libvirt_io", **kw))
 
-        # Once a plan exists its disk list is known at parse time, so `airflow tasks test` can run a
-        # single mapped phase; before the first Validating, the list comes from the plan at run time.
-        planned = STORE.planned_disk_names(ns, name)
-        disks = per_disk.expand(disk_name=planned if planned else list_disks(ns, name))
+        # The disks come from the plan Validating saved, through list_disks. `airflow tasks test` runs
+        # one task in a temporary run that has no upstream XCom, so there (and only there: a scheduler
+        # must never see the DAG change shape mid-run) the saved plan's list is used as a literal.
+        disk_list = list_disks(ns, name)
+        planned = STORE.planned_disk_names(ns, name) if TASKS_TEST else None
+        disks = per_disk.expand(disk_name=planned if planned else disk_list)
         create = CreateVMOperator(task_id="create_vm", pool="libvirt_io", **common)
         check = ValidateTargetOperator(task_id="validate_target", **common)
         finish = FinalizeMigrationOperator(task_id="finalize_migration", outlets=[Asset("migrated_vms")], retries=0,
                                            **common)
-        validate >> snapshot >> disks >> create >> check >> finish
-        if not planned:
-            snapshot >> dag.get_task("list_disks")
+        validate >> snapshot >> disk_list >> disks >> create >> check >> finish
     return dag
 
 

@@ -184,7 +184,10 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     resolved = ctx.resolved
     spec = migration.spec
     ctx.logger.info("source %s", ctx.source.check())
-    vm = ctx.source.get_vm(resolved.source.provider_vm_id)
+    try:
+        vm = ctx.source.get_vm(resolved.source.provider_vm_id)
+    except NotFound as err:
+        raise NotFound(f"{err} (provider {resolved.source.provider.ref})", field="spec.sourceName") from err
     if vm.running:
         raise InvalidMigration(
             f"VM {vm.name} is running; shut it down first: this engine does cold migrations (warm migration "
@@ -482,6 +485,10 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
                         capacity=d["targetCapacity"], bus=d.get("bus", "virtio")) for d in ctx.plan["disks"]]
     networks = [NetworkHint(**n) for n in tgt["networks"]]
+    missing = [d.name for d in disks if not ctx.disk_record(d.name).get("targetSha256")]
+    if missing:
+        raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
+                               f"without them")
     if ctx.target.vm_exists(tgt["vm"]):
         if not ctx.store.read_json(ctx.store.status_path(ctx.namespace, ctx.name)) or \
                 not _created_by_us(ctx):

@@ -240,15 +240,13 @@ def _restart(status: dict[str, Any]) -> None:
 
 
 def _advance(status: dict[str, Any], phase: Phase, message: str, *, fraction: float = 0.0) -> None:
+    """Move the migration's phase forward (never back: with disks in parallel it shows the furthest
+    phase reached, each disk's own phase is in ``disks[].phase``) and recompute progress."""
     current = status.get("phase", Phase.PENDING.value)
     current_phase = Phase(current) if current in Phase._value2member_map_ else Phase.PENDING
-    # With disks in different phases, the migration is in the least advanced one still running.
-    per_disk = [Phase(d["phase"]) for d in status.get("disks", []) if d.get("phase") in Phase._value2member_map_]
-    if per_disk and phase in PHASE_VERB:
-        phase = min(per_disk + [phase], key=lambda p: p.index)
-        status["phase"] = phase.value
-    elif phase.index >= current_phase.index or current_phase in (Phase.READY, Phase.FAILED):
+    if phase.index >= current_phase.index or current_phase in (Phase.READY, Phase.FAILED):
         status["phase"] = phase.value
     _note_phase(status)
     status["message"] = message
-    status["progress"] = max(status.get("progress", 0), phase_progress(Phase(status["phase"]), fraction))
+    if status["phase"] == phase.value:
+        status["progress"] = max(status.get("progress", 0), phase_progress(phase, fraction))

@@ -1,0 +1,79 @@
+"""Shared fixtures: an isolated Airflow home, a real libvirtd, and a demo world per test.
+
+Airflow reads its configuration at import, so the environment is set here, before any test module
+imports it: every run gets its own AIRFLOW_HOME (SQLite), spec store and staging folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="vmmig-tests-"))
+os.environ.update({
+    "AIRFLOW_HOME": str(_SESSION_DIR / "airflow"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "VMMIGRATION_STORE": str(_SESSION_DIR / "store"),
+    "VMMIGRATION_STAGING": str(_SESSION_DIR / "staging"),
+})
+if str(ROOT / "plugins") not in sys.path:
+    sys.path.insert(0, str(ROOT / "plugins"))
+
+
+def _venv_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """An initialised Airflow metadata DB (SQLite) in the session's AIRFLOW_HOME."""
+    proc = subprocess.run([_venv_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=os.environ)
+    if proc.returncode != 0:
+        pytest.fail(f"airflow db migrate failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    pools = ROOT / "config" / "pools.json"
+    proc = subprocess.run([_venv_bin("airflow"), "pools", "import", str(pools)], capture_output=True, text=True,
+                          env=os.environ)
+    if proc.returncode != 0:
+        pytest.fail(f"airflow pools import failed: {proc.stderr[-2000:]}")
+    return Path(os.environ["AIRFLOW_HOME"])
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri() -> str:
+    """A real libvirtd (Debian's), started by scripts/libvirtd.sh if it is not running."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "libvirtd.sh")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"libvirtd could not be started: {proc.stderr}")
+    return "qemu:///system"
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh spec store and staging folder for one test."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    monkeypatch.setenv("VMMIGRATION_STORE", str(folder))
+    monkeypatch.setenv("VMMIGRATION_STAGING", str(tmp_path / "staging"))
+    return folder
+
+
+@pytest.fixture
+def world(libvirt_uri: str, tmp_path: Path):
+    """A demo world on the real libvirtd: source and target pools, an NFS-style share; removed after."""
+    from include.demo import DemoWorld, teardown
+
+    w = DemoWorld(uri=libvirt_uri, prefix=f"t{uuid.uuid4().hex[:8]}", root=tmp_path / "world")
+    w.share.mkdir(parents=True)
+    yield w
+    teardown(w)

@@ -1,0 +1,238 @@
+"""include/plan.py: transit formats, where conversions happen, and the plan document."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from include.errors import InvalidMigration
+from include.inventory import BundleInventory, resolve
+from include.plan import GB, STAGING_ENV, build_plan, choose_formats, describe, snapshot_name, staging_root
+from include.providers.base import DiskInfo, VMInfo
+from include.spec import API_VERSION, parse_vmmigration
+from include.store import index_documents
+
+FORMATS = ("qcow2", "raw", "vmdk")
+
+
+# -- choose_formats -------------------------------------------------------------------------------------------
+
+EXPECTED_FORMATS = {
+    ("qcow2", "qcow2"): ("qcow2", "none"),
+    ("qcow2", "raw"): ("qcow2", "target"),
+    ("qcow2", "vmdk"): ("qcow2", "target"),
+    ("raw", "qcow2"): ("qcow2", "source"),
+    ("raw", "raw"): ("raw", "none"),
+    ("raw", "vmdk"): ("vmdk", "source"),
+    ("vmdk", "qcow2"): ("vmdk", "target"),
+    ("vmdk", "raw"): ("vmdk", "target"),
+    ("vmdk", "vmdk"): ("vmdk", "none"),
+}
+
+
+@pytest.mark.parametrize(("source", "target"), list(itertools.product(FORMATS, FORMATS)))
+def test_choose_formats_all_combinations(source, target):
+    transit, side = choose_formats(source, target)
+    assert (transit, side) == EXPECTED_FORMATS[(source, target)]
+    # the rule: same -> none; raw source -> convert at source to the target format; else travel as source
+    if source == target:
+        assert (transit, side) == (source, "none")
+    elif source == "raw":
+        assert (transit, side) == (target, "source")
+    else:
+        assert (transit, side) == (source, "target")
+    # a raw image never travels unless nothing else was asked for
+    assert transit != "raw" or (source, target) == ("raw", "raw")
+
+
+def test_all_nine_combinations_are_covered():
+    assert set(EXPECTED_FORMATS) == set(itertools.product(FORMATS, FORMATS))
+
+
+# -- fixtures -------------------------------------------------------------------------------------------------------
+
+def bundle(**spec: Any) -> list[dict[str, Any]]:
+    body = {
+        "sourceName": "web",
+        "targetProviderRef": {"name": "kvm-target"},
+        "targetName": "web-new",
+        "storage": {"type": "nfs", "path": "/mnt/share", "endpoint": "nfs.local"},
+    }
+    body.update(spec)
+    provider = {"type": "libvirt", "endpoint": "qemu:///system"}
+    return [
+        {"apiVersion": API_VERSION, "kind": "VMMigration", "metadata": {"name": "move-web", "namespace": "apps"},
+         "spec": body},
+        {"apiVersion": API_VERSION, "kind": "VirtualMachine", "metadata": {"name": "web", "namespace": "apps"},
+         "spec": {"providerRef": {"name": "kvm-source"}}, "status": {"id": "web-domain"}},
+        {"apiVersion": API_VERSION, "kind": "Provider", "metadata": {"name": "kvm-source", "namespace": "apps"},
+         "spec": {**provider, "endpoint": "qemu+ssh://kvm1/system"}},
+        {"apiVersion": API_VERSION, "kind": "Provider", "metadata": {"name": "kvm-target", "namespace": "apps"},
+         "spec": provider},
+    ]
+
+
+def resolved_for(**spec: Any):
+    index = index_documents([(Path("bundle.yaml"), bundle(**spec))])
+    return resolve(parse_vmmigration(index.migrations["apps/move-web"].doc), BundleInventory(index.objects))
+
+
+VDA = DiskInfo(name="vda", format="qcow2", capacity=10 * GB, allocation=3 * GB,
+               path="/var/lib/libvirt/images/web.qcow2", pool="default", volume="web.qcow2")
+VDB = DiskInfo(name="vdb", format="raw", capacity=20 * GB, allocation=1 * GB, path="/dev/vg/web-data", bus="scsi")
+VM = VMInfo(name="web-domain", running=False, vcpus=2, memory_mib=2048, disks=(VDA, VDB))
+
+
+# -- build_plan --------------------------------------------------------------------------------------------------------
+
+def test_plan_header():
+    plan = build_plan(resolved_for(), VM, target_storage="fast-pool")
+    assert plan["migration"] == "apps/move-web"
+    assert plan["dagId"] == "vmmigration__apps__move-web"
+    assert plan["source"] == {"provider": "apps/kvm-source", "type": "libvirt", "endpoint": "qemu+ssh://kvm1/system",
+                              "vm": "web-domain", "running": False, "vcpus": 2, "memoryMiB": 2048}
+    assert plan["target"] == {"provider": "apps/kvm-target", "type": "libvirt", "endpoint": "qemu:///system",
+                              "vm": "web-new", "storage": "fast-pool", "vcpus": 2, "memoryMiB": 2048,
+                              "networks": []}
+    assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web"}
+    assert plan["phases"] == ["Validating", "Snapshotting", "Exporting", "Transferring", "Converting", "Importing",
+                              "Creating", "ValidatingTarget", "Ready"]
+    assert plan["cleanup"] == {"deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": False}
+
+
+def test_plan_disks_with_native_target_format():
+    plan = build_plan(resolved_for(), VM, target_storage="fast-pool")
+    vda, vdb = plan["disks"]
+    # libvirt's native format is qcow2
+    assert vda == {
+        "name": "vda", "sizeBytes": 10 * GB, "allocatedBytes": 3 * GB, "sourceFormat": "qcow2",
+        "sourcePath": "/var/lib/libvirt/images/web.qcow2", "sourcePool": "default", "sourceVolume": "web.qcow2",
+        "bus": "virtio", "transitFormat": "qcow2", "conversion": "none", "targetFormat": "qcow2",
+        "objectKey": "apps/move-web/vda.qcow2", "targetStorage": "fast-pool", "targetVolume": "web-new-vda.qcow2",
+        "targetCapacity": 10 * GB,
+    }
+    # raw source: converted to qcow2 before it leaves
+    assert (vdb["transitFormat"], vdb["conversion"], vdb["targetFormat"]) == ("qcow2", "source", "qcow2")
+    assert vdb["objectKey"] == "apps/move-web/vdb.qcow2"
+    assert vdb["targetVolume"] == "web-new-vdb.qcow2"
+    assert (vdb["sourcePool"], vdb["sourceVolume"], vdb["bus"]) == (None, None, "scsi")
+
+
+@pytest.mark.parametrize("target_fmt", FORMATS)
+def test_plan_follows_target_disk_format(target_fmt):
+    plan = build_plan(resolved_for(targetDiskFormat=target_fmt), VM, target_storage="pool")
+    for disk, source in zip(plan["disks"], VM.disks):
+        transit, conversion = choose_formats(source.format, target_fmt)
+        assert (disk["transitFormat"], disk["conversion"], disk["targetFormat"]) == (transit, conversion, target_fmt)
+        assert disk["objectKey"] == f"apps/move-web/{source.name}.{transit}"
+        assert disk["targetVolume"] == f"web-new-{source.name}.{target_fmt}"
+
+
+def test_target_name_defaults_to_source_name_in_volume_names():
+    body_without_target_name = {"targetName": None}
+    plan = build_plan(resolved_for(**body_without_target_name), VM, target_storage="pool")
+    assert plan["target"]["vm"] == "web"
+    assert [d["targetVolume"] for d in plan["disks"]] == ["web-vda.qcow2", "web-vdb.qcow2"]
+
+
+def test_resource_and_network_hints():
+    resolved = resolved_for(targetResourceHints={"cpu": 4, "memory": 8192, "disk": 100},
+                            targetNetworkHints=[{"name": "eth0", "bridge": "virbr0"},
+                                                {"name": "eth1", "network": "VM Network"}])
+    plan = build_plan(resolved, VM, target_storage="pool")
+    assert (plan["target"]["vcpus"], plan["target"]["memoryMiB"]) == (4, 8192)
+    assert plan["target"]["networks"] == [{"name": "eth0", "bridge": "virbr0"},
+                                          {"name": "eth1", "network": "VM Network"}]
+    # the disk hint grows the first disk only
+    assert [d["targetCapacity"] for d in plan["disks"]] == [100 * GB, 20 * GB]
+    assert [d["sizeBytes"] for d in plan["disks"]] == [10 * GB, 20 * GB]
+
+
+def test_disk_hint_equal_to_the_disk_is_fine():
+    plan = build_plan(resolved_for(targetResourceHints={"disk": 10}), VM, target_storage="pool")
+    assert plan["disks"][0]["targetCapacity"] == 10 * GB
+
+
+def test_disk_hint_smaller_than_the_source_disk_is_refused():
+    with pytest.raises(InvalidMigration) as info:
+        build_plan(resolved_for(targetResourceHints={"disk": 5}), VM, target_storage="pool")
+    err = info.value
+    assert err.field == "spec.targetResourceHints.disk"
+    assert str(err) == "spec.targetResourceHints.disk: 5 GB is smaller than disk vda (10GB); disks are never shrunk"
+    assert err.permanent is True
+    assert err.reason == "ValidationFailed"
+
+
+def test_snapshot_covers_disks_only_when_all_are_qcow2():
+    mixed = build_plan(resolved_for(), VM, target_storage="pool")
+    assert mixed["snapshot"] == {"name": "vmmigration-move-web", "disks": []}
+    all_qcow2 = VMInfo(name="web-domain", running=False, vcpus=1, memory_mib=512,
+                       disks=(VDA, DiskInfo(name="vdc", format="qcow2", capacity=GB, allocation=GB, path="/x.qcow2")))
+    plan = build_plan(resolved_for(), all_qcow2, target_storage="pool")
+    assert plan["snapshot"] == {"name": "vmmigration-move-web", "disks": ["vda", "vdc"]}
+    assert snapshot_name("move-web") == "vmmigration-move-web"
+
+
+def test_vm_without_disks():
+    plan = build_plan(resolved_for(targetResourceHints={"disk": 1}), VMInfo("empty", False, 1, 256, ()),
+                      target_storage="pool")
+    assert plan["disks"] == []
+    assert plan["snapshot"]["disks"] == []
+    assert "disks (0):" in describe(plan)
+
+
+def test_cleanup_policy_is_copied():
+    plan = build_plan(resolved_for(cleanupPolicy={"deleteIntermediate": False, "deleteSource": True}), VM,
+                      target_storage="pool")
+    assert plan["cleanup"] == {"deleteIntermediate": False, "deleteSnapshot": True, "deleteSource": True}
+
+
+def test_staging_root(monkeypatch, tmp_path):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path))
+    assert staging_root() == tmp_path
+    monkeypatch.delenv(STAGING_ENV)
+    assert staging_root().name == "vmmigration"
+
+
+# -- describe -------------------------------------------------------------------------------------------------------
+
+def test_describe_mentions_disks_conversions_phases_and_cleanup():
+    resolved = resolved_for(targetDiskFormat="vmdk", targetNetworkHints=[{"name": "eth0", "bridge": "virbr0"},
+                                                                         {"name": "eth1", "network": "VM Network"}])
+    text = describe(build_plan(resolved, VM, target_storage="datastore1"), storage_location="nfs.local:/mnt/share")
+    lines = text.splitlines()
+    assert lines[0] == "Migration apps/move-web  (DAG vmmigration__apps__move-web)"
+    assert "source: VM web-domain on libvirt provider apps/kvm-source (qemu+ssh://kvm1/system), 2 vCPU, 2048 MiB" \
+        in text
+    assert "target: VM web-new on libvirt provider apps/kvm-target (qemu:///system), storage datastore1" in text
+    assert "nic eth0 -> bridge virbr0" in text
+    assert "nic eth1 -> network VM Network" in text
+    assert "storage: nfs at nfs.local:/mnt/share" in text
+    assert "disks (2):" in text
+    vda_line = next(line for line in lines if line.strip().startswith("vda:"))
+    assert "10GB virtual, 3GB allocated, qcow2" in vda_line
+    assert "convert qcow2 -> vmdk after download" in vda_line
+    assert "travels as qcow2 (apps/move-web/vda.qcow2)" in vda_line
+    assert "lands as datastore1/web-new-vda.vmdk" in vda_line
+    vdb_line = next(line for line in lines if line.strip().startswith("vdb:"))
+    assert "convert raw -> vmdk before upload" in vdb_line
+    assert "travels as vmdk (apps/move-web/vdb.vmdk)" in vdb_line
+    assert ("phases: Validating -> Snapshotting -> Exporting -> Transferring -> Converting -> Importing -> Creating "
+            "-> ValidatingTarget -> Ready") in text
+    assert "snapshot: vmmigration-move-web of no disk (libvirt snapshots need every disk in qcow2)" in text
+    assert "cleanup after success: delete intermediate files, delete the snapshot, keep the source VM" in text
+    assert lines[-1] == "  after a failure: the partial target is removed, the source VM is always kept"
+
+
+def test_describe_without_conversion_and_with_dangerous_cleanup():
+    resolved = resolved_for(cleanupPolicy={"deleteIntermediate": False, "deleteSnapshot": False,
+                                           "deleteSource": True})
+    vm = VMInfo(name="web-domain", running=False, vcpus=1, memory_mib=512, disks=(VDA,))
+    text = describe(build_plan(resolved, vm, target_storage="pool"))
+    assert "no conversion" in text
+    assert "storage: nfs at apps/move-web" in text  # the prefix when no location is given
+    assert "snapshot: vmmigration-move-web of vda" in text
+    assert "keep intermediate files, keep the snapshot, DELETE THE SOURCE VM" in text

@@ -1,0 +1,406 @@
+"""include/status.py: the guide's status document (phase, progress, conditions, message, disks)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as hst
+
+from include import status as st
+from include.status import Phase
+
+GB = 1000**3
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Every now_iso() call returns the next second, so time changes are observable."""
+    ticks = itertools.count(1)
+
+    def fake_now() -> str:
+        n = next(ticks)
+        return f"2025-10-16T10:{n // 60:02d}:{n % 60:02d}Z"
+
+    monkeypatch.setattr(st, "now_iso", fake_now)
+    return fake_now
+
+
+def cond(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    found = [c for c in status["conditions"] if c["type"] == ctype]
+    assert len(found) <= 1, f"condition {ctype} appears {len(found)} times"
+    return found[0] if found else None
+
+
+def started() -> dict[str, Any]:
+    status = st.new_status()
+    st.enter_phase(status, Phase.VALIDATING)
+    return status
+
+
+# -- phases ---------------------------------------------------------------------------------------------
+
+def test_the_eleven_phases_in_the_guides_order():
+    assert [p.value for p in Phase] == ["Pending", "Validating", "Snapshotting", "Exporting", "Transferring",
+                                        "Converting", "Importing", "Creating", "ValidatingTarget", "Ready", "Failed"]
+    assert [p.index for p in Phase] == list(range(11))
+    assert Phase("Transferring") is Phase.TRANSFERRING
+    assert Phase.TRANSFERRING == "Transferring"  # str enum: serialises as its value
+
+
+def test_every_working_phase_has_a_done_condition():
+    working = [p for p in Phase if p not in (Phase.PENDING, Phase.READY, Phase.FAILED)]
+    assert list(st.DONE_CONDITION) == working
+    assert st.DONE_CONDITION[Phase.VALIDATING] == "Validated"
+    assert st.DONE_CONDITION[Phase.SNAPSHOTTING] == "Snapshotted"
+    assert st.DONE_CONDITION[Phase.EXPORTING] == "Exported"
+
+
+def test_phase_start_is_increasing():
+    starts = [st.PHASE_START[p] for p in Phase if p in st.PHASE_START]
+    assert starts == sorted(starts)
+    assert starts[0] == 0 and starts[-1] == 100
+
+
+def test_new_status_is_pending():
+    status = st.new_status()
+    assert status == {"phase": "Pending", "progress": 0, "conditions": [], "disks": [],
+                      "message": "Migration created, awaiting processing"}
+    assert st.new_status() is not status  # a fresh document each time
+
+
+# -- human_bytes and the progress message ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0B"), (999, "999B"), (1000, "1KB"), (1500, "1.5KB"), (4_500_000_000, "4.5GB"), (10 * GB, "10GB"),
+    (1_040_000, "1MB"),  # one decimal, trailing ".0" dropped
+    (1_060_000, "1.1MB"),
+    (123_456_789_012, "123.5GB"),
+    (1000**4, "1TB"), (2 * 1000**5, "2000TB"),  # TB is the largest unit
+    (512.9, "512B"),  # bytes are truncated to an integer
+])
+def test_human_bytes_uses_decimal_units_and_one_decimal(n, text):
+    assert st.human_bytes(n) == text
+
+
+@given(hst.integers(0, 10**16))
+def test_human_bytes_is_close_to_the_value(n):
+    text = st.human_bytes(n)
+    units = {"TB": 1000**4, "GB": 1000**3, "MB": 1000**2, "KB": 1000, "B": 1}
+    unit = next(u for u in units if text.endswith(u))
+    value = float(text[: -len(unit)])
+    # rounded to one decimal of its unit
+    assert abs(value * units[unit] - n) <= 0.05 * units[unit] + 1e-6 * n
+    assert not text[: -len(unit)].endswith(".0")
+
+
+# BUG (include/status.py:78, human_bytes): the unit is chosen before rounding, so 999,950 bytes shows as
+# "1000KB" (and 999.96 MB as "1000MB") instead of "1MB"/"1GB". Suggested fix: round first, e.g.
+# ``if round(abs(n), 1) < 1000 or unit == "TB"``. Remove the xfail once fixed.
+@pytest.mark.xfail(strict=True, reason="BUG: human_bytes shows 1000KB instead of moving to the next unit")
+def test_human_bytes_never_shows_1000_of_a_unit():
+    assert st.human_bytes(999_950) == "1MB"
+
+
+def test_progress_message_matches_the_guide():
+    assert st.progress_message(Phase.TRANSFERRING, 4_500_000_000, 10 * GB) == \
+        "Uploading disk (45% complete, 4.5GB/10GB)"
+
+
+@pytest.mark.parametrize(("phase", "verb"), [
+    (Phase.EXPORTING, "Exporting disk"), (Phase.TRANSFERRING, "Uploading disk"),
+    (Phase.CONVERTING, "Converting disk"), (Phase.IMPORTING, "Importing disk"), (Phase.CREATING, "Creating"),
+])
+def test_progress_message_verbs(phase, verb):
+    assert st.progress_message(phase, 1 * GB, 4 * GB) == f"{verb} (25% complete, 1GB/4GB)"
+
+
+def test_progress_message_details():
+    assert st.progress_message(Phase.TRANSFERRING, 5 * GB, 10 * GB, disk="vda") == \
+        "Uploading disk vda (50% complete, 5GB/10GB)"
+    # percent is truncated, never rounded up to a completion that has not happened
+    assert st.progress_message(Phase.TRANSFERRING, 999, 1000).startswith("Uploading disk (99% complete")
+    # an empty disk is complete
+    assert st.progress_message(Phase.EXPORTING, 0, 0) == "Exporting disk (100% complete, 0B/0B)"
+
+
+# -- phase_progress ---------------------------------------------------------------------------------------
+
+def test_phase_progress_spans():
+    assert st.phase_progress(Phase.TRANSFERRING, 0.0) == 15
+    assert st.phase_progress(Phase.TRANSFERRING, 0.5) == 35
+    assert st.phase_progress(Phase.TRANSFERRING, 1.0) == 55
+    assert st.phase_progress(Phase.TRANSFERRING, 7.0) == 55  # clamped
+    assert st.phase_progress(Phase.TRANSFERRING, -1.0) == 15
+    assert st.phase_progress(Phase.VALIDATING_TARGET, 1.0) == 99  # only Ready is 100
+    assert st.phase_progress(Phase.READY, 0.0) == 100
+    with pytest.raises(ValueError, match="keeps the progress"):
+        st.phase_progress(Phase.FAILED, 0.5)
+
+
+@given(hst.sampled_from([p for p in Phase if p not in (Phase.READY, Phase.FAILED)]),
+       hst.floats(0, 1), hst.floats(0, 1))
+def test_phase_progress_is_monotone_and_below_100(phase, a, b):
+    lo, hi = sorted((a, b))
+    assert 0 <= st.phase_progress(phase, lo) <= st.phase_progress(phase, hi) <= 99
+    following = [p for p in Phase if p.index > phase.index and p in st.PHASE_START]
+    assert st.phase_progress(phase, hi) <= st.phase_progress(following[0], 0.0) or following[0] is Phase.READY
+
+
+# -- conditions ----------------------------------------------------------------------------------------------
+
+def test_set_condition_keeps_last_transition_time_when_status_is_unchanged(clock):
+    status = st.new_status()
+    st.set_condition(status, "Validated", "True", reason="Succeeded", message="first")
+    first = copy.deepcopy(cond(status, "Validated"))
+    st.set_condition(status, "Validated", "True", reason="Succeeded", message="second")
+    again = cond(status, "Validated")
+    assert again["lastTransitionTime"] == first["lastTransitionTime"]
+    assert again["message"] == "second"
+    st.set_condition(status, "Validated", "False", reason="Broken")
+    flipped = cond(status, "Validated")
+    assert flipped["lastTransitionTime"] != first["lastTransitionTime"]
+    assert flipped["status"] == "False"
+    assert "message" not in flipped  # None drops the old message
+    assert len(status["conditions"]) == 1
+
+
+def test_remove_condition():
+    status = st.new_status()
+    st.set_condition(status, "A", "True")
+    st.set_condition(status, "B", "True")
+    st.remove_condition(status, "A")
+    assert [c["type"] for c in status["conditions"]] == ["B"]
+
+
+# -- enter / complete --------------------------------------------------------------------------------------------
+
+def test_enter_phase_records_an_in_progress_condition_named_after_the_phase(clock):
+    status = st.new_status()
+    st.enter_phase(status, Phase.VALIDATING, message="Checking the source VM")
+    assert status["phase"] == "Validating"
+    assert status["message"] == "Checking the source VM"
+    assert cond(status, "Validating") == {"type": "Validating", "status": "True", "reason": "InProgress",
+                                          "message": "Checking the source VM",
+                                          "lastTransitionTime": cond(status, "Validating")["lastTransitionTime"]}
+    assert "startTime" in status
+    assert status["attempts"] == 1
+    assert [h["phase"] for h in status["phaseHistory"]] == ["Validating"]
+
+
+def test_enter_phase_without_message_uses_the_phase_name():
+    status = started()
+    st.enter_phase(status, Phase.SNAPSHOTTING)
+    assert status["message"] == "Snapshotting"
+    assert "message" not in cond(status, "Snapshotting")
+
+
+def test_complete_phase_turns_the_in_progress_condition_into_a_done_condition():
+    status = started()
+    st.complete_phase(status, Phase.VALIDATING, message="source and target are usable")
+    assert cond(status, "Validating") is None
+    done = cond(status, "Validated")
+    assert (done["status"], done["reason"], done["message"]) == ("True", "Succeeded", "source and target are usable")
+    assert status["progress"] == st.PHASE_START[Phase.SNAPSHOTTING]
+
+
+def test_the_guides_status_example(clock):
+    """Validated, Snapshotted, Exported, then Transferring with the guide's message (two 5 GB disks)."""
+    status = started()
+    st.complete_phase(status, Phase.VALIDATING)
+    st.enter_phase(status, Phase.SNAPSHOTTING)
+    st.complete_phase(status, Phase.SNAPSHOTTING)
+    for disk in ("vda", "vdb"):
+        st.enter_phase(status, Phase.EXPORTING, disk=disk)
+    st.complete_phase(status, Phase.EXPORTING, disk="vda", all_disks_done=False)
+    assert cond(status, "Exported") is None  # vdb is still exporting
+    assert cond(status, "Exporting")["status"] == "True"
+    st.complete_phase(status, Phase.EXPORTING, disk="vdb", all_disks_done=True)
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 2_500_000_000, 5 * GB)
+    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 2_000_000_000, 5 * GB)
+    assert status["phase"] == "Transferring"
+    assert [c["type"] for c in status["conditions"]] == ["Validated", "Snapshotted", "Exported", "Transferring"]
+    assert all(c["status"] == "True" and c["lastTransitionTime"] for c in status["conditions"])
+    assert cond(status, "Transferring")["message"] == "Uploading disk (45% complete, 4.5GB/10GB)"
+    assert status["message"] == "Uploading disk (45% complete, 4.5GB/10GB)"
+    # the first report only knew vda (50%); progress never goes back, so it stays within the phase's span
+    assert st.phase_progress(Phase.TRANSFERRING, 0.45) <= status["progress"] <= st.phase_progress(
+        Phase.TRANSFERRING, 0.5)
+    assert status["startTime"] < cond(status, "Transferring")["lastTransitionTime"]
+
+
+def test_report_bytes_records_the_disk():
+    status = started()
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 5 * GB, 10 * GB, rate=123.9, eta=40.7)
+    assert status["disks"] == [{"name": "vda", "phase": "Transferring", "bytesDone": 5 * GB, "bytesTotal": 10 * GB,
+                                "rateBytesPerSecond": 123, "etaSeconds": 40}]
+    # one disk: its name is in the message
+    assert status["message"] == "Uploading disk vda (50% complete, 5GB/10GB)"
+    assert status["progress"] == 35
+
+
+def test_report_bytes_counts_disks_that_finished_the_phase():
+    status = started()
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 4 * GB, 4 * GB)
+    st.complete_phase(status, Phase.TRANSFERRING, disk="vda", all_disks_done=False)
+    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 1 * GB, 6 * GB)
+    assert status["message"] == "Uploading disk (50% complete, 5GB/10GB)"
+    assert [d["phase"] for d in status["disks"]] == ["Transferred", "Transferring"]
+
+
+def test_migration_phase_is_the_furthest_reached_and_each_disk_keeps_its_own():
+    status = started()
+    st.enter_phase(status, Phase.EXPORTING, disk="vda")
+    st.enter_phase(status, Phase.EXPORTING, disk="vdb")
+    st.complete_phase(status, Phase.EXPORTING, disk="vda", all_disks_done=False)
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 1, 10)
+    assert status["phase"] == "Transferring"
+    progress = status["progress"]
+    # vdb, still exporting, does not move the migration back nor its progress
+    st.report_bytes(status, Phase.EXPORTING, "vdb", 9, 10)
+    assert status["phase"] == "Transferring"
+    assert status["progress"] == progress
+    assert {d["name"]: d["phase"] for d in status["disks"]} == {"vda": "Transferring", "vdb": "Exporting"}
+    assert [h["phase"] for h in status["phaseHistory"]] == ["Validating", "Exporting", "Transferring"]
+
+
+def test_progress_is_monotonic_even_when_bytes_restart():
+    status = started()
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 8, 10)
+    high = status["progress"]
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 1, 10)  # a retried upload restarts from 0
+    assert status["progress"] == high
+    assert status["disks"][0]["bytesDone"] == 1
+
+
+def test_phase_history_is_appended_only_on_change(clock):
+    status = started()
+    for done in range(0, 11):
+        st.report_bytes(status, Phase.TRANSFERRING, "vda", done, 10)
+    st.complete_phase(status, Phase.TRANSFERRING, disk="vda")
+    st.enter_phase(status, Phase.IMPORTING, disk="vda")
+    st.enter_phase(status, Phase.IMPORTING, disk="vda")
+    assert [h["phase"] for h in status["phaseHistory"]] == ["Validating", "Transferring", "Importing"]
+    times = [h["time"] for h in status["phaseHistory"]]
+    assert times == sorted(times) and len(set(times)) == 3
+
+
+def test_enter_validating_starts_a_fresh_run_and_counts_attempts():
+    status = started()
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 5, 10)
+    st.fail(status, Phase.TRANSFERRING, "StorageError", "disk full")
+    st.enter_phase(status, Phase.VALIDATING)
+    assert status["phase"] == "Validating"
+    assert status["attempts"] == 2
+    assert status["progress"] == 0
+    assert status["disks"] == []
+    assert "failedPhase" not in status
+    assert [c["type"] for c in status["conditions"]] == ["Validating"]
+
+
+@pytest.mark.parametrize("finish", ["ready", "failed"])
+def test_a_finished_migration_ignores_late_phase_entries(finish):
+    status = started()
+    if finish == "ready":
+        st.mark_ready(status, "done")
+    else:
+        st.fail(status, Phase.VALIDATING, "NotFound", "no such VM")
+    before = copy.deepcopy(status)
+    st.enter_phase(status, Phase.EXPORTING, disk="vda")
+    assert status == before
+
+
+# -- fail / ready ---------------------------------------------------------------------------------------------
+
+def test_fail_keeps_progress_and_records_why(clock):
+    status = started()
+    st.complete_phase(status, Phase.VALIDATING)
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 3, 10)
+    progress = status["progress"]
+    st.fail(status, Phase.TRANSFERRING, "StorageAuthenticationFailed", "Storage authentication failed")
+    assert status["phase"] == "Failed"
+    assert status["progress"] == progress
+    assert status["failedPhase"] == "Transferring"
+    assert status["message"] == "Storage authentication failed"
+    assert "completionTime" in status
+    assert cond(status, "Transferring") is None  # no longer in progress
+    failed = cond(status, "Failed")
+    assert (failed["status"], failed["reason"], failed["message"]) == (
+        "True", "StorageAuthenticationFailed", "Storage authentication failed")
+    transferred = cond(status, "Transferred")
+    assert (transferred["status"], transferred["reason"]) == ("False", "StorageAuthenticationFailed")
+    assert cond(status, "Validated")["status"] == "True"  # what succeeded stays recorded
+    assert status["phaseHistory"][-1]["phase"] == "Failed"
+
+
+def test_fail_in_a_phase_without_done_condition():
+    status = st.new_status()
+    st.fail(status, Phase.PENDING, "MigrationFailed", "could not start")
+    assert [c["type"] for c in status["conditions"]] == ["Failed"]
+    assert status["failedPhase"] == "Pending"
+    assert status["progress"] == 0
+
+
+def test_mark_ready():
+    status = started()
+    st.report_bytes(status, Phase.IMPORTING, "vda", 10, 10)
+    st.mark_ready(status, "VM migrated-vm is ready on default/vsphere-prod")
+    assert status["phase"] == "Ready"
+    assert status["progress"] == 100
+    assert status["message"] == "VM migrated-vm is ready on default/vsphere-prod"
+    ready = cond(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
+    assert "completionTime" in status
+    assert [h["phase"] for h in status["phaseHistory"]] == ["Validating", "Importing", "Ready"]
+
+
+# BUG (include/status.py:180 report_bytes -> _advance, whose line 247 lets any phase replace Ready or
+# Failed): report_bytes does not check for a finished migration, so a progress report from a disk still
+# copying in parallel after another disk failed moves the phase from Failed back to Transferring (and
+# re-adds an in-progress condition next to Failed). Suggested fix: in report_bytes (and complete_phase)
+# return early when status["phase"] is Ready or Failed, as enter_phase does. Remove the xfail once fixed.
+@pytest.mark.xfail(strict=True, reason="BUG: report_bytes after fail() revives the Failed migration")
+def test_a_failed_migration_stays_failed_when_another_disk_reports_bytes():
+    status = started()
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 1, 10)
+    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 1, 10)
+    st.fail(status, Phase.TRANSFERRING, "StorageError", "vda upload failed")
+    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 5, 10)
+    assert status["phase"] == "Failed"
+    assert cond(status, "Transferring") is None
+
+
+# -- property: whatever the order of events, progress never goes back and stays in 0..100 -----------------
+
+_events = hst.lists(hst.one_of(
+    hst.tuples(hst.just("enter"), hst.sampled_from(list(st.DONE_CONDITION)[1:]), hst.sampled_from(["vda", "vdb"])),
+    hst.tuples(hst.just("complete"), hst.sampled_from(list(st.DONE_CONDITION)), hst.sampled_from(["vda", "vdb"]),
+               hst.booleans()),
+    hst.tuples(hst.just("bytes"), hst.sampled_from(list(st.PHASE_VERB)), hst.sampled_from(["vda", "vdb"]),
+               hst.integers(0, 100), hst.integers(1, 100)),
+), max_size=40)
+
+
+@given(_events)
+def test_progress_never_decreases(events):
+    status = started()
+    seen = [status["progress"]]
+    for event in events:
+        if event[0] == "enter":
+            st.enter_phase(status, event[1], disk=event[2])
+        elif event[0] == "complete":
+            st.complete_phase(status, event[1], disk=event[2], all_disks_done=event[3])
+        else:
+            _, phase, disk, done, total = event
+            st.report_bytes(status, phase, disk, min(done, total), total)
+        seen.append(status["progress"])
+        assert status["phase"] in Phase._value2member_map_
+        history = [h["phase"] for h in status["phaseHistory"]]
+        assert all(a != b for a, b in zip(history, history[1:]))  # only changes are recorded
+    assert seen == sorted(seen)
+    assert all(0 <= p <= 99 for p in seen)
+    st.mark_ready(status, "ok")
+    assert status["progress"] == 100
