@@ -19,13 +19,13 @@ class MigrationFailure(Exception):
         self.field = field
 
     def __reduce__(self):
-        return (_rebuild, (self.__class__, str(self)))
+        return (_rebuild, (self.__class__, str(self), self.field))
 
 
-def _rebuild(cls: type[MigrationFailure], text: str) -> MigrationFailure:
+def _rebuild(cls: type[MigrationFailure], text: str, field: str | None = None) -> MigrationFailure:
     err = cls.__new__(cls)
     Exception.__init__(err, text)
-    err.field = None
+    err.field = field
     return err
 
 

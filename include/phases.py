@@ -19,7 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from include import diskio, status as st
+from include import diskio
+from include import status as st
 from include.diskio import ProgressTracker, Segment, format_progress, hash_segments
 from include.errors import (
     ChecksumError,

@@ -139,7 +139,8 @@ def describe(plan: dict[str, Any], storage_location: str | None = None) -> str:
                      f"({d['objectKey']}); lands as {d['targetStorage']}/{d['targetVolume']}")
     lines.append("  phases: " + " -> ".join(plan["phases"]))
     snap = plan["snapshot"]
-    lines.append(f"  snapshot: {snap['name']} of " + (", ".join(snap["disks"]) or "no disk (libvirt snapshots need every disk in qcow2)"))
+    covered = ", ".join(snap["disks"]) or "no disk (libvirt snapshots need every disk in qcow2)"
+    lines.append(f"  snapshot: {snap['name']} of {covered}")
     c = plan["cleanup"]
     lines.append("  cleanup after success: "
                  + ", ".join([

@@ -186,13 +186,13 @@ class _Reader:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
-            self.error(path, f"must be an object, got {_type_name(raw)}")
+            self.error(path or "(document)", f"must be an object, got {_type_name(raw)}")
             return {}
         for key in raw:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (known fields: {', '.join(known)})"
-                self.error(f"{path}.{key}", f"unknown field{hint}")
+                self.error(f"{path}.{key}" if path else str(key), f"unknown field{hint}")
         return raw
 
     def string(self, raw: dict, key: str, path: str, *, required: bool = False, default: str | None = None,
@@ -211,7 +211,7 @@ class _Reader:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             self.error(where, f"must be one of {', '.join(enum)}, got {value!r}{hint}")
             return default
-        if dns and (len(value) > 253 or not _DNS1123.match(value)):
+        if dns and (len(value) > 253 or not _DNS1123.fullmatch(value)):
             self.error(where, f"{value!r} is not a valid name (lowercase letters, digits, '-' and '.')")
             return default
         return value
@@ -387,7 +387,7 @@ def _parse_storage(r: _Reader, spec: dict, namespace: str) -> StorageSpec | None
     if kind == "s3":
         if not bucket:
             r.error(f"{where}.bucket", "required when type is s3")
-        elif not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
+        elif not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
             r.error(f"{where}.bucket", f"{bucket!r} is not a valid S3 bucket name")
         if secret is None and "credentialsSecretRef" not in raw:
             r.error(f"{where}.credentialsSecretRef", "required when type is s3")

@@ -9,11 +9,11 @@ status subresource later) writes the same thing.
 from __future__ import annotations
 
 import datetime as dt
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """The eleven phases of the guide, in order."""
 
     PENDING = "Pending"
@@ -69,13 +69,13 @@ PHASE_VERB = {
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def human_bytes(n: float) -> str:
     """Decimal units, as the guide writes them (``4.5GB/10GB``)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+        if round(abs(n), 1) < 1000 or unit == "TB":
             if unit == "B":
                 return f"{int(n)}B"
             text = f"{n:.1f}".rstrip("0").rstrip(".")
@@ -168,6 +168,8 @@ def enter_phase(status: dict[str, Any], phase: Phase, *, message: str | None = N
 def complete_phase(status: dict[str, Any], phase: Phase, *, message: str | None = None,
                    disk: str | None = None, all_disks_done: bool = True) -> None:
     """Record the end of ``phase``; for per-disk phases pass ``all_disks_done`` for the last disk."""
+    if status.get("phase") in (Phase.READY.value, Phase.FAILED.value):
+        return
     if disk is not None:
         disk_entry(status, disk)["phase"] = DONE_CONDITION.get(phase, phase.value)
     if not all_disks_done:
@@ -180,6 +182,8 @@ def complete_phase(status: dict[str, Any], phase: Phase, *, message: str | None 
 def report_bytes(status: dict[str, Any], phase: Phase, disk: str, done: int, total: int,
                  *, rate: float | None = None, eta: float | None = None) -> None:
     """Record per-disk byte progress and recompute the overall progress and message."""
+    if status.get("phase") in (Phase.READY.value, Phase.FAILED.value):
+        return  # a late report from a disk still copying must not revive a finished migration
     entry = disk_entry(status, disk)
     entry["phase"] = phase.value
     entry["bytesDone"] = int(done)

@@ -145,17 +145,17 @@ class SpecStore:
         return index.migrations[key]
 
     # -- state ---------------------------------------------------------------------------------
-    def _base(self, namespace: str, name: str) -> Path:
-        return self.status_dir / namespace / name
-
     def status_path(self, namespace: str, name: str) -> Path:
-        return self._base(namespace, name).with_suffix(".json")
+        return self.status_dir / namespace / f"{name}.json"
 
     def plan_path(self, namespace: str, name: str) -> Path:
-        return self._base(namespace, name).with_suffix(".plan.json")
+        return self.status_dir / namespace / f"{name}.plan.json"
+
+    def _disks_dir(self, namespace: str, name: str) -> Path:
+        return self.status_dir / namespace / f"{name}.disks"
 
     def disk_record_path(self, namespace: str, name: str, disk: str) -> Path:
-        return self._base(namespace, name).with_suffix(".disks") / f"{disk}.json"
+        return self._disks_dir(namespace, name) / f"{disk}.json"
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -191,7 +191,7 @@ class SpecStore:
         return self.read_json(self.disk_record_path(namespace, name, disk)) or {"name": disk}
 
     def clear_disk_records(self, namespace: str, name: str) -> None:
-        folder = self._base(namespace, name).with_suffix(".disks")
+        folder = self._disks_dir(namespace, name)
         if folder.is_dir():
             for item in folder.glob("*.json"):
                 item.unlink()

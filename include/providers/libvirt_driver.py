@@ -80,7 +80,8 @@ class LibvirtDriver(HypervisorDriver):
         root = ET.fromstring(dom.XMLDesc(0))
         state, _max_mem, mem_kib, vcpus, _cpu = dom.info()
         libvirt = _libvirt()
-        disks = tuple(self._disk_info(el) for el in root.findall("./devices/disk") if el.get("device", "disk") == "disk")
+        disks = tuple(self._disk_info(el) for el in root.findall("./devices/disk")
+                      if el.get("device", "disk") == "disk")
         interfaces = []
         for el in root.findall("./devices/interface"):
             src = el.find("source")

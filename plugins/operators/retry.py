@@ -25,15 +25,12 @@ class MigrationRetryPolicy(RetryPolicy):
 
     def evaluate(self, exception: BaseException, try_number: int, max_tries: int,
                  context: Context | None = None) -> RetryDecision:
-        from include.backoff import retry_delay
+        from include.backoff import backoff_delay
         from include.phases import failure_message, is_permanent
-        from include.spec import RetryPolicy as SpecRetryPolicy, format_duration
 
         if is_permanent(exception) or is_permanent(exception.__cause__ or exception):
             return RetryDecision.fail(reason=f"permanent: {failure_message(exception)}")
-        policy = SpecRetryPolicy(maxAttempts=max_tries, backoffDuration=format_duration(self.backoff_seconds),
-                                 maxBackoffDuration=format_duration(self.max_backoff_seconds))
-        delay = retry_delay(policy, max(try_number, 1))
+        delay = backoff_delay(self.backoff_seconds, self.max_backoff_seconds, max(try_number, 1))
         return RetryDecision.retry(delay=timedelta(seconds=delay), reason=f"retryPolicy backoff {delay:.0f}s")
 
     def serialize(self) -> dict[str, Any]:

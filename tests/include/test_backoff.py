@@ -71,11 +71,5 @@ def test_delay_properties(policy, n):
         assert retry_delay(policy, n + 1) == min(2 * delay, policy.max_backoff_seconds)
 
 
-# BUG (include/backoff.py:12): ``backoff_seconds * (2 ** (retry_number - 1))`` converts a huge int to
-# float and raises OverflowError from retry 1026 on, although the cap makes the answer obvious. maxAttempts
-# has no upper bound in include/spec.py and plugins/operators/retry.py calls retry_delay with the try
-# number. Suggested fix: compute in log space or stop doubling once the cap is reached, e.g.
-# ``if retry_number - 1 >= 64: return policy.max_backoff_seconds``. Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG: retry_delay overflows for large retry numbers")
 def test_delay_is_capped_for_very_large_retry_numbers():
     assert retry_delay(RetryPolicy(), 2000) == 1800

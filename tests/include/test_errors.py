@@ -50,12 +50,6 @@ def test_errors_pickle_with_their_message_and_class(cls):
     assert back.permanent is cls.permanent
 
 
-# BUG (include/errors.py:21-29, MigrationFailure.__reduce__/_rebuild): the rebuilt error always has
-# ``field = None``, so an error that crossed a process boundary (Airflow workers, multiprocessing) no
-# longer says which spec field it concerns. Suggested fix: reduce to
-# ``(_rebuild, (self.__class__, str(self), self.field))`` and set ``err.field = field`` in _rebuild.
-# Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="BUG: pickling a MigrationFailure drops .field")
 def test_pickle_keeps_the_field():
     back = pickle.loads(pickle.dumps(e.InvalidMigration("too small", field="spec.targetResourceHints.disk")))
     assert back.field == "spec.targetResourceHints.disk"

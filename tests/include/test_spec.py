@@ -544,10 +544,6 @@ def test_buckt_typo_reports_both_the_typo_and_the_missing_bucket():
                       "spec.storage.bucket: required when type is s3"]
 
 
-# BUG (include/spec.py:195, _Reader.mapping called with path "" at :285): an unknown top-level field
-# is reported as ".extra" (path "" + "." + key) instead of "extra". Suggested fix: in mapping(), use
-# ``f"{path}.{key}" if path else str(key)``. Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="BUG: top-level unknown field path starts with '.'")
 def test_unknown_top_level_field_path_has_no_leading_dot():
     doc = minimal()
     doc["extra"] = 1
@@ -556,10 +552,6 @@ def test_unknown_top_level_field_path_has_no_leading_dot():
     assert [e.path for e in info.value.errors] == ["extra"]
 
 
-# BUG (include/spec.py:22 _DNS1123 matched at :214, and the bucket regex at :390, use re.match + "$"): "$" also matches
-# before a trailing newline, so "src-vm\n" (e.g. from a YAML block scalar "|") passes as a valid name
-# and ends up in dag ids and file names. Remove the xfail once fixed (use re.fullmatch or \Z).
-@pytest.mark.xfail(strict=True, reason="BUG: names with a trailing newline pass DNS-1123 validation")
 def test_name_with_trailing_newline_is_refused():
     errors = errors_of(minimal(sourceName="src-vm\n"))
     assert errors == ["spec.sourceName: 'src-vm\\n' is not a valid name (lowercase letters, digits, '-' and '.')"]

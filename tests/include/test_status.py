@@ -97,10 +97,6 @@ def test_human_bytes_is_close_to_the_value(n):
     assert not text[: -len(unit)].endswith(".0")
 
 
-# BUG (include/status.py:78, human_bytes): the unit is chosen before rounding, so 999,950 bytes shows as
-# "1000KB" (and 999.96 MB as "1000MB") instead of "1MB"/"1GB". Suggested fix: round first, e.g.
-# ``if round(abs(n), 1) < 1000 or unit == "TB"``. Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="BUG: human_bytes shows 1000KB instead of moving to the next unit")
 def test_human_bytes_never_shows_1000_of_a_unit():
     assert st.human_bytes(999_950) == "1MB"
 
@@ -357,12 +353,6 @@ def test_mark_ready():
     assert [h["phase"] for h in status["phaseHistory"]] == ["Validating", "Importing", "Ready"]
 
 
-# BUG (include/status.py:180 report_bytes -> _advance, whose line 247 lets any phase replace Ready or
-# Failed): report_bytes does not check for a finished migration, so a progress report from a disk still
-# copying in parallel after another disk failed moves the phase from Failed back to Transferring (and
-# re-adds an in-progress condition next to Failed). Suggested fix: in report_bytes (and complete_phase)
-# return early when status["phase"] is Ready or Failed, as enter_phase does. Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="BUG: report_bytes after fail() revives the Failed migration")
 def test_a_failed_migration_stays_failed_when_another_disk_reports_bytes():
     status = started()
     st.report_bytes(status, Phase.TRANSFERRING, "vda", 1, 10)

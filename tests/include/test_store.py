@@ -189,11 +189,6 @@ def test_state_layout(tmp_path):
     assert store.disk_record_path("ns", "mig", "vda") == tmp_path / "status" / "ns" / "mig.disks" / "vda.json"
 
 
-# BUG (include/store.py:152, 155, 158 and 194, _base(...).with_suffix): Path.with_suffix replaces the part after the
-# last dot, and VMMigration names may contain dots (DNS-1123 subdomains), so "vm.a" and "vm.b" share
-# status/ns/vm.json, vm.plan.json and vm.disks/. Suggested fix: build the names explicitly, e.g.
-# ``self.status_dir / namespace / f"{name}.json"`` (and ".plan.json", ".disks"). Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="BUG: dotted migration names share state files")
 def test_dotted_names_get_their_own_state_files(tmp_path):
     store = SpecStore(tmp_path)
     assert store.status_path("ns", "vm.a") != store.status_path("ns", "vm.b")
