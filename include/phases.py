@@ -137,8 +137,8 @@ class MigrationContext:
         return ProgressTracker(total, report, interval=self.status_interval, percent_step=5.0)
 
     def close(self) -> None:
-        for attr in ("source", "target"):
-            if attr in self.__dict__:
+        for attr in ("source", "target", "storage"):
+            if attr in self.__dict__ and hasattr(self.__dict__[attr], "close"):
                 self.__dict__[attr].close()
 
 
@@ -322,19 +322,33 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     key = d["objectKey"]
     hasher = hashlib.sha256()
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
-    written = 0
+    written = 0  # logical bytes (holes included): what the sha256 covers
+    stored = 0  # bytes actually sent
+    holes = ctx.storage.supports_holes
+    extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
     with ctx.storage.open_writer(key, size_hint=rec.get("exportBytes") or total) as writer:
         for seg in hash_segments(source, hasher):
-            writer.write(seg)
+            if seg.data is not None or holes:
+                writer.write(seg)
+            if seg.data is not None:
+                stored += seg.length
+                if not holes:
+                    if extents and extents[-1][0] + extents[-1][1] == written:
+                        extents[-1][1] += seg.length
+                    else:
+                        extents.append([written, seg.length])
             written += seg.length
             tracker.add(seg.length)
         tracker.total = written
         writer.commit()
+        resumed = int(getattr(writer, "reused", 0))
     tracker.finish()
     digest = hasher.hexdigest()
-    ctx.storage.put_manifest(key, {"disk": disk, "sha256": digest, "size": written, "format": d["transitFormat"],
+    ctx.storage.put_manifest(key, {"disk": disk, "sha256": digest, "size": written, "storedBytes": stored,
+                                   "extents": None if holes else extents, "format": d["transitFormat"],
                                    "virtualSize": d["sizeBytes"], "migration": ctx.plan["migration"]})
-    ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written)
+    ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written, sentBytes=stored,
+               resumedBytes=resumed)
     if rec.get("exportPath"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rec["exportPath"])
@@ -343,6 +357,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         entry = st.disk_entry(s, disk)
         entry["sha256"] = digest
         entry["transitBytes"] = written
+        entry["sentBytes"] = stored
 
     ctx.update_status(mutate)
     finish(ctx, Phase.TRANSFERRING, f"Disk {disk} stored at {ctx.storage.location(key)} "
@@ -358,10 +373,38 @@ def _source_file_size(ctx: MigrationContext, info: DiskInfo) -> int:
     return max(info.allocation, 1)
 
 
+def _inflate(segments: Iterator[Segment], extents: list[list[int]], size: int) -> Iterator[Segment]:
+    """Stored data extents back into the logical stream, the gaps between them as holes."""
+    pending = b""
+    pos = 0
+    stream = iter(segments)
+    for offset, length in extents:
+        if offset > pos:
+            yield Segment(length=offset - pos)
+        left = length
+        while left:
+            if not pending:
+                seg = next(stream, None)
+                if seg is None or seg.data is None:
+                    raise ChecksumError(f"stored object ends {left} bytes early (extent at {offset})")
+                pending = bytes(seg.data)
+            take = pending[:left]
+            pending = pending[len(take):]
+            left -= len(take)
+            yield Segment(length=len(take), data=take)
+        pos = offset + length
+    if size > pos:
+        yield Segment(length=size - pos)
+
+
 def _verified_segments(ctx: MigrationContext, disk: str, key: str, expected: str) -> Iterator[Segment]:
-    """The stored object's segments; raises ChecksumError at the end if they don't hash to ``expected``."""
+    """The stored object's logical segments; raises ChecksumError at the end if they don't hash to ``expected``."""
     hasher = hashlib.sha256()
-    yield from hash_segments(ctx.storage.read(key), hasher)
+    manifest = ctx.storage.get_manifest(key) or {}
+    stream = ctx.storage.read(key)
+    if manifest.get("extents") is not None:
+        stream = _inflate(stream, manifest["extents"], manifest["size"])
+    yield from hash_segments(stream, hasher)
     if hasher.hexdigest() != expected:
         raise ChecksumError(f"disk {disk}: the object {ctx.storage.location(key)} has sha256 "
                             f"{hasher.hexdigest()}, expected {expected} (corrupted in storage)")
@@ -376,6 +419,11 @@ def _expected_sha(ctx: MigrationContext, disk: str) -> str:
     if recorded and recorded != manifest["sha256"]:
         raise ChecksumError(f"disk {disk}: the manifest's sha256 differs from the one computed on upload")
     return manifest["sha256"]
+
+
+def _logical_size(ctx: MigrationContext, key: str) -> int:
+    manifest = ctx.storage.get_manifest(key) or {}
+    return int(manifest["size"]) if "size" in manifest else ctx.storage.size(key)
 
 
 def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
@@ -394,7 +442,7 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     fetched = None
     diskio.ensure_free_space(ctx.staging, d["sizeBytes"] if d["targetFormat"] == "raw" else d["allocatedBytes"])
     try:
-        size = ctx.storage.size(key)
+        size = _logical_size(ctx, key)
         tracker = ctx.progress(Phase.CONVERTING, disk, size, "verifying")
         if local is None:  # object storage: fetch it once, verifying on the way
             fetched = ctx.staging / f"{disk}.download.{d['transitFormat']}"
@@ -430,7 +478,7 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         segments: Iterator[Segment] = diskio.file_segments(path)
         expected = None
     else:
-        length = ctx.storage.size(d["objectKey"])
+        length = _logical_size(ctx, d["objectKey"])
         expected = _expected_sha(ctx, disk)
         segments = _verified_segments(ctx, disk, d["objectKey"], expected)
     if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over

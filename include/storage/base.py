@@ -35,6 +35,9 @@ class StorageBackend(abc.ABC):
     """Intermediate storage (S3, HTTP, NFS) addressed by keys like ``<ns>/<name>/<disk>.qcow2``."""
 
     type: str = ""
+    #: whether objects keep holes (a sparse file on a share); otherwise only data extents are stored
+    #: and the manifest records where they go
+    supports_holes: bool = False
 
     @abc.abstractmethod
     def check(self) -> str:
@@ -69,6 +72,9 @@ class StorageBackend(abc.ABC):
         """A local file holding ``key`` when the backend is a mounted filesystem (lets qemu-img read it
         in place instead of through a staging copy); None otherwise."""
         return None
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections and worker threads."""
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; returns how many went."""

@@ -61,6 +61,7 @@ def _fsync_dir(folder: Path) -> None:
 
 class NfsStorage(StorageBackend):
     type = "nfs"
+    supports_holes = True
 
     def __init__(self, path: str, endpoint: str | None = None) -> None:
         self.root = Path(path)

@@ -24,5 +24,20 @@ def storage_from_hook(storage: StorageSpec, credentials: Credentials | None) -> 
         from hooks.nfs_hook import NfsStorageHook
 
         return NfsStorageHook(path=storage.path, endpoint=storage.endpoint).get_conn()
-    raise InvalidMigration(f"storage type {storage.type!r} is not supported yet (supported: nfs)",
-                           field="spec.storage.type")
+    if storage.type == "s3":
+        from hooks.s3_storage_hook import MigrationS3Hook
+        from include.storage.s3 import S3Storage, settings_from
+
+        settings = settings_from(storage, credentials)
+        return S3Storage(MigrationS3Hook(settings=settings).get_conn(), settings.bucket,
+                         endpoint=settings.endpoint_url)
+    if storage.type == "http":
+        from airflow.sdk.log import mask_secret
+
+        from include.storage.http import bearer_token, http_from
+
+        token = bearer_token(credentials)
+        if token:
+            mask_secret(token)
+        return http_from(storage, credentials)
+    raise InvalidMigration(f"storage type {storage.type!r} is not supported", field="spec.storage.type")

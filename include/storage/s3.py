@@ -1,0 +1,380 @@
+"""S3 storage (AWS or any S3-compatible server): multipart uploads with parallel parts and bounded
+memory, resumed from the parts already stored; downloads in parallel ranges.
+
+Memory: at most ``concurrency + 1`` parts are held at once, whatever the disk size. An interrupted
+upload is not aborted: the next attempt finds it with ListMultipartUploads, keeps every stored part
+whose size and MD5 (its ETag) match what it is about to send, and uploads only the rest. Each
+disk's sha256 is kept in a ``<key>.manifest.json`` object beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from include.diskio import CHUNK, Segment
+from include.errors import InvalidMigration, StorageAuthError, StorageError
+from include.inventory import Credentials
+from include.spec import StorageSpec
+from include.storage.base import ObjectWriter, StorageBackend
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+MIN_PART = 8 * MiB
+MAX_PARTS = 10_000
+MANIFEST_SUFFIX = ".manifest.json"
+AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+              "XAdminUserNotFound", "403", "401"}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where and how to reach the bucket; built from the spec and its Secret, never logged whole."""
+
+    bucket: str
+    region: str
+    endpoint_url: str | None
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    verify: bool | str = True
+
+    @property
+    def path_style(self) -> bool:
+        return self.endpoint_url is not None
+
+
+def settings_from(storage: StorageSpec, credentials: Credentials | None) -> S3Settings:
+    """The guide's Secret keys accessKey/secretKey (or accessKeyID/secretAccessKey) and optional endpoint."""
+    if credentials is None:
+        raise InvalidMigration("S3 storage needs a credentials Secret", field="spec.storage.credentialsSecretRef")
+    access = credentials.first("accessKey", "accessKeyID", "accessKeyId", "AWS_ACCESS_KEY_ID")
+    secret = credentials.first("secretKey", "secretAccessKey", "AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise InvalidMigration(f"Secret {credentials.source} needs the keys accessKey and secretKey",
+                               field="spec.storage.credentialsSecretRef")
+    endpoint = credentials.first("endpoint") or storage.endpoint
+    if endpoint and endpoint.rstrip("/") in ("s3.amazonaws.com", "https://s3.amazonaws.com"):
+        endpoint = None  # AWS itself: let botocore pick the regional endpoint
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"  # TLS unless the endpoint says otherwise
+    verify: bool | str = True
+    if (credentials.first("insecureSkipVerify") or "").lower() in ("true", "1", "yes"):
+        log.warning("TLS verification is DISABLED for S3 endpoint %s (Secret %s sets insecureSkipVerify)",
+                    endpoint, credentials.source)
+        verify = False
+    elif credentials.first("caBundle", "ca.crt"):
+        fd, path = tempfile.mkstemp(prefix="vmmigration-ca-", suffix=".pem")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(credentials.first("caBundle", "ca.crt") or "")
+        verify = path
+    return S3Settings(bucket=storage.bucket or "", region=storage.region or "us-east-1", endpoint_url=endpoint,
+                      access_key=access, secret_key=secret, verify=verify)
+
+
+def boto3_client(settings: S3Settings) -> Any:
+    """A plain boto3 client (the command line's path; the pipeline builds it through MigrationS3Hook)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url,
+                        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+                        verify=settings.verify, config=botocore_config(settings))
+
+
+def botocore_config(settings: S3Settings) -> Any:
+    from botocore.config import Config
+
+    return Config(s3={"addressing_style": "path"} if settings.path_style else {},
+                  retries={"max_attempts": 4, "mode": "standard"}, max_pool_connections=32,
+                  connect_timeout=10, read_timeout=120,
+                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
+
+
+def translate(err: BaseException, what: str) -> Exception:
+    """botocore errors as engine errors: wrong credentials are permanent, the rest transient."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in AUTH_CODES or status in ("401", "403"):
+            return StorageAuthError(f"Storage authentication failed: {what}: {code or status}",
+                                    field="spec.storage.credentialsSecretRef")
+        if code == "NoSuchBucket":
+            return InvalidMigration(f"bucket does not exist ({what})", field="spec.storage.bucket")
+        return StorageError(f"{what}: {code} {err}")
+    if isinstance(err, BotoCoreError):
+        return StorageError(f"{what}: {err}")
+    return StorageError(f"{what}: {type(err).__name__}: {err}")
+
+
+def part_size_for(size_hint: int) -> int:
+    """At least 8 MiB, and large enough that the disk fits in 10,000 parts."""
+    needed = -(-max(size_hint, 1) // (MAX_PARTS - 10))
+    size = MIN_PART
+    while size < needed:
+        size *= 2
+    return size
+
+
+class _MultipartWriter(ObjectWriter):
+    def __init__(self, storage: S3Storage, key: str, part_size: int) -> None:
+        self.s = storage
+        self.key = key
+        self.part_size = part_size
+        self.buf = bytearray()
+        self.next_part = 1
+        self.upload_id: str | None = None
+        self.existing: dict[int, tuple[int, str]] = {}
+        self.done: dict[int, str] = {}
+        self.pending: deque[Future] = deque()
+        self.length = 0
+        self.reused = 0
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    # A part is only sent once its buffer is full, so the first part tells whether the object is small.
+    def write(self, segment: Segment) -> None:
+        if segment.data is not None:
+            self.buf += segment.data
+        else:
+            left = segment.length
+            while left:
+                n = min(left, CHUNK, self.part_size - len(self.buf))
+                self.buf += bytes(n)
+                left -= n
+                self._drain()
+        self.length += segment.length
+        self._drain()
+
+    def _drain(self) -> None:
+        while len(self.buf) >= self.part_size:
+            data = bytes(self.buf[: self.part_size])
+            del self.buf[: self.part_size]
+            self._submit(data)
+
+    def _begin(self) -> None:
+        if self.upload_id is not None:
+            return
+        client = self.s.client
+        try:
+            uploads = client.list_multipart_uploads(Bucket=self.s.bucket, Prefix=self.key).get("Uploads", [])
+            uploads = [u for u in uploads if u["Key"] == self.key]
+            uploads.sort(key=lambda u: u["Initiated"])
+            for stale in uploads[:-1]:
+                client.abort_multipart_upload(Bucket=self.s.bucket, Key=self.key, UploadId=stale["UploadId"])
+            if uploads:
+                upload_id = uploads[-1]["UploadId"]
+                parts: dict[int, tuple[int, str]] = {}
+                paginator = client.get_paginator("list_parts")
+                for page in paginator.paginate(Bucket=self.s.bucket, Key=self.key, UploadId=upload_id):
+                    for p in page.get("Parts", []):
+                        parts[p["PartNumber"]] = (p["Size"], p["ETag"].strip('"'))
+                if parts and parts.get(1, (self.part_size,))[0] != self.part_size:
+                    client.abort_multipart_upload(Bucket=self.s.bucket, Key=self.key, UploadId=upload_id)
+                else:
+                    self.upload_id, self.existing = upload_id, parts
+                    log.info("resuming upload of %s: %d parts already stored", self.key, len(parts))
+                    return
+            self.upload_id = client.create_multipart_upload(Bucket=self.s.bucket, Key=self.key)["UploadId"]
+        except Exception as err:
+            raise translate(err, f"starting the upload of s3://{self.s.bucket}/{self.key}") from err
+
+    def _submit(self, data: bytes) -> None:
+        self._begin()
+        number = self.next_part
+        self.next_part += 1
+        have = self.existing.get(number)
+        if have and have[0] == len(data) and have[1] == hashlib.md5(data, usedforsecurity=False).hexdigest():
+            self.done[number] = have[1]
+            self.reused += len(data)
+            return
+        while len(self.pending) >= self.s.concurrency:  # bounded memory: wait for the oldest part
+            self.pending.popleft().result()
+        self.pending.append(self.s.pool.submit(self._upload_part, number, data))
+
+    def _upload_part(self, number: int, data: bytes) -> None:
+        try:
+            resp = self.s.guarded(lambda: self.s.client.upload_part(
+                Bucket=self.s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data))
+        except Exception as err:
+            raise translate(err, f"uploading part {number} of s3://{self.s.bucket}/{self.key}") from err
+        with self._lock:
+            self.done[number] = resp["ETag"].strip('"')
+            self.sent += len(data)
+
+    def commit(self) -> None:
+        client = self.s.client
+        if self.upload_id is None and self.next_part == 1:
+            # small object: one PUT
+            try:
+                client.put_object(Bucket=self.s.bucket, Key=self.key, Body=bytes(self.buf))
+            except Exception as err:
+                raise translate(err, f"writing s3://{self.s.bucket}/{self.key}") from err
+            self.sent += len(self.buf)
+            self.buf.clear()
+            return
+        if self.buf:
+            self._submit(bytes(self.buf))
+            self.buf.clear()
+        while self.pending:
+            self.pending.popleft().result()
+        parts = [{"PartNumber": n, "ETag": f'"{self.done[n]}"'} for n in sorted(self.done)]
+        try:
+            client.complete_multipart_upload(Bucket=self.s.bucket, Key=self.key, UploadId=self.upload_id,
+                                             MultipartUpload={"Parts": parts})
+        except Exception as err:
+            raise translate(err, f"completing s3://{self.s.bucket}/{self.key}") from err
+        if self.reused:
+            log.info("upload of %s resumed: %d bytes were already stored, %d sent", self.key, self.reused, self.sent)
+
+    def abort(self) -> None:
+        # Keep the stored parts: the retry resumes from them. deleteIntermediate removes leftovers.
+        for fut in self.pending:
+            fut.cancel()
+        for fut in self.pending:
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 - the first error is already on its way up
+                    pass
+        self.pending.clear()
+        self.buf = bytearray()
+
+
+class S3Storage(StorageBackend):
+    type = "s3"
+
+    def __init__(self, client: Any, bucket: str, *, endpoint: str | None = None, concurrency: int = 4,
+                 part_size: int | None = None, guard: Callable[[Callable[[], Any]], Any] | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.concurrency = max(1, concurrency)
+        self.part_size = part_size
+        self._guard = guard
+        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="s3-part")
+
+    def guarded(self, fn: Callable[[], Any]) -> Any:
+        """Run a call in a worker thread under the address policy, when one is set."""
+        return self._guard(fn) if self._guard is not None else fn()
+
+    def check(self) -> str:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as err:
+            raise translate(err, f"reaching bucket {self.bucket} at {self.endpoint or 'AWS'}") from err
+        return f"S3 bucket {self.bucket} at {self.endpoint or 'AWS'}"
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def open_writer(self, key: str, size_hint: int) -> ObjectWriter:
+        return _MultipartWriter(self, key, self.part_size or part_size_for(size_hint))
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except Exception as err:
+            raise translate(err, f"reading the size of s3://{self.bucket}/{key}") from err
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise translate(err, f"checking s3://{self.bucket}/{key}") from err
+        return True
+
+    def read(self, key: str, *, range_size: int = 16 * MiB) -> Iterator[Segment]:
+        """The object in order, fetched as parallel ranged GETs (at most ``concurrency`` ranges ahead)."""
+        total = self.size(key)
+
+        def fetch(start: int) -> bytes:
+            end = min(start + range_size, total) - 1
+            try:
+                body = self.guarded(lambda: self.client.get_object(Bucket=self.bucket, Key=key,
+                                                                   Range=f"bytes={start}-{end}")["Body"])
+                data = body.read()
+            except Exception as err:
+                raise translate(err, f"reading s3://{self.bucket}/{key} at {start}") from err
+            if len(data) != end - start + 1:
+                raise StorageError(f"short read of s3://{self.bucket}/{key} at {start}: {len(data)} bytes")
+            return data
+
+        offsets = iter(range(0, total, range_size))
+        window: deque[Future] = deque()
+        for start in offsets:
+            window.append(self.pool.submit(fetch, start))
+            if len(window) >= self.concurrency:
+                break
+        try:
+            while window:
+                data = window.popleft().result()
+                nxt = next(offsets, None)
+                if nxt is not None:
+                    window.append(self.pool.submit(fetch, nxt))
+                yield Segment(length=len(data), data=data)
+        finally:
+            for fut in window:
+                fut.cancel()
+
+    def delete(self, key: str) -> bool:
+        existed = self.exists(key)
+        try:
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": key},
+                                                                               {"Key": key + MANIFEST_SUFFIX}]})
+        except Exception as err:
+            raise translate(err, f"deleting s3://{self.bucket}/{key}") from err
+        return existed
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Every object under ``prefix/`` and every unfinished upload there."""
+        count = 0
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+                    count += len(keys)
+            uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/")
+            for up in uploads.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+        except Exception as err:
+            raise translate(err, f"cleaning s3://{self.bucket}/{prefix}") from err
+        return count
+
+    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key + MANIFEST_SUFFIX,
+                                   Body=json.dumps(manifest, indent=2).encode(), ContentType="application/json")
+        except Exception as err:
+            raise translate(err, f"writing the manifest of s3://{self.bucket}/{key}") from err
+
+    def get_manifest(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key + MANIFEST_SUFFIX)["Body"].read()
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise translate(err, f"reading the manifest of s3://{self.bucket}/{key}") from err
+        return json.loads(body)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

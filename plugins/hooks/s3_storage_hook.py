@@ -1,0 +1,44 @@
+"""MigrationS3Hook: the amazon provider's S3Hook with credentials from the VMMigration's Secret."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.sdk import Connection
+from airflow.sdk.log import mask_secret
+
+from include.storage.s3 import S3Settings, botocore_config
+
+
+class MigrationS3Hook(S3Hook):
+    """S3 for intermediate storage (AWS or S3-compatible, path-style addressing for custom endpoints).
+
+    Credentials come from the Secret named by ``spec.storage.credentialsSecretRef`` (resolved by the
+    pipeline), not from an Airflow connection: the hook builds its connection in memory and masks the
+    secret key in every log.
+
+    :param settings: bucket, region, endpoint, keys and TLS verification
+    """
+
+    def __init__(self, *, settings: S3Settings, **kwargs: Any) -> None:
+        mask_secret(settings.secret_key)
+        super().__init__(aws_conn_id=None, region_name=settings.region, verify=settings.verify,
+                         config=botocore_config(settings), **kwargs)
+        self.settings = settings
+        if settings.verify is False:
+            self.log.warning("TLS verification is disabled for S3 endpoint %s", settings.endpoint_url)
+
+    @cached_property
+    def conn_config(self):
+        from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
+
+        extra = {"region_name": self.settings.region}
+        if self.settings.endpoint_url:
+            extra["endpoint_url"] = self.settings.endpoint_url
+        conn = Connection(conn_id="vmmigration_s3", conn_type="aws", login=self.settings.access_key,
+                          password=self.settings.secret_key, extra=json.dumps(extra))
+        return AwsConnectionWrapper(conn=conn, region_name=self.settings.region, botocore_config=self._config,
+                                    verify=self._verify)
