@@ -85,7 +85,7 @@ class _HttpWriter(ObjectWriter):
         try:
             self.response = self.s.guarded(lambda: self.s.session.put(
                 self.s.url(self.tmp_key), data=self._chunks(), headers={"Content-Type": "application/octet-stream"},
-                timeout=(10, 300)))
+                timeout=(10, 300), verify=self.s.verify))
         except BaseException as err:  # noqa: BLE001 - handed to the writer's caller
             self.error = err
             # unblock a producer waiting on a full queue
@@ -131,7 +131,7 @@ class _HttpWriter(ObjectWriter):
             pass
         self.thread.join(timeout=5)
         try:
-            self.s.session.delete(self.s.url(self.tmp_key), timeout=10)
+            self.s.session.delete(self.s.url(self.tmp_key), timeout=10, verify=self.s.verify)
         except Exception:  # noqa: BLE001 - best effort: the server may be the reason we abort
             log.debug("could not delete %s", self.tmp_key, exc_info=True)
 
@@ -145,7 +145,8 @@ class HttpStorage(StorageBackend):
 
         self.endpoint = endpoint.rstrip("/") + "/"
         self.session = requests.Session()
-        self.session.verify = verify
+        # passed on every request: a session-level verify loses to REQUESTS_CA_BUNDLE from the environment
+        self.verify = verify
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self._guard = guard
@@ -160,8 +161,13 @@ class HttpStorage(StorageBackend):
     def translate(self, err: BaseException, what: str) -> Exception:
         import requests
 
+        from include.netpolicy import refusal_in
+
         if isinstance(err, (StorageError, InvalidMigration)):
             return err
+        refused = refusal_in(err)
+        if refused is not None:
+            return refused
         if isinstance(err, requests.exceptions.SSLError):
             return StorageError(f"{what}: TLS verification failed: {err}")
         if isinstance(err, requests.RequestException):
@@ -177,12 +183,16 @@ class HttpStorage(StorageBackend):
 
     def _call(self, method: str, key: str, what: str, **kwargs: Any) -> Any:
         try:
-            resp = self.guarded(lambda: self.session.request(method, self.url(key), timeout=(10, 120), **kwargs))
+            resp = self.guarded(lambda: self.session.request(method, self.url(key), timeout=(10, 120),
+                                                             verify=self.verify, **kwargs))
         except Exception as err:
             raise self.translate(err, what) from err
         return resp
 
     def check(self) -> str:
+        from include.netpolicy import AddressPolicy
+
+        AddressPolicy.from_env().check_endpoint(self.endpoint, field="spec.storage.endpoint")
         resp = self._call("OPTIONS", "", f"reaching {self.endpoint}")
         if resp.status_code in (401, 403):
             self.check_response(resp, f"reaching {self.endpoint}")
@@ -226,7 +236,7 @@ class HttpStorage(StorageBackend):
             headers = {"Range": f"bytes={done}-"} if done else {}
             try:
                 resp = self.guarded(lambda h=headers: self.session.get(self.url(key), headers=h, stream=True,
-                                                                       timeout=(10, 120)))
+                                                                       timeout=(10, 120), verify=self.verify))
                 self.check_response(resp, f"reading {self.url(key)}")
                 if done and resp.status_code != 206:
                     raise StorageError(f"{self.url(key)}: the server ignored Range (HTTP {resp.status_code})")

@@ -84,7 +84,6 @@ def settings_from(storage: StorageSpec, credentials: Credentials | None) -> S3Se
 def boto3_client(settings: S3Settings) -> Any:
     """A plain boto3 client (the command line's path; the pipeline builds it through MigrationS3Hook)."""
     import boto3
-    from botocore.config import Config
 
     return boto3.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url,
                         aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
@@ -104,6 +103,11 @@ def translate(err: BaseException, what: str) -> Exception:
     """botocore errors as engine errors: wrong credentials are permanent, the rest transient."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from include.netpolicy import refusal_in
+
+    refused = refusal_in(err)
+    if refused is not None:
+        return refused
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
@@ -205,8 +209,8 @@ class _MultipartWriter(ObjectWriter):
 
     def _upload_part(self, number: int, data: bytes) -> None:
         try:
-            resp = self.s.guarded(lambda: self.s.client.upload_part(
-                Bucket=self.s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data))
+            resp = self.s.client.upload_part(Bucket=self.s.bucket, Key=self.key, UploadId=self.upload_id,
+                                             PartNumber=number, Body=data)
         except Exception as err:
             raise translate(err, f"uploading part {number} of s3://{self.s.bucket}/{self.key}") from err
         with self._lock:
@@ -252,24 +256,37 @@ class _MultipartWriter(ObjectWriter):
         self.buf = bytearray()
 
 
+class _GuardedClient:
+    """Every call of the boto3 client runs under the address guard (checked again on connect)."""
+
+    def __init__(self, client: Any, guard: Callable[[Callable[[], Any]], Any]) -> None:
+        self._client = client
+        self._guard = guard
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or name == "get_paginator":
+            return attr
+        return lambda *args, **kwargs: self._guard(lambda: attr(*args, **kwargs))
+
+
 class S3Storage(StorageBackend):
     type = "s3"
 
     def __init__(self, client: Any, bucket: str, *, endpoint: str | None = None, concurrency: int = 4,
                  part_size: int | None = None, guard: Callable[[Callable[[], Any]], Any] | None = None) -> None:
-        self.client = client
+        self.client = _GuardedClient(client, guard) if guard is not None else client
         self.bucket = bucket
         self.endpoint = endpoint
         self.concurrency = max(1, concurrency)
         self.part_size = part_size
-        self._guard = guard
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="s3-part")
 
-    def guarded(self, fn: Callable[[], Any]) -> Any:
-        """Run a call in a worker thread under the address policy, when one is set."""
-        return self._guard(fn) if self._guard is not None else fn()
-
     def check(self) -> str:
+        if self.endpoint:
+            from include.netpolicy import AddressPolicy
+
+            AddressPolicy.from_env().check_endpoint(self.endpoint, field="spec.storage.endpoint")
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as err:
@@ -297,6 +314,8 @@ class S3Storage(StorageBackend):
             if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise translate(err, f"checking s3://{self.bucket}/{key}") from err
+        except Exception as err:
+            raise translate(err, f"checking s3://{self.bucket}/{key}") from err
         return True
 
     def read(self, key: str, *, range_size: int = 16 * MiB) -> Iterator[Segment]:
@@ -306,8 +325,7 @@ class S3Storage(StorageBackend):
         def fetch(start: int) -> bytes:
             end = min(start + range_size, total) - 1
             try:
-                body = self.guarded(lambda: self.client.get_object(Bucket=self.bucket, Key=key,
-                                                                   Range=f"bytes={start}-{end}")["Body"])
+                body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"]
                 data = body.read()
             except Exception as err:
                 raise translate(err, f"reading s3://{self.bucket}/{key} at {start}") from err
@@ -373,6 +391,8 @@ class S3Storage(StorageBackend):
         except ClientError as err:
             if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
+            raise translate(err, f"reading the manifest of s3://{self.bucket}/{key}") from err
+        except Exception as err:
             raise translate(err, f"reading the manifest of s3://{self.bucket}/{key}") from err
         return json.loads(body)
 

@@ -6,6 +6,7 @@ from include.errors import InvalidMigration
 from include.inventory import Credentials, ProviderInfo
 from include.providers.base import HypervisorDriver
 from include.spec import StorageSpec
+from include.storage import address_guard
 from include.storage.base import StorageBackend
 
 
@@ -30,7 +31,7 @@ def storage_from_hook(storage: StorageSpec, credentials: Credentials | None) -> 
 
         settings = settings_from(storage, credentials)
         return S3Storage(MigrationS3Hook(settings=settings).get_conn(), settings.bucket,
-                         endpoint=settings.endpoint_url)
+                         endpoint=settings.endpoint_url, guard=address_guard())
     if storage.type == "http":
         from airflow.sdk.log import mask_secret
 
@@ -39,5 +40,5 @@ def storage_from_hook(storage: StorageSpec, credentials: Credentials | None) -> 
         token = bearer_token(credentials)
         if token:
             mask_secret(token)
-        return http_from(storage, credentials)
+        return http_from(storage, credentials, guard=address_guard())
     raise InvalidMigration(f"storage type {storage.type!r} is not supported", field="spec.storage.type")

@@ -262,9 +262,14 @@ def test_backend_for_nfs(share):
     assert (backend.root, backend.endpoint) == (share, "nfs.local")
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
-def test_backend_for_unsupported_types(kind):
+def test_backend_for_s3_needs_its_secret():
     with pytest.raises(InvalidMigration) as info:
-        backend_for(StorageSpec(type=kind, bucket="b", endpoint="https://x"))
+        backend_for(StorageSpec(type="s3", bucket="bucket", endpoint="https://x"))
+    assert info.value.field == "spec.storage.credentialsSecretRef"
+
+
+def test_backend_for_unknown_type():
+    with pytest.raises(InvalidMigration) as info:
+        backend_for(StorageSpec(type="ftp", endpoint="ftp://x"))
     assert info.value.field == "spec.storage.type"
-    assert f"storage type {kind!r} is not supported yet (supported: nfs)" in str(info.value)
+    assert "storage type 'ftp' is not supported" in str(info.value)
