@@ -139,7 +139,9 @@ def test_http_tls_verified_with_the_secret_ca_bundle(tmp_path, caplog):
         spec = StorageSpec(type="http", endpoint=server.url)
         with pytest.raises(StorageError, match="TLS verification failed"):
             backend_for(spec, Credentials({"token": "tok"}, "d/t")).exists("x")
-        ca = open(server.ca_file).read()
+        from pathlib import Path
+
+        ca = Path(server.ca_file).read_text()
         backend = backend_for(spec, Credentials({"token": "tok", "caBundle": ca}, "d/t"))
         assert "HTTP storage" in backend.check()
         with caplog.at_level(logging.WARNING):
