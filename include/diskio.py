@@ -108,6 +108,46 @@ def hash_segments(segments: Iterable[Segment], hasher: Any) -> Iterator[Segment]
         yield seg
 
 
+def prefetched(segments: Iterable[Segment], depth: int = 4) -> Iterator[Segment]:
+    """Read ahead in a thread: the producer (a disk or a socket) works while the consumer hashes and
+    writes. At most ``depth`` segments wait in between, so memory stays bounded (depth x chunk)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for seg in segments:
+                while not stop.is_set():
+                    try:
+                        q.put(seg, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put(err)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def file_segments(path: str | os.PathLike[str], *, chunk: int = CHUNK, sparse: bool = True) -> Iterator[Segment]:
     """Read a file as segments, reporting its holes (SEEK_DATA/SEEK_HOLE) instead of reading zeros."""
     with open(path, "rb", buffering=0) as fh:
@@ -186,10 +226,16 @@ def image_info(path: str | os.PathLike[str], fmt: str | None = None) -> dict[str
 
 
 def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[str], dst_fmt: str,
-            progress: Callable[[float], None] | None = None) -> None:
-    """``qemu-img convert`` keeping the output sparse, reporting percent through ``progress``."""
+            progress: Callable[[float], None] | None = None, *, into_existing: bool = False) -> None:
+    """``qemu-img convert`` keeping the output sparse, reporting percent through ``progress``.
+
+    ``into_existing`` writes into a freshly created, all-zero image (``-n --target-is-zero``), such as a
+    target volume just made by the hypervisor.
+    """
     args = [qemu_img_path(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt]
-    if dst_fmt == "vmdk":
+    if into_existing:
+        args += ["-n", "--target-is-zero"]
+    elif dst_fmt == "vmdk":
         args += ["-o", "subformat=streamOptimized"]
     args += [str(src), str(dst)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)

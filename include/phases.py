@@ -292,16 +292,17 @@ def _local_source_path(ctx: MigrationContext, info: DiskInfo) -> Path | None:
 
 
 def _convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt: str, dst: Path, dst_fmt: str,
-             ) -> None:
+             *, into_existing: bool = False) -> None:
     total = ctx.disk_plan(disk)["sizeBytes"]
     tracker = ctx.progress(phase, disk, total, f"converting {src_fmt}->{dst_fmt}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        diskio.convert(src, src_fmt, dst, dst_fmt,
+        diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing,
                        progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
     except diskio.QemuImgError as err:
-        with contextlib.suppress(FileNotFoundError):
-            dst.unlink()
+        if not into_existing:
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
         raise ConversionError(f"Failed to convert disk format of {disk}: {err}") from err
     tracker.add(total - tracker.done)
     tracker.finish()
@@ -313,7 +314,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     rec = ctx.disk_record(disk)
     begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
     if rec.get("exportPath"):
-        source: Iterator[Segment] = diskio.file_segments(rec["exportPath"])
+        source = diskio.file_segments(rec["exportPath"])
         total = os.path.getsize(rec["exportPath"])
     else:
         info = ctx.disk_info(disk)
@@ -327,7 +328,8 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     holes = ctx.storage.supports_holes
     extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
     with ctx.storage.open_writer(key, size_hint=rec.get("exportBytes") or total) as writer:
-        for seg in hash_segments(source, hasher):
+        # reading (prefetch thread), hashing (here) and uploading (the backend's part threads) overlap
+        for seg in hash_segments(diskio.prefetched(source), hasher):
             if seg.data is not None or holes:
                 writer.write(seg)
             if seg.data is not None:
@@ -454,16 +456,37 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             for seg in _verified_segments(ctx, disk, key, expected):
                 tracker.add(seg.length)
         tracker.finish()
-        out = ctx.staging / f"{disk}.converted.{d['targetFormat']}"
-        _convert(ctx, Phase.CONVERTING, disk, local, d["transitFormat"], out, d["targetFormat"])
+        into = _local_target_volume(ctx, disk)
+        out = Path(into) if into else ctx.staging / f"{disk}.converted.{d['targetFormat']}"
+        _convert(ctx, Phase.CONVERTING, disk, local, d["transitFormat"], out, d["targetFormat"],
+                 into_existing=into is not None)
     finally:
         if fetched is not None:
             with contextlib.suppress(FileNotFoundError):
                 fetched.unlink()
-    ctx.record(disk, convertedPath=str(out))
+    # Written straight into the target volume when it is on this host: no second temporary copy.
+    ctx.record(disk, convertedPath=None if into else str(out), convertedInto=into)
     finish(ctx, Phase.CONVERTING, f"Disk {disk} verified and converted {d['transitFormat']} -> {d['targetFormat']}",
            disk=disk)
     return {"disk": disk, "converted": True}
+
+
+def _local_target_volume(ctx: MigrationContext, disk: str) -> str | None:
+    """Create the target volume now and return its file, when the target keeps it on this host."""
+    d = ctx.disk_plan(disk)
+    local_path = getattr(ctx.target, "local_volume_path", None)
+    if local_path is None:
+        return None
+    pool, volume = d["targetStorage"], d["targetVolume"]
+    if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over
+        ctx.target.delete_volume(pool, volume)
+    ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
+    ctx.record(disk, targetVolumeCreated=True)
+    path = local_path(pool, volume)
+    if path is None:
+        ctx.target.delete_volume(pool, volume)
+        ctx.record(disk, targetVolumeCreated=False)
+    return path
 
 
 def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
@@ -472,36 +495,48 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     rec = ctx.disk_record(disk)
     begin(ctx, Phase.IMPORTING, disk=disk, message=f"Importing disk {disk}")
     pool, volume = d["targetStorage"], d["targetVolume"]
-    if rec.get("convertedPath"):
-        path = Path(rec["convertedPath"])
+    hasher = hashlib.sha256()
+    if rec.get("convertedInto"):
+        # Converting already wrote the volume in place; read it back once for its sha256.
+        path = Path(rec["convertedInto"])
         length = path.stat().st_size
-        segments: Iterator[Segment] = diskio.file_segments(path)
+        tracker = ctx.progress(Phase.IMPORTING, disk, length, "verifying")
+        for seg in hash_segments(diskio.file_segments(path), hasher):
+            tracker.add(seg.length)
         expected = None
     else:
-        length = _logical_size(ctx, d["objectKey"])
-        expected = _expected_sha(ctx, disk)
-        segments = _verified_segments(ctx, disk, d["objectKey"], expected)
-    if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over
-        ctx.target.delete_volume(pool, volume)
-    ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
-    ctx.record(disk, targetVolumeCreated=True)
-    hasher = hashlib.sha256()
-    tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
+        if rec.get("convertedPath"):
+            path = Path(rec["convertedPath"])
+            length = path.stat().st_size
+            segments: Iterator[Segment] = diskio.file_segments(path)
+            expected = None
+        else:
+            length = _logical_size(ctx, d["objectKey"])
+            expected = _expected_sha(ctx, disk)
+            segments = _verified_segments(ctx, disk, d["objectKey"], expected)
+        if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over
+            ctx.target.delete_volume(pool, volume)
+        ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
+        ctx.record(disk, targetVolumeCreated=True)
+        tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
 
-    def counted() -> Iterator[Segment]:
-        for seg in hash_segments(segments, hasher):
-            tracker.add(seg.length)
-            yield seg
+        def counted() -> Iterator[Segment]:
+            # reading and verifying run in the prefetch thread, writing to the target here; a stream
+            # verified against its manifest is not hashed a second time
+            stream = diskio.prefetched(segments)
+            for seg in (stream if expected else hash_segments(stream, hasher)):
+                tracker.add(seg.length)
+                yield seg
 
-    try:
-        ctx.target.write_volume(pool, volume, counted(), length)
-    except ChecksumError:
-        ctx.target.delete_volume(pool, volume)
-        raise
+        try:
+            ctx.target.write_volume(pool, volume, counted(), length)
+        except ChecksumError:
+            ctx.target.delete_volume(pool, volume)
+            raise
     tracker.finish()
     if d["targetCapacity"] > d["sizeBytes"]:
         _resize(ctx, pool, volume, d["targetCapacity"])
-    target_sha = hasher.hexdigest()
+    target_sha = expected or hasher.hexdigest()
     ctx.record(disk, targetSha256=target_sha, targetBytes=length)
     if rec.get("convertedPath"):
         with contextlib.suppress(FileNotFoundError):
@@ -513,7 +548,8 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         entry["targetSha256"] = target_sha
 
     ctx.update_status(mutate)
-    check = "sha256 verified" if expected else "converted image written"
+    check = "sha256 verified" if expected else ("converted in place" if rec.get("convertedInto")
+                                                else "converted image written")
     finish(ctx, Phase.IMPORTING, f"Disk {disk} imported into {pool}/{volume} ({check})", disk=disk)
     return {"disk": disk, "volume": f"{pool}/{volume}"}
 

@@ -8,6 +8,7 @@ holes. ``libvirt`` is imported lazily: this module is imported at DAG parse time
 from __future__ import annotations
 
 import logging
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -260,6 +261,13 @@ class LibvirtDriver(HypervisorDriver):
         except BaseException:
             _abort(stream)
             raise
+
+    def local_volume_path(self, storage: str, volume: str) -> str | None:
+        """The volume's file when libvirtd runs on this host and the file is writable here."""
+        if not self.uri.startswith(("qemu:///", "qemu+unix:///")):
+            return None
+        path = self._volume(storage, volume).path()
+        return path if os.access(path, os.W_OK) else None
 
     def resize_volume(self, storage: str, volume: str, capacity: int) -> None:
         libvirt = _libvirt()

@@ -1,0 +1,1 @@
+"""Smoke test of the benchmark script (bench/transfer_bench.py)."""
