@@ -21,6 +21,7 @@ from typing import Any
 
 from include import diskio
 from include import status as st
+from include.compression import Compressor, decompress
 from include.diskio import ProgressTracker, Segment, format_progress, hash_segments
 from include.errors import (
     ChecksumError,
@@ -149,13 +150,6 @@ def begin(ctx: MigrationContext, phase: Phase, *, disk: str | None = None, messa
     ctx.update_status(lambda s: st.enter_phase(s, phase, disk=disk, message=message))
 
 
-def _all_disks_reached(ctx: MigrationContext, phase: Phase, disk: str) -> bool:
-    done = st.DONE_CONDITION[phase]
-    current = ctx.sink.get(ctx.namespace, ctx.name) if ctx.sink else None
-    reached = {d["name"] for d in (current or {}).get("disks", []) if d.get("phase") == done} | {disk}
-    return all(d["name"] in reached for d in ctx.plan["disks"])
-
-
 def finish(ctx: MigrationContext, phase: Phase, message: str, *, disk: str | None = None) -> None:
     ctx.logger.info("=== %s done%s: %s", phase.value, f" [{disk}]" if disk else "", message)
     if disk is None:
@@ -163,7 +157,8 @@ def finish(ctx: MigrationContext, phase: Phase, message: str, *, disk: str | Non
         return
 
     def mutate(s: dict[str, Any]) -> None:
-        reached = {d["name"] for d in s.get("disks", []) if d.get("phase") == st.DONE_CONDITION[phase]} | {disk}
+        # a disk may already be in a later phase: what counts is that it completed this one
+        reached = {d["name"] for d in s.get("disks", []) if phase.value in d.get("completed", [])} | {disk}
         last = all(d["name"] in reached for d in ctx.plan["disks"])
         st.complete_phase(s, phase, message=message if not last else _phase_summary(phase, ctx), disk=disk,
                           all_disks_done=last)
@@ -325,15 +320,22 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
     written = 0  # logical bytes (holes included): what the sha256 covers
     stored = 0  # bytes actually sent
-    holes = ctx.storage.supports_holes
+    codec = ctx.plan["storage"].get("compression")
+    compressor = Compressor() if codec == "zstd" else None
+    holes = ctx.storage.supports_holes and compressor is None
     extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
     with ctx.storage.open_writer(key, size_hint=rec.get("exportBytes") or total) as writer:
         # reading (prefetch thread), hashing (here) and uploading (the backend's part threads) overlap
         for seg in hash_segments(diskio.prefetched(source), hasher):
-            if seg.data is not None or holes:
+            if compressor is not None and seg.data is not None:
+                packed = compressor.compress(seg.data)
+                if packed:
+                    writer.write(Segment(length=len(packed), data=packed))
+                    stored += len(packed)
+            elif seg.data is not None or holes:
                 writer.write(seg)
+                stored += seg.length if seg.data is not None else 0
             if seg.data is not None:
-                stored += seg.length
                 if not holes:
                     if extents and extents[-1][0] + extents[-1][1] == written:
                         extents[-1][1] += seg.length
@@ -341,13 +343,18 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                         extents.append([written, seg.length])
             written += seg.length
             tracker.add(seg.length)
+        if compressor is not None:
+            tail = compressor.flush()
+            writer.write(Segment(length=len(tail), data=tail))
+            stored += len(tail)
         tracker.total = written
         writer.commit()
         resumed = int(getattr(writer, "reused", 0))
     tracker.finish()
     digest = hasher.hexdigest()
     ctx.storage.put_manifest(key, {"disk": disk, "sha256": digest, "size": written, "storedBytes": stored,
-                                   "extents": None if holes else extents, "format": d["transitFormat"],
+                                   "extents": None if holes else extents, "compression": codec,
+                                   "format": d["transitFormat"],
                                    "virtualSize": d["sizeBytes"], "migration": ctx.plan["migration"]})
     ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written, sentBytes=stored,
                resumedBytes=resumed)
@@ -404,6 +411,8 @@ def _verified_segments(ctx: MigrationContext, disk: str, key: str, expected: str
     hasher = hashlib.sha256()
     manifest = ctx.storage.get_manifest(key) or {}
     stream = ctx.storage.read(key)
+    if manifest.get("compression") == "zstd":
+        stream = decompress(stream)
     if manifest.get("extents") is not None:
         stream = _inflate(stream, manifest["extents"], manifest["size"])
     yield from hash_segments(stream, hasher)
@@ -440,7 +449,9 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         return {"disk": disk, "converted": False}
     key = d["objectKey"]
     expected = _expected_sha(ctx, disk)
-    local = ctx.storage.local_path(key)
+    manifest = ctx.storage.get_manifest(key) or {}
+    # qemu-img reads a share's file in place, unless it is stored compressed or as data extents
+    local = None if manifest.get("extents") is not None or manifest.get("compression") else ctx.storage.local_path(key)
     fetched = None
     diskio.ensure_free_space(ctx.staging, d["sizeBytes"] if d["targetFormat"] == "raw" else d["allocatedBytes"])
     try:

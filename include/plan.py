@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from include.compression import codec_from
 from include.errors import InvalidMigration
 from include.inventory import Resolved
 from include.providers import native_format
@@ -102,7 +103,8 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
             "networks": [{k: v for k, v in (("name", h.name), ("network", h.network), ("bridge", h.bridge)) if v}
                          for h in spec.targetNetworkHints],
         },
-        "storage": {"type": spec.storage.type, "prefix": prefix},
+        "storage": {"type": spec.storage.type, "prefix": prefix,
+                    "compression": codec_from(migration.annotations)},
         "snapshot": {"name": snapshot_name(migration.name),
                      "disks": [d.name for d in vm.disks] if all(d.format == "qcow2" for d in vm.disks) else []},
         "disks": disks,
@@ -128,7 +130,8 @@ def describe(plan: dict[str, Any], storage_location: str | None = None) -> str:
     for net in tgt["networks"]:
         lines.append(f"          nic {net['name']} -> " + (f"bridge {net['bridge']}" if net.get("bridge")
                                                             else f"network {net['network']}"))
-    lines.append(f"  storage: {plan['storage']['type']} at {storage_location or plan['storage']['prefix']}")
+    lines.append(f"  storage: {plan['storage']['type']} at {storage_location or plan['storage']['prefix']}"
+                 + (f", {plan['storage']['compression']} compressed" if plan["storage"].get("compression") else ""))
     lines.append(f"  disks ({len(plan['disks'])}):")
     for d in plan["disks"]:
         conv = {"none": "no conversion",

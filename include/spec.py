@@ -146,6 +146,7 @@ class VMMigration:
     namespace: str
     spec: VMMigrationSpec
     labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -298,6 +299,10 @@ def parse_vmmigration(doc: Any) -> VMMigration:
     if not isinstance(labels, dict):
         r.error("metadata.labels", "must be an object")
         labels = {}
+    annotations = meta_raw.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        r.error("metadata.annotations", "must be an object")
+        annotations = {}
 
     if top.get("spec") is None:
         r.error("spec", "required")
@@ -363,6 +368,7 @@ def parse_vmmigration(doc: Any) -> VMMigration:
         name=name,
         namespace=namespace,
         labels={str(k): str(v) for k, v in labels.items()},
+        annotations={str(k): str(v) for k, v in annotations.items()},
         spec=VMMigrationSpec(
             sourceName=source_name, sourceNamespace=source_ns, targetProviderRef=target_ref,
             targetName=target_name, storage=storage, targetStorageHint=storage_hint,

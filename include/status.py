@@ -171,7 +171,11 @@ def complete_phase(status: dict[str, Any], phase: Phase, *, message: str | None 
     if status.get("phase") in (Phase.READY.value, Phase.FAILED.value):
         return
     if disk is not None:
-        disk_entry(status, disk)["phase"] = DONE_CONDITION.get(phase, phase.value)
+        entry = disk_entry(status, disk)
+        entry["phase"] = DONE_CONDITION.get(phase, phase.value)
+        done = entry.setdefault("completed", [])
+        if phase.value not in done:
+            done.append(phase.value)
     if not all_disks_done:
         return
     remove_condition(status, phase.value)
@@ -196,7 +200,8 @@ def report_bytes(status: dict[str, Any], phase: Phase, disk: str, done: int, tot
     done_all = sum(d.get("bytesDone", 0) for d in in_phase)
     total_all = sum(d.get("bytesTotal", 0) for d in in_phase)
     # disks that already finished this phase count as complete
-    finished = [d for d in status["disks"] if d.get("phase") == DONE_CONDITION.get(phase) and d.get("bytesTotal")]
+    finished = [d for d in status["disks"]
+                if phase.value in d.get("completed", []) and d.get("phase") != phase.value and d.get("bytesTotal")]
     done_all += sum(d["bytesTotal"] for d in finished)
     total_all += sum(d["bytesTotal"] for d in finished)
     message = progress_message(phase, done_all, total_all) if len(status["disks"]) > 1 else \

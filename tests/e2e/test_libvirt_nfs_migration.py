@@ -99,3 +99,22 @@ def test_raw_source_is_converted_before_upload_and_has_no_snapshot(airflow_db, s
     src_vda = world.root / "pools" / "src" / f"{world.vm_name}-vda.qcow2"
     dst_vda = volume_path(world, world.target_pool, f"{target}-vda.qcow2")
     assert diskio.compare(src_vda, dst_vda, "qcow2", "qcow2")
+
+
+def test_zstd_compression_is_opt_in_and_lossless(airflow_db, store, world):
+    create_source_vm(world)
+    docs = store_documents(world, name="zstd", target_format="raw")
+    docs[0]["metadata"]["annotations"] = {"vmmigration.virtrigaud.io/compression": "zstd"}
+    docs[0]["spec"]["cleanupPolicy"]["deleteIntermediate"] = False  # keep the objects to look at them
+    write_store(store, "zstd.yaml", docs)
+    dagrun = run_migration("vmmigration__default__zstd")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    import json
+
+    manifest = json.loads((world.share / "default" / "zstd" / "vda.qcow2.manifest.json").read_text())
+    assert manifest["compression"] == "zstd"
+    assert manifest["storedBytes"] < manifest["size"]
+    target = f"{world.vm_name}-migrated"
+    for disk in ("vda", "vdb"):
+        src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
+        assert diskio.compare(src, volume_path(world, world.target_pool, f"{target}-{disk}.raw"), "qcow2", "raw")

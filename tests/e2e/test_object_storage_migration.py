@@ -72,11 +72,18 @@ def assert_target_matches_source(world, fmt: str = "raw") -> None:
         conn.close()
 
 
-def test_migration_through_s3(airflow_db, store, world, s3):
+def test_migration_through_s3(airflow_db, store, world, s3, capfd, caplog):
     create_source_vm(world)
     write_store(store, "vias3.yaml", s3_docs(world, "vias3", s3))
     dagrun = run_migration("vmmigration__default__vias3")
     assert str(dagrun.state) == "success", task_states(dagrun)
+    # no secret in any log line, in XCom or in the status and plan files
+    out, err = capfd.readouterr()
+    assert s3.secret_key not in out + err + caplog.text
+    xcoms = [str(ti.xcom_pull(task_ids=ti.task_id, map_indexes=ti.map_index)) for ti in dagrun.get_task_instances()]
+    assert s3.secret_key not in "".join(xcoms)
+    for state_file in (store / "status").rglob("*.json"):
+        assert s3.secret_key not in state_file.read_text()
     status = FileStatusSink(SpecStore(store)).get("default", "vias3")
     assert status["phase"] == "Ready"
     assert_target_matches_source(world)

@@ -97,7 +97,7 @@ def test_plan_header():
     assert plan["target"] == {"provider": "apps/kvm-target", "type": "libvirt", "endpoint": "qemu:///system",
                               "vm": "web-new", "storage": "fast-pool", "vcpus": 2, "memoryMiB": 2048,
                               "networks": []}
-    assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web"}
+    assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web", "compression": None}
     assert plan["phases"] == ["Validating", "Snapshotting", "Exporting", "Transferring", "Converting", "Importing",
                               "Creating", "ValidatingTarget", "Ready"]
     assert plan["cleanup"] == {"deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": False}

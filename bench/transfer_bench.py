@@ -1,0 +1,588 @@
+"""Transfer benchmark: our libvirt -> S3 -> libvirt migration against plain baselines, in one run.
+
+    .venv/bin/python bench/transfer_bench.py [--size-gib 4] [--size-mib N] [--json] [--workdir DIR] [--keep]
+
+It builds a qcow2 disk of the requested virtual size whose every other 64 MiB block is random data (half
+the virtual size allocated), defines a shut-off VM with it on the local libvirtd (qemu:///system), starts a
+versitygw S3 server on loopback, and measures, in this order:
+
+* baselines: hashlib sha256 of the qcow2 file (8 MiB reads); boto3 ``upload_file`` of the same file with the
+  default TransferConfig (a child process, so its peak RSS is known); ``qemu-img convert -f qcow2 -O raw``;
+* ours, in one child process running the real phases (``include.phases``) of one whole migration
+  validate -> snapshot -> export -> transfer -> convert -> import -> create_vm -> validate_target -> finalize,
+  with export -> S3 (export_disk + transfer_disk) and S3 -> import (convert_disk + import_disk) timed inside it.
+
+It prints a table (``--json``: the same as JSON on stdout); progress goes to stderr. It is a benchmark, not a
+test: the exit code is 0 when a target is missed (the missed targets are listed), non-zero only when
+something failed. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BLOCK = 64 * MiB  # random data blocks alternate with holes of the same size
+READ = 8 * MiB
+NAMESPACE = "default"
+MIGRATION = "bench"
+BUCKET = "vm-migrations"
+BASELINE_BUCKET = "bench-baseline"
+URI = "qemu:///system"
+
+# targets of the issue
+UPLOAD_SPEED_MIN = 0.9  # our upload (hashing) >= 0.9x boto3's upload_file (no hashing)
+MIGRATION_TIME_MAX = 2.0  # whole migration <= 2x a direct qemu-img convert
+RSS_MAX_MIB = 256  # peak RSS of our transfer process
+SENT_MAX = 1.05  # bytes sent <= 1.05x allocated bytes
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def mib(n: float) -> float:
+    return n / MiB
+
+
+def qemu_img() -> str:
+    from include.diskio import qemu_img_path
+
+    return qemu_img_path()
+
+
+# -- the source disk ---------------------------------------------------------------------------------------
+
+def data_extents(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the random data: 64 MiB blocks alternating with 64 MiB holes, half the disk.
+
+    Disks under 128 MiB use two blocks of a quarter of the size each (1 MiB aligned)."""
+    block = BLOCK if size >= 2 * BLOCK else max(MiB, (size // 4) // MiB * MiB)
+    extents = []
+    offset = 0
+    while offset < size:
+        extents.append((offset, min(block, size - offset)))
+        offset += 2 * block
+    return extents
+
+
+def write_sparse_raw(path: Path, size: int, extents: list[tuple[int, int]]) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for offset, length in extents:
+            fh.seek(offset)
+            left = length
+            while left:
+                n = min(left, READ)
+                fh.write(os.urandom(n))
+                left -= n
+
+
+def build_disk(path: Path, size: int) -> dict[str, Any]:
+    """The qcow2 source disk at ``path``; reused when a kept earlier run left one of the same layout."""
+    extents = data_extents(size)
+    layout = {"virtualSize": size, "extents": extents, "format": "qcow2"}
+    sidecar = path.parent.parent.parent / "source-disk.json"  # outside the pool folder, so not a volume
+    if path.exists() and sidecar.exists():
+        try:
+            if json.loads(sidecar.read_text()) == json.loads(json.dumps(layout)):
+                _drop_internal_snapshots(path)
+                progress(f"re-using the source disk {path} from an earlier --keep run")
+                return layout
+        except (OSError, ValueError, subprocess.CalledProcessError):
+            pass
+    sidecar.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.parent.parent / f".{path.stem}.raw.tmp"  # not in the pool folder
+    data = sum(length for _, length in extents)
+    progress(f"building a {size / GiB:.2f} GiB qcow2 disk with {data / MiB:,.0f} MiB of random data "
+             f"({len(extents)} blocks)")
+    began = time.perf_counter()
+    try:
+        write_sparse_raw(raw, size, extents)
+        subprocess.run([qemu_img(), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    finally:
+        raw.unlink(missing_ok=True)
+    os.chmod(path, 0o644)
+    sidecar.write_text(json.dumps(layout))
+    progress(f"disk built in {time.perf_counter() - began:.1f} s")
+    return layout
+
+
+def _drop_internal_snapshots(path: Path) -> None:
+    """A run killed between Snapshotting and Finalizing leaves an internal snapshot in a kept disk."""
+    info = json.loads(subprocess.run([qemu_img(), "info", "--output=json", "-U", str(path)], check=True,
+                                     capture_output=True, text=True).stdout)
+    for snap in info.get("snapshots", []):
+        subprocess.run([qemu_img(), "snapshot", "-d", snap["name"], str(path)], check=True, capture_output=True)
+
+
+def allocated_data_bytes(path: Path) -> int:
+    """Guest-visible allocated bytes: the sum of the ``data: true`` ranges of ``qemu-img map``."""
+    proc = subprocess.run([qemu_img(), "map", "-U", "-f", "qcow2", "--output=json", str(path)], check=True,
+                          capture_output=True, text=True)
+    return sum(int(e["length"]) for e in json.loads(proc.stdout) if e.get("data"))
+
+
+# -- libvirt world -----------------------------------------------------------------------------------------
+
+def start_libvirtd() -> None:
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "libvirtd.sh")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"libvirtd could not be started: {proc.stderr.strip()}")
+
+
+def ensure_pool(conn: Any, name: str, path: Path) -> Any:
+    import libvirt
+
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        pool = conn.storagePoolDefineXML(
+            f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>", 0)
+    if not pool.isActive():
+        pool.create(0)
+    pool.setAutostart(0)
+    pool.refresh(0)
+    return pool
+
+
+def forget_world(world: Any) -> None:
+    """Undefine the world's domains and pools (names starting with its prefix) but keep the source disk file;
+    empty the target pool folder. Leaves a kept earlier run ready to be run again."""
+    import libvirt
+
+    conn = world.conn()
+    try:
+        for dom in conn.listAllDomains(0):
+            if dom.name().startswith(world.prefix):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        for pool in conn.listAllStoragePools(0):
+            if pool.name().startswith(world.prefix):
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+    finally:
+        conn.close()
+    shutil.rmtree(world.root / "pools" / "dst", ignore_errors=True)
+
+
+def define_source_vm(world: Any, disk: Path) -> None:
+    conn = world.conn()
+    try:
+        ensure_pool(conn, world.source_pool, disk.parent)
+        ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
+        conn.defineXML(
+            f"<domain type='kvm'><name>{world.vm_name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>"
+            f"<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+            f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    finally:
+        conn.close()
+
+
+def target_volume_path(world: Any, volume: str) -> str:
+    conn = world.conn()
+    try:
+        pool = conn.storagePoolLookupByName(world.target_pool)
+        pool.refresh(0)
+        return pool.storageVolLookupByName(volume).path()
+    finally:
+        conn.close()
+
+
+def spec_documents(world: Any, server: Any) -> list[dict[str, Any]]:
+    from include.demo import store_documents
+
+    docs = store_documents(world, name=MIGRATION, namespace=NAMESPACE, target_format="raw", extra_spec={
+        "storage": {"type": "s3", "bucket": BUCKET, "endpoint": server.endpoint, "region": server.region,
+                    "credentialsSecretRef": {"name": f"{MIGRATION}-s3"}},
+    })
+    docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{MIGRATION}-s3", "namespace": NAMESPACE},
+                 "stringData": {"accessKey": server.access_key, "secretKey": server.secret_key}})
+    return docs
+
+
+# -- child processes ---------------------------------------------------------------------------------------
+
+def run_child(mode: str, job: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], int]:
+    """Run this script with a hidden ``--<mode> JOB`` in a fresh interpreter; returns (its result, the peak
+    RSS in KiB that wait4 reports for it: the max of the child and every process it waited for)."""
+    job_path = workdir / f"{mode}.job.json"
+    result_path = workdir / f"{mode}.result.json"
+    result_path.unlink(missing_ok=True)
+    job = {**job, "result": str(result_path)}
+    fd = os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # carries the S3 keys
+    with os.fdopen(fd, "w") as fh:
+        json.dump(job, fh)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), f"--{mode}", str(job_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    job_path.unlink(missing_ok=True)
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    result_path.unlink(missing_ok=True)
+    if proc.returncode != 0 or result.get("error"):
+        raise RuntimeError(f"the {mode} child failed (exit {proc.returncode}): {result.get('error') or 'no result'}")
+    return result, int(usage.ru_maxrss)
+
+
+def child_boto3_upload(job: dict[str, Any]) -> dict[str, Any]:
+    """Baseline 2: boto3 upload_file with the default TransferConfig, same client settings as ours."""
+    from include.storage.s3 import S3Settings, boto3_client
+
+    client = boto3_client(S3Settings(bucket=job["bucket"], region=job["region"], endpoint_url=job["endpoint"],
+                                     access_key=job["access_key"], secret_key=job["secret_key"]))
+    began = time.perf_counter()
+    client.upload_file(job["file"], job["bucket"], job["key"])  # default TransferConfig
+    seconds = time.perf_counter() - began
+    stored = int(client.head_object(Bucket=job["bucket"], Key=job["key"])["ContentLength"])
+    return {"seconds": seconds, "storedBytes": stored, "rssKiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def child_ours(job: dict[str, Any]) -> dict[str, Any]:
+    """Ours: one whole migration through the real phases, each phase timed."""
+    from include import phases
+    from include.store import SpecStore
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[ours  %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    ctx = phases.MigrationContext(job["namespace"], job["name"], store=SpecStore(job["store"]))
+    times: dict[str, float] = {}
+    out: dict[str, Any] = {}
+
+    def timed(label: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        result = fn(*args, **kwargs)
+        times[label] = times.get(label, 0.0) + time.perf_counter() - began
+        return result
+
+    began = time.perf_counter()
+    try:
+        disks = timed("validate", phases.validate, ctx)["disks"]
+        timed("snapshot", phases.snapshot, ctx)
+        for disk in disks:
+            timed("export_disk", phases.export_disk, ctx, disk)
+            timed("transfer_disk", phases.transfer_disk, ctx, disk)
+        records = {disk: ctx.disk_record(disk) for disk in disks}
+        manifests = {disk: ctx.storage.get_manifest(ctx.disk_plan(disk)["objectKey"]) or {} for disk in disks}
+        for disk in disks:
+            timed("convert_disk", phases.convert_disk, ctx, disk)
+            timed("import_disk", phases.import_disk, ctx, disk)
+        timed("create_vm", phases.create_vm, ctx)
+        timed("validate_target", phases.validate_target, ctx)
+        timed("finalize", phases.finalize, ctx, succeeded=True)
+        total = time.perf_counter() - began
+        out.update(disks=disks, targetVolumes={d["name"]: d["targetVolume"] for d in ctx.plan["disks"]})
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            phases.finalize(ctx, succeeded=False, failure=phases.failure_message(err))
+        raise
+    finally:
+        ctx.close()
+    out.update(
+        seconds=total, phases=times,
+        exportToS3=times["export_disk"] + times["transfer_disk"],
+        s3ToImport=times["convert_disk"] + times["import_disk"],
+        sentBytes=sum(int(r.get("sentBytes") or 0) for r in records.values()),
+        transitBytes=sum(int(r.get("transitBytes") or 0) for r in records.values()),
+        storedBytes=sum(int(m.get("storedBytes") or 0) for m in manifests.values()),
+        rssKiB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        childrenRssKiB=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    return out
+
+
+def child_main(mode: str, job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    result_path = Path(job["result"])
+    try:
+        result = child_boto3_upload(job) if mode == "boto3-upload" else child_ours(job)
+        code = 0
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which exits non-zero
+        logging.getLogger(__name__).exception("%s failed", mode)
+        result, code = {"error": f"{type(err).__name__}: {err}"}, 1
+    result_path.write_text(json.dumps(result))
+    return code
+
+
+# -- measurements in the parent ----------------------------------------------------------------------------
+
+def settle() -> None:
+    """Between steps: write back what the previous step left dirty, so it does not throttle the next one."""
+    os.sync()
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(READ):
+            pass
+
+
+def baseline_sha256(path: Path) -> tuple[float, str]:
+    hasher = hashlib.sha256()
+    began = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        for block in iter(lambda: fh.read(READ), b""):
+            hasher.update(block)
+    return time.perf_counter() - began, hasher.hexdigest()
+
+
+def baseline_qemu_convert(src: Path, dst: Path) -> float:
+    dst.unlink(missing_ok=True)
+    began = time.perf_counter()
+    subprocess.run([qemu_img(), "convert", "-f", "qcow2", "-O", "raw", str(src), str(dst)], check=True)
+    seconds = time.perf_counter() - began
+    dst.unlink()
+    return seconds
+
+
+def row(step: str, label: str, seconds: float, nbytes: int, *, baseline: str | None = None,
+        baseline_seconds: float | None = None, kind: str | None = None, target: float | None = None) -> dict:
+    """One table row. ``kind`` "speed": ratio = our MiB/s / baseline MiB/s (target is a minimum);
+    "time": ratio = our seconds / baseline seconds (target is a maximum)."""
+    ratio = None
+    if baseline_seconds:
+        ratio = baseline_seconds / seconds if kind == "speed" else seconds / baseline_seconds
+    passed = None
+    if target is not None and ratio is not None:
+        passed = ratio >= target if kind == "speed" else ratio <= target
+    return {"step": step, "label": label, "seconds": round(seconds, 3), "bytes": nbytes,
+            "mibPerSecond": round(mib(nbytes) / seconds, 1) if seconds > 0 else None,
+            "baseline": baseline, "ratio": round(ratio, 3) if ratio is not None else None, "ratioKind": kind,
+            "target": (f">= {target:.2f}" if kind == "speed" else f"<= {target:.2f}") if target else None,
+            "pass": passed}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from include.demo import DemoWorld, teardown, write_store
+    from tests.servers.s3 import start_s3_server
+
+    size = args.size_mib * MiB if args.size_mib else int(args.size_gib * GiB)
+    size = max(16 * MiB, size // MiB * MiB)
+    created_workdir = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vmmig-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    prefix = args.prefix or f"bench-{hashlib.sha1(str(workdir).encode()).hexdigest()[:6]}"
+    os.environ.setdefault("VMMIGRATION_ALLOW_LOOPBACK", "true")  # our S3 server listens on 127.0.0.1
+    os.environ["VMMIGRATION_STORE"] = str(workdir / "store")
+    os.environ["VMMIGRATION_STAGING"] = str(workdir / "staging")
+    progress(f"workdir {workdir}, libvirt prefix {prefix!r}, disk {size / GiB:.3g} GiB")
+
+    start_libvirtd()
+    world = DemoWorld(uri=URI, prefix=prefix, root=workdir / "world")
+    forget_world(world)
+    disk = world.root / "pools" / "src" / f"{world.vm_name}-vda.qcow2"
+    server = None
+    report: dict[str, Any] = {}
+    try:
+        shutil.rmtree(workdir / "store", ignore_errors=True)
+        shutil.rmtree(workdir / "staging", ignore_errors=True)
+        shutil.rmtree(workdir / "s3", ignore_errors=True)
+        build_disk(disk, size)
+        define_source_vm(world, disk)
+        allocated = allocated_data_bytes(disk)
+        file_bytes = disk.stat().st_size
+        progress(f"source {disk.name}: virtual {size:,} B, allocated data {allocated:,} B, file {file_bytes:,} B")
+        server = start_s3_server(workdir / "s3")
+        server.create_bucket(BUCKET)
+        server.create_bucket(BASELINE_BUCKET)
+        write_store(workdir / "store", "bench.yaml", spec_documents(world, server))
+        warm(disk)
+        settle()
+
+        progress("baseline 1: hashlib sha256 of the qcow2 file (8 MiB reads)")
+        hash_s, digest = baseline_sha256(disk)
+        settle()
+
+        progress("baseline 2: boto3 upload_file, default TransferConfig (child process)")
+        boto3_res, boto3_wait_rss = run_child("boto3-upload", {
+            "endpoint": server.endpoint, "region": server.region, "access_key": server.access_key,
+            "secret_key": server.secret_key, "bucket": BASELINE_BUCKET, "key": disk.name, "file": str(disk),
+        }, workdir)
+        if boto3_res["storedBytes"] != file_bytes:
+            raise RuntimeError(f"boto3 stored {boto3_res['storedBytes']} bytes of {file_bytes}")
+        server.client().delete_object(Bucket=BASELINE_BUCKET, Key=disk.name)
+        settle()
+
+        progress("baseline 3: qemu-img convert -f qcow2 -O raw")
+        convert_s = baseline_qemu_convert(disk, workdir / "baseline.raw")
+        settle()
+
+        progress("ours: the whole migration through the phases (child process)")
+        ours, ours_wait_rss = run_child("ours", {"store": str(workdir / "store"), "namespace": NAMESPACE,
+                                                 "name": MIGRATION}, workdir)
+        progress("checking that the target volume holds the source disk (qemu-img compare)")
+        volume = target_volume_path(world, ours["targetVolumes"]["vda"])
+        from include.diskio import compare
+
+        identical = compare(disk, volume, "qcow2", "raw")
+
+        steps = [
+            row("sha256", "baseline: hashlib sha256 of the qcow2 file", hash_s, file_bytes),
+            row("boto3_upload", "baseline: boto3 upload_file (no hashing)", boto3_res["seconds"], file_bytes),
+            row("qemu_img_convert", "baseline: qemu-img convert qcow2 -> raw", convert_s, file_bytes),
+            row("export_to_s3", "ours: export -> S3 (sha256 on the way)", ours["exportToS3"], file_bytes,
+                baseline="boto3_upload", baseline_seconds=boto3_res["seconds"], kind="speed",
+                target=UPLOAD_SPEED_MIN),
+            row("s3_to_import", "ours: S3 -> import (verify, convert, import)", ours["s3ToImport"], file_bytes,
+                baseline="qemu_img_convert", baseline_seconds=convert_s, kind="time"),
+            row("whole_migration", "ours: whole libvirt -> S3 -> libvirt migration", ours["seconds"], file_bytes,
+                baseline="qemu_img_convert", baseline_seconds=convert_s, kind="time", target=MIGRATION_TIME_MAX),
+        ]
+        rss_mib = ours["rssKiB"] / 1024
+        sent = ours["sentBytes"]
+        report = {
+            "disk": {"virtualBytes": size, "allocatedBytes": allocated, "qcow2FileBytes": file_bytes,
+                     "sha256": digest, "dataExtents": len(data_extents(size))},
+            "steps": steps,
+            "phases": {k: round(v, 3) for k, v in ours["phases"].items()},
+            "rss": {"oursPeakMiB": round(rss_mib, 1),
+                    "oursWithChildrenPeakMiB": round(ours_wait_rss / 1024, 1),
+                    "oursChildrenPeakMiB": round(ours["childrenRssKiB"] / 1024, 1),
+                    "boto3PeakMiB": round(boto3_res["rssKiB"] / 1024, 1),
+                    "boto3WithChildrenPeakMiB": round(boto3_wait_rss / 1024, 1),
+                    "targetMiB": RSS_MAX_MIB, "pass": rss_mib < RSS_MAX_MIB},
+            "bytes": {"sent": sent, "stored": ours["storedBytes"], "transit": ours["transitBytes"],
+                      "allocated": allocated, "qcow2FileBytes": file_bytes,
+                      "ratio": round(sent / allocated, 4) if allocated else None, "target": SENT_MAX,
+                      "pass": bool(allocated) and sent <= SENT_MAX * allocated},
+            "targetIdenticalToSource": identical,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "qemuImg": subprocess.run([qemu_img(), "--version"], capture_output=True,
+                                                  text=True).stdout.splitlines()[0],
+                        "boto3": _version("boto3"), "kernel": platform.release()},
+            "workdir": str(workdir),
+        }
+        targets = [(s["label"], s["pass"]) for s in steps if s["pass"] is not None]
+        targets += [("peak RSS of our transfer process", report["rss"]["pass"]),
+                    ("bytes sent vs allocated", report["bytes"]["pass"]),
+                    ("target volume identical to the source", identical)]
+        report["missed"] = [name for name, ok in targets if not ok]
+        return report
+    finally:
+        if server is not None:
+            server.stop()
+        if args.keep:
+            progress(f"--keep: left {workdir} and the libvirt objects named {prefix}-* in place")
+        else:
+            progress("cleaning up")
+            with contextlib.suppress(Exception):
+                teardown(world)
+            if created_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                for name in ("world", "store", "staging", "s3", "baseline.raw"):
+                    path = workdir / name
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# -- output ------------------------------------------------------------------------------------------------
+
+def render(report: dict[str, Any]) -> str:
+    d = report["disk"]
+    lines = [
+        f"disk: {d['virtualBytes'] / GiB:.3g} GiB virtual qcow2, {d['allocatedBytes'] / MiB:,.1f} MiB allocated "
+        f"data in {d['dataExtents']} random blocks, file {d['qcow2FileBytes'] / MiB:,.1f} MiB "
+        f"(MiB/s below = file size / seconds)",
+        "",
+    ]
+    header = ("step", "seconds", "MiB/s", "baseline", "ratio", "target", "result")
+    rows = []
+    for s in report["steps"]:
+        ratio = f"{s['ratio']:.2f}x {s['ratioKind']}" if s["ratio"] is not None else "-"
+        result = "-" if s["pass"] is None else ("PASS" if s["pass"] else "FAIL")
+        rows.append((s["label"], f"{s['seconds']:.2f}", f"{s['mibPerSecond']:,.0f}", s["baseline"] or "-", ratio,
+                     s["target"] or "-", result))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 3, 4, 5) else '>'}{w}}}" for i, w in enumerate(widths))
+    lines.append(fmt.format(*header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [fmt.format(*r) for r in rows]
+    r, b = report["rss"], report["bytes"]
+    lines += [
+        "",
+        f"peak RSS of our transfer process: {r['oursPeakMiB']:.1f} MiB (target < {r['targetMiB']} MiB) "
+        f"{'PASS' if r['pass'] else 'FAIL'}; with the qemu-img it ran: {r['oursWithChildrenPeakMiB']:.1f} MiB; "
+        f"boto3 baseline process: {r['boto3PeakMiB']:.1f} MiB",
+        f"bytes sent: {b['sent']:,} vs allocated {b['allocated']:,} = {b['ratio']:.4f}x (target <= {b['target']}x) "
+        f"{'PASS' if b['pass'] else 'FAIL'}; qcow2 file {b['qcow2FileBytes']:,}, stored {b['stored']:,}",
+        "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["phases"].items()),
+        f"target volume identical to the source (qemu-img compare): {report['targetIdenticalToSource']}",
+        f"machine: {report['machine']['cpus']} CPUs, Python {report['machine']['python']}, "
+        f"{report['machine']['qemuImg']}, boto3 {report['machine']['boto3']}",
+        "",
+        ("targets missed: " + "; ".join(report["missed"])) if report["missed"] else "all targets met",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Transfer benchmark: ours vs hashlib, boto3 and qemu-img.")
+    parser.add_argument("--size-gib", type=float, default=4.0, help="virtual disk size in GiB (default 4)")
+    parser.add_argument("--size-mib", type=int, default=None, help="virtual disk size in MiB (overrides --size-gib)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    parser.add_argument("--workdir", default=None, help="where disks, S3 data, store and staging go "
+                                                        "(default: a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir and the libvirt objects; a later "
+                                                            "run with the same --workdir re-uses the disk")
+    parser.add_argument("--prefix", default=None, help="libvirt name prefix (default: bench-<hash of workdir>)")
+    parser.add_argument("--ours", metavar="JOB", help=argparse.SUPPRESS)
+    parser.add_argument("--boto3-upload", metavar="JOB", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.ours:
+        return child_main("ours", args.ours)
+    if args.boto3_upload:
+        return child_main("boto3-upload", args.boto3_upload)
+    try:
+        report = run(args)
+    except Exception as err:  # noqa: BLE001 - a benchmark that could not run says why and exits 1
+        progress(f"FAILED: {type(err).__name__}: {err}")
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
+    if report["missed"]:
+        progress("targets missed: " + "; ".join(report["missed"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
