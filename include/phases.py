@@ -335,12 +335,11 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             elif seg.data is not None or holes:
                 writer.write(seg)
                 stored += seg.length if seg.data is not None else 0
-            if seg.data is not None:
-                if not holes:
-                    if extents and extents[-1][0] + extents[-1][1] == written:
-                        extents[-1][1] += seg.length
-                    else:
-                        extents.append([written, seg.length])
+            if seg.data is not None and not holes:
+                if extents and extents[-1][0] + extents[-1][1] == written:
+                    extents[-1][1] += seg.length
+                else:
+                    extents.append([written, seg.length])
             written += seg.length
             tracker.add(seg.length)
         if compressor is not None:
