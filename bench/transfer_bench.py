@@ -228,9 +228,11 @@ def spec_documents(world: Any, server: Any) -> list[dict[str, Any]]:
 
 # -- child processes ---------------------------------------------------------------------------------------
 
-def run_child(mode: str, job: dict[str, Any], workdir: Path) -> tuple[dict[str, Any], int]:
-    """Run this script with a hidden ``--<mode> JOB`` in a fresh interpreter; returns (its result, the peak
-    RSS in KiB that wait4 reports for it: the max of the child and every process it waited for)."""
+def run_child(mode: str, job: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run this script with a hidden ``--<mode> JOB`` in a fresh interpreter and return its result.
+
+    A child of its own: its peak RSS is its own (not the parent's disk building), and it starts cold as a
+    real task does. The child measures itself (time, CPU, VmHWM); the job file carries the S3 keys."""
     job_path = workdir / f"{mode}.job.json"
     result_path = workdir / f"{mode}.result.json"
     result_path.unlink(missing_ok=True)
@@ -240,14 +242,13 @@ def run_child(mode: str, job: dict[str, Any], workdir: Path) -> tuple[dict[str, 
         json.dump(job, fh)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), f"--{mode}", str(job_path)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     job_path.unlink(missing_ok=True)
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     result_path.unlink(missing_ok=True)
     if proc.returncode != 0 or result.get("error"):
         raise RuntimeError(f"the {mode} child failed (exit {proc.returncode}): {result.get('error') or 'no result'}")
-    return result, int(usage.ru_maxrss)
+    return result
 
 
 def child_boto3_upload(job: dict[str, Any]) -> dict[str, Any]:
@@ -256,28 +257,79 @@ def child_boto3_upload(job: dict[str, Any]) -> dict[str, Any]:
 
     client = boto3_client(S3Settings(bucket=job["bucket"], region=job["region"], endpoint_url=job["endpoint"],
                                      access_key=job["access_key"], secret_key=job["secret_key"]))
+    cpu0, _ = _self_cpu()
+    server0 = proc_cpu_seconds(job.get("serverPid"))
     began = time.perf_counter()
     client.upload_file(job["file"], job["bucket"], job["key"])  # default TransferConfig
     seconds = time.perf_counter() - began
+    cpu = _self_cpu()[0] - cpu0
+    server = proc_cpu_seconds(job.get("serverPid")) - server0
     stored = int(client.head_object(Bucket=job["bucket"], Key=job["key"])["ContentLength"])
-    return {"seconds": seconds, "storedBytes": stored, "rssKiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"seconds": seconds, "storedBytes": stored, "peakRssMiB": _peak_rss_kib(reset=False) / 1024,
+            "cpuSeconds": round(cpu, 3), "serverCpuSeconds": round(server, 3)}
+
+
+def proc_cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a running process (0 when unknown): the S3 server's CPU, read from /proc."""
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu() -> tuple[float, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def _peak_rss_kib(reset: bool) -> int:
+    """VmHWM of this process; with ``reset`` the high-water mark starts again from the current RSS
+    (``echo 5 > /proc/self/clear_refs``), so each phase gets its own peak."""
+    peak = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1])
+    if not peak:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if reset:
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    return peak
 
 
 def child_ours(job: dict[str, Any]) -> dict[str, Any]:
-    """Ours: one whole migration through the real phases, each phase timed."""
+    """Ours: one whole migration through the real phases, each phase timed, with its CPU (ours, the
+    qemu-img we ran, the S3 server's) and our peak RSS."""
     from include import phases
     from include.store import SpecStore
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[ours  %(asctime)s] %(message)s",
                         datefmt="%H:%M:%S")
     ctx = phases.MigrationContext(job["namespace"], job["name"], store=SpecStore(job["store"]))
-    times: dict[str, float] = {}
-    out: dict[str, Any] = {}
+    stats: dict[str, dict[str, float]] = {}
+    server_pid = job.get("serverPid")
+    out: dict[str, Any] = {"loadBefore": os.getloadavg()[0]}
 
     def timed(label: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        _peak_rss_kib(reset=True)
+        cpu0, kids0 = _self_cpu()
+        server0 = proc_cpu_seconds(server_pid)
         began = time.perf_counter()
         result = fn(*args, **kwargs)
-        times[label] = times.get(label, 0.0) + time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        cpu1, kids1 = _self_cpu()
+        entry = stats.setdefault(label, {"seconds": 0.0, "cpuSeconds": 0.0, "qemuImgCpuSeconds": 0.0,
+                                         "serverCpuSeconds": 0.0, "peakRssMiB": 0.0})
+        entry["seconds"] += seconds
+        entry["cpuSeconds"] += cpu1 - cpu0
+        entry["qemuImgCpuSeconds"] += kids1 - kids0
+        entry["serverCpuSeconds"] += proc_cpu_seconds(server_pid) - server0
+        entry["peakRssMiB"] = max(entry["peakRssMiB"], _peak_rss_kib(reset=False) / 1024)
         return result
 
     began = time.perf_counter()
@@ -296,7 +348,8 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
         timed("validate_target", phases.validate_target, ctx)
         timed("finalize", phases.finalize, ctx, succeeded=True)
         total = time.perf_counter() - began
-        out.update(disks=disks, targetVolumes={d["name"]: d["targetVolume"] for d in ctx.plan["disks"]})
+        out.update(disks=disks, targetVolumes={d["name"]: d["targetVolume"] for d in ctx.plan["disks"]},
+                   compression=ctx.plan["storage"].get("compression"))
     except BaseException as err:
         with contextlib.suppress(Exception):
             phases.finalize(ctx, succeeded=False, failure=phases.failure_message(err))
@@ -304,14 +357,15 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
     finally:
         ctx.close()
     out.update(
-        seconds=total, phases=times,
-        exportToS3=times["export_disk"] + times["transfer_disk"],
-        s3ToImport=times["convert_disk"] + times["import_disk"],
+        seconds=total,
+        phases={k: {m: round(v, 3 if m != "peakRssMiB" else 1) for m, v in e.items()} for k, e in stats.items()},
+        exportToS3=stats["export_disk"]["seconds"] + stats["transfer_disk"]["seconds"],
+        s3ToImport=stats["convert_disk"]["seconds"] + stats["import_disk"]["seconds"],
         sentBytes=sum(int(r.get("sentBytes") or 0) for r in records.values()),
         transitBytes=sum(int(r.get("transitBytes") or 0) for r in records.values()),
         storedBytes=sum(int(m.get("storedBytes") or 0) for m in manifests.values()),
-        rssKiB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        childrenRssKiB=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+        peakRssMiB=max(e["peakRssMiB"] for e in stats.values()),
+        loadAfter=os.getloadavg()[0],
     )
     return out
 
@@ -351,10 +405,18 @@ def baseline_sha256(path: Path) -> tuple[float, str]:
     return time.perf_counter() - began, hasher.hexdigest()
 
 
-def baseline_qemu_convert(src: Path, dst: Path) -> float:
+def baseline_qemu_convert(src: Path, dst: Path, *, durable: bool = False) -> float:
+    """``qemu-img convert -f qcow2 -O raw``; ``durable``: plus an fsync of the output (on disk, not only in
+    the page cache)."""
     dst.unlink(missing_ok=True)
     began = time.perf_counter()
     subprocess.run([qemu_img(), "convert", "-f", "qcow2", "-O", "raw", str(src), str(dst)], check=True)
+    if durable:
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     seconds = time.perf_counter() - began
     dst.unlink()
     return seconds
@@ -419,9 +481,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settle()
 
         progress("baseline 2: boto3 upload_file, default TransferConfig (child process)")
-        boto3_res, boto3_wait_rss = run_child("boto3-upload", {
+        boto3_res = run_child("boto3-upload", {
             "endpoint": server.endpoint, "region": server.region, "access_key": server.access_key,
             "secret_key": server.secret_key, "bucket": BASELINE_BUCKET, "key": disk.name, "file": str(disk),
+            "serverPid": server.process.pid if server.process else None,
         }, workdir)
         if boto3_res["storedBytes"] != file_bytes:
             raise RuntimeError(f"boto3 stored {boto3_res['storedBytes']} bytes of {file_bytes}")
@@ -431,10 +494,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress("baseline 3: qemu-img convert -f qcow2 -O raw")
         convert_s = baseline_qemu_convert(disk, workdir / "baseline.raw")
         settle()
+        progress("baseline 3b: the same, then fsync of the output (informative)")
+        convert_sync_s = baseline_qemu_convert(disk, workdir / "baseline.raw", durable=True)
+        settle()
 
         progress("ours: the whole migration through the phases (child process)")
-        ours, ours_wait_rss = run_child("ours", {"store": str(workdir / "store"), "namespace": NAMESPACE,
-                                                 "name": MIGRATION}, workdir)
+        ours = run_child("ours", {"store": str(workdir / "store"), "namespace": NAMESPACE, "name": MIGRATION,
+                                  "serverPid": server.process.pid if server.process else None}, workdir)
         progress("checking that the target volume holds the source disk (qemu-img compare)")
         volume = target_volume_path(world, ours["targetVolumes"]["vda"])
         from include.diskio import compare
@@ -445,26 +511,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row("sha256", "baseline: hashlib sha256 of the qcow2 file", hash_s, file_bytes),
             row("boto3_upload", "baseline: boto3 upload_file (no hashing)", boto3_res["seconds"], file_bytes),
             row("qemu_img_convert", "baseline: qemu-img convert qcow2 -> raw", convert_s, file_bytes),
+            row("qemu_img_convert_fsync", "baseline: the same + fsync (informative)", convert_sync_s, file_bytes),
             row("export_to_s3", "ours: export -> S3 (sha256 on the way)", ours["exportToS3"], file_bytes,
                 baseline="boto3_upload", baseline_seconds=boto3_res["seconds"], kind="speed",
                 target=UPLOAD_SPEED_MIN),
-            row("s3_to_import", "ours: S3 -> import (verify, convert, import)", ours["s3ToImport"], file_bytes,
+            row("s3_to_import", "ours: S3 -> import (convert_disk + import_disk)", ours["s3ToImport"], file_bytes,
                 baseline="qemu_img_convert", baseline_seconds=convert_s, kind="time"),
             row("whole_migration", "ours: whole libvirt -> S3 -> libvirt migration", ours["seconds"], file_bytes,
                 baseline="qemu_img_convert", baseline_seconds=convert_s, kind="time", target=MIGRATION_TIME_MAX),
         ]
-        rss_mib = ours["rssKiB"] / 1024
+        rss_mib = ours["peakRssMiB"]
+        whole = steps[-1]
         sent = ours["sentBytes"]
         report = {
             "disk": {"virtualBytes": size, "allocatedBytes": allocated, "qcow2FileBytes": file_bytes,
                      "sha256": digest, "dataExtents": len(data_extents(size))},
             "steps": steps,
-            "phases": {k: round(v, 3) for k, v in ours["phases"].items()},
+            "wholeMigrationVsDurableConvert": round(whole["seconds"] / convert_sync_s, 3),
+            "phases": ours["phases"],
+            "cpu": {"boto3UploadSeconds": boto3_res["cpuSeconds"], "boto3UploadServerSeconds":
+                    boto3_res["serverCpuSeconds"], "oursTransferSeconds": ours["phases"]["transfer_disk"]["cpuSeconds"],
+                    "oursTransferServerSeconds": ours["phases"]["transfer_disk"]["serverCpuSeconds"]},
             "rss": {"oursPeakMiB": round(rss_mib, 1),
-                    "oursWithChildrenPeakMiB": round(ours_wait_rss / 1024, 1),
-                    "oursChildrenPeakMiB": round(ours["childrenRssKiB"] / 1024, 1),
-                    "boto3PeakMiB": round(boto3_res["rssKiB"] / 1024, 1),
-                    "boto3WithChildrenPeakMiB": round(boto3_wait_rss / 1024, 1),
+                    "oursPeakPhase": max(ours["phases"], key=lambda k: ours["phases"][k]["peakRssMiB"]),
+                    "boto3PeakMiB": round(boto3_res["peakRssMiB"], 1),
                     "targetMiB": RSS_MAX_MIB, "pass": rss_mib < RSS_MAX_MIB},
             "bytes": {"sent": sent, "stored": ours["storedBytes"], "transit": ours["transitBytes"],
                       "allocated": allocated, "qcow2FileBytes": file_bytes,
@@ -474,7 +544,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "qemuImg": subprocess.run([qemu_img(), "--version"], capture_output=True,
                                                   text=True).stdout.splitlines()[0],
-                        "boto3": _version("boto3"), "kernel": platform.release()},
+                        "boto3": _version("boto3"), "kernel": platform.release(),
+                        "loadAverage1mBeforeOurs": round(ours["loadBefore"], 2),
+                        "loadAverage1mAfterOurs": round(ours["loadAfter"], 2)},
+            "compression": ours.get("compression"),
             "workdir": str(workdir),
         }
         targets = [(s["label"], s["pass"]) for s in steps if s["pass"] is not None]
@@ -495,7 +568,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if created_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             else:
-                for name in ("world", "store", "staging", "s3", "baseline.raw"):
+                for name in ("world", "store", "staging", "s3", "baseline.raw", "ours.job.json",
+                             "ours.result.json", "boto3-upload.job.json", "boto3-upload.result.json"):
                     path = workdir / name
                     if path.is_dir():
                         shutil.rmtree(path, ignore_errors=True)
@@ -534,18 +608,33 @@ def render(report: dict[str, Any]) -> str:
     lines.append(fmt.format(*header))
     lines.append("  ".join("-" * w for w in widths))
     lines += [fmt.format(*r) for r in rows]
-    r, b = report["rss"], report["bytes"]
+    r, b, c = report["rss"], report["bytes"], report["cpu"]
     lines += [
         "",
-        f"peak RSS of our transfer process: {r['oursPeakMiB']:.1f} MiB (target < {r['targetMiB']} MiB) "
-        f"{'PASS' if r['pass'] else 'FAIL'}; with the qemu-img it ran: {r['oursWithChildrenPeakMiB']:.1f} MiB; "
+        f"peak RSS of our transfer process: {r['oursPeakMiB']:.1f} MiB in {r['oursPeakPhase']} "
+        f"(target < {r['targetMiB']} MiB) {'PASS' if r['pass'] else 'FAIL'}; "
         f"boto3 baseline process: {r['boto3PeakMiB']:.1f} MiB",
         f"bytes sent: {b['sent']:,} vs allocated {b['allocated']:,} = {b['ratio']:.4f}x (target <= {b['target']}x) "
         f"{'PASS' if b['pass'] else 'FAIL'}; qcow2 file {b['qcow2FileBytes']:,}, stored {b['stored']:,}",
-        "phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["phases"].items()),
+        f"whole migration vs qemu-img convert + fsync: {report['wholeMigrationVsDurableConvert']:.2f}x time",
+        f"upload CPU seconds: boto3 {c['boto3UploadSeconds']:.1f} + S3 server {c['boto3UploadServerSeconds']:.1f}; "
+        f"ours {c['oursTransferSeconds']:.1f} + S3 server {c['oursTransferServerSeconds']:.1f} "
+        f"({report['machine']['cpus']} CPUs)",
+        "",
+    ]
+    ph_header = ("phase", "seconds", "our CPU s", "qemu-img CPU s", "S3 server CPU s", "peak RSS MiB")
+    ph_rows = [(name, f"{e['seconds']:.2f}", f"{e['cpuSeconds']:.2f}", f"{e['qemuImgCpuSeconds']:.2f}",
+                f"{e['serverCpuSeconds']:.2f}", f"{e['peakRssMiB']:.0f}") for name, e in report["phases"].items()]
+    widths = [max(len(str(x[i])) for x in [ph_header, *ph_rows]) for i in range(len(ph_header))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines += [fmt.format(*ph_header), "  ".join("-" * w for w in widths), *[fmt.format(*x) for x in ph_rows]]
+    m = report["machine"]
+    lines += [
+        "",
         f"target volume identical to the source (qemu-img compare): {report['targetIdenticalToSource']}",
-        f"machine: {report['machine']['cpus']} CPUs, Python {report['machine']['python']}, "
-        f"{report['machine']['qemuImg']}, boto3 {report['machine']['boto3']}",
+        f"machine: {m['cpus']} CPUs, load average {m['loadAverage1mBeforeOurs']} before ours / "
+        f"{m['loadAverage1mAfterOurs']} after, Python {m['python']}, {m['qemuImg']}, boto3 {m['boto3']}"
+        + (f"; compression {report['compression']}" if report.get("compression") else ""),
         "",
         ("targets missed: " + "; ".join(report["missed"])) if report["missed"] else "all targets met",
     ]

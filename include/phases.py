@@ -245,9 +245,7 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     d = ctx.disk_plan(disk)
     begin(ctx, Phase.EXPORTING, disk=disk, message=f"Exporting disk {disk}")
     info = ctx.disk_info(disk)
-    if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
-        raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started during the migration; its disks are no "
-                               f"longer stable: shut it down and run the migration again", field="spec.sourceName")
+    _ensure_source_off(ctx)
     if d["conversion"] != "source":
         # The disk travels in its own format: it is streamed straight from the provider by Transferring.
         ctx.record(disk, exportPath=None, exportFormat=d["sourceFormat"], exportBytes=info.allocation)
@@ -275,6 +273,13 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     ctx.record(disk, exportPath=str(staged), exportFormat=d["transitFormat"], exportBytes=size)
     finish(ctx, Phase.EXPORTING, f"Disk {disk} exported and converted raw -> {d['transitFormat']}", disk=disk)
     return {"disk": disk, "staged": True}
+
+
+def _ensure_source_off(ctx: MigrationContext) -> None:
+    """Cold migration: the source must stay shut off while its disks are read."""
+    if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
+        raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started during the migration; its disks are no "
+                               f"longer stable: shut it down and run the migration again", field="spec.sourceName")
 
 
 def _local_source_path(ctx: MigrationContext, info: DiskInfo) -> Path | None:
@@ -308,6 +313,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     d = ctx.disk_plan(disk)
     rec = ctx.disk_record(disk)
     begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
+    _ensure_source_off(ctx)
     if rec.get("exportPath"):
         source = diskio.file_segments(rec["exportPath"])
         total = os.path.getsize(rec["exportPath"])

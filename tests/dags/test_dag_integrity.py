@@ -74,3 +74,15 @@ def test_parse_time_with_many_specs(store, count):
     elapsed = time.perf_counter() - started
     assert len(bag.dags) == count
     assert elapsed < 2.0, f"parsing {count} specs took {elapsed:.2f}s"
+
+
+def test_store_problems_are_reported_as_an_import_error(store):
+    _write_specs(store, 1)
+    (store / "garbage.yaml").write_text("kind: VMMigration\nmetadata: [unclosed\n")
+    (store / "dup.yaml").write_text((store / "vm-000.yaml").read_text())
+    bag = _bag()
+    errors = {Path(k).name: v for k, v in bag.import_errors.items()}
+    assert set(errors) == {"vmmigration_store_check.py"}
+    assert "garbage.yaml: not readable YAML" in errors["vmmigration_store_check.py"]
+    assert "VMMigration default/vm-000 is also defined" in errors["vmmigration_store_check.py"]
+    assert "vmmigration__default__vm-000" in bag.dags  # the good migration still has its DAG

@@ -23,3 +23,30 @@ def run_migration(dag_id: str):
 
 def task_states(dagrun) -> dict[str, str]:
     return {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in dagrun.get_task_instances()}
+
+
+def unknown_status_fields(status: dict) -> list[str]:
+    """Fields of a real status document that the VMMigration CRD's status schema does not declare
+    (the API server would silently drop them)."""
+    import yaml
+
+    crd = yaml.safe_load((ROOT / "deploy" / "crds" / "infra.virtrigaud.io_vmmigrations.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    missing: list[str] = []
+
+    def walk(value, node, path):
+        if isinstance(value, dict):
+            props = node.get("properties")
+            if props is None:
+                return
+            for key, sub in value.items():
+                if key not in props:
+                    missing.append(f"{path}.{key}")
+                else:
+                    walk(sub, props[key], f"{path}.{key}")
+        elif isinstance(value, list) and "items" in node:
+            for i, item in enumerate(value):
+                walk(item, node["items"], f"{path}[{i}]")
+
+    walk(status, schema, "status")
+    return missing

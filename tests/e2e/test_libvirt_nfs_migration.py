@@ -15,7 +15,7 @@ from include import diskio
 from include.demo import create_source_vm, store_documents, write_store
 from include.status import Phase
 from include.store import FileStatusSink, SpecStore
-from tests.e2e.helpers import run_migration, task_states
+from tests.e2e.helpers import run_migration, task_states, unknown_status_fields
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +44,7 @@ def test_migrates_two_disk_vm_and_converts_to_raw(airflow_db, store, world):
     assert status["phase"] == "Ready"
     assert status["progress"] == 100
     assert [h["phase"] for h in status["phaseHistory"]] == PHASES_IN_ORDER
+    assert unknown_status_fields(status) == []  # what the Kubernetes status writer will send fits the CRD
     done = {c["type"] for c in status["conditions"] if c["status"] == "True"}
     assert {"Validated", "Snapshotted", "Exported", "Transferred", "Converted", "Imported", "Created",
             "TargetValidated", "Ready"} <= done
