@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the servers that tests/servers/ starts: Debian nginx (WebDAV) and versitygw (S3 gateway, POSIX backend).
+# Install the servers that tests/servers/ starts: Debian nginx (WebDAV), openssh-server (qemu+ssh) and
+# versitygw (S3 gateway, POSIX backend).
 # Idempotent: apt runs only if nginx is missing, go builds only if the cached versitygw binary is missing.
 # Prints the versitygw binary path at the end (tests/servers/s3.py looks there, or in $VERSITYGW).
 set -euo pipefail
@@ -8,12 +9,16 @@ VERSITYGW_VERSION="${VERSITYGW_VERSION:-v1.8.0}"
 cache="${VMMIG_CACHE:-$HOME/.cache/vmmigration}"
 bin="$cache/bin/versitygw"
 
-if ! dpkg-query -W -f='${Status}' nginx 2>/dev/null | grep -q "install ok installed"; then
-  echo "installing nginx" >&2
+missing=()
+for p in nginx openssh-server openssh-client; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]}" >&2
   apt_get=(apt-get)
   [ "$(id -u)" -eq 0 ] || apt_get=(sudo apt-get)
   "${apt_get[@]}" update -qq
-  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq --no-install-recommends nginx >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { echo "nginx is still missing after apt-get" >&2; exit 1; }
 

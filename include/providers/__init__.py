@@ -20,5 +20,5 @@ def driver_for(provider: ProviderInfo) -> HypervisorDriver:
     if provider.type in ("libvirt", "qemu"):
         from include.providers.libvirt_driver import LibvirtDriver
 
-        return LibvirtDriver(provider.endpoint)
+        return LibvirtDriver.for_provider(provider.endpoint, provider.credentials)
     raise InvalidMigration(f"provider type {provider.type!r} is not supported yet", field="spec.targetProviderRef")

@@ -7,12 +7,15 @@ holes. ``libvirt`` is imported lazily: this module is imported at DAG parse time
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from include.diskio import CHUNK, Segment
@@ -32,12 +35,40 @@ def _libvirt():
     return libvirt
 
 
+def connection_uri(endpoint: str, credentials: Mapping[str, str] | None) -> tuple[str, str | None]:
+    """The URI to open for a Provider: for ``qemu+ssh://`` the Secret's private key (keys ``sshPrivateKey``
+    or ``ssh-privatekey``, as in a kubernetes.io/ssh-auth Secret) goes to a 0600 file named by ``keyfile=``.
+
+    Returns the URI and the key file to delete when the connection closes.
+    """
+    scheme = endpoint.split(":", 1)[0]
+    if "no_verify=1" in endpoint:
+        log.warning("SSH host key verification is DISABLED for %s (no_verify=1)", endpoint.split("?", 1)[0])
+    if "+ssh" not in scheme or not credentials or "keyfile=" in endpoint:
+        return endpoint, None
+    key = next((credentials[k] for k in ("sshPrivateKey", "ssh-privatekey", "privateKey") if credentials.get(k)),
+               None)
+    if not key:
+        return endpoint, None
+    fd, path = tempfile.mkstemp(prefix="vmmigration-sshkey-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key if key.endswith("\n") else key + "\n")
+    os.chmod(path, 0o600)
+    return f"{endpoint}{'&' if '?' in endpoint else '?'}keyfile={quote(path)}", path
+
+
 class LibvirtDriver(HypervisorDriver):
     native_format = "qcow2"
     attachable_formats = ("qcow2", "raw", "vmdk")
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, keyfile: str | None = None) -> None:
         self.uri = uri
+        self._keyfile = keyfile
+
+    @classmethod
+    def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> LibvirtDriver:
+        uri, keyfile = connection_uri(endpoint, credentials)
+        return cls(uri, keyfile=keyfile)
 
     @cached_property
     def conn(self) -> Any:
@@ -45,9 +76,13 @@ class LibvirtDriver(HypervisorDriver):
         try:
             return libvirt.open(self.uri)
         except libvirt.libvirtError as err:
-            raise HypervisorError(f"cannot connect to libvirt at {self.uri}: {err}") from err
+            raise HypervisorError(f"cannot connect to libvirt at {self.uri.split('?', 1)[0]}: {err}") from err
 
     def close(self) -> None:
+        if self._keyfile:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._keyfile)
+            self._keyfile = None
         if "conn" in self.__dict__:
             try:
                 self.conn.close()

@@ -15,7 +15,7 @@ def driver_from_hook(provider: ProviderInfo) -> HypervisorDriver:
     if provider.type in ("libvirt", "qemu"):
         from hooks.libvirt_hook import LibvirtHook
 
-        return LibvirtHook(uri=provider.endpoint).get_conn()
+        return LibvirtHook(uri=provider.endpoint, credentials=provider.credentials).get_conn()
     raise InvalidMigration(f"provider type {provider.type!r} is not supported yet", field="spec.targetProviderRef")
 
 

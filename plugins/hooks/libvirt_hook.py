@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 
 from airflow.sdk import BaseHook
@@ -19,6 +20,7 @@ class LibvirtHook(BaseHook):
 
     :param libvirt_conn_id: Airflow connection id, used only when ``uri`` is not given.
     :param uri: explicit libvirt URI.
+    :param credentials: the Provider's Secret (an SSH private key for ``qemu+ssh://``).
     """
 
     conn_name_attr = "libvirt_conn_id"
@@ -26,10 +28,12 @@ class LibvirtHook(BaseHook):
     conn_type = "libvirt"
     hook_name = "Libvirt"
 
-    def __init__(self, libvirt_conn_id: str = default_conn_name, *, uri: str | None = None) -> None:
+    def __init__(self, libvirt_conn_id: str = default_conn_name, *, uri: str | None = None,
+                 credentials: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.libvirt_conn_id = libvirt_conn_id
         self.explicit_uri = uri
+        self.credentials = credentials
 
     @cached_property
     def uri(self) -> str:
@@ -46,7 +50,14 @@ class LibvirtHook(BaseHook):
 
     @cached_property
     def driver(self) -> LibvirtDriver:
-        return LibvirtDriver(self.uri)
+        """The driver; a ``qemu+ssh`` Provider's private key (from its Secret) is used and masked."""
+        if self.credentials:
+            from airflow.sdk.log import mask_secret
+
+            for key in ("sshPrivateKey", "ssh-privatekey", "privateKey"):
+                if self.credentials.get(key):
+                    mask_secret(self.credentials[key])
+        return LibvirtDriver.for_provider(self.uri, self.credentials)
 
     def get_conn(self) -> LibvirtDriver:
         return self.driver
