@@ -265,9 +265,28 @@ class _GuardedClient:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
-        if not callable(attr) or name == "get_paginator":
+        if name == "get_paginator":
+            return lambda operation: _GuardedPaginator(attr(operation), self._guard)
+        if not callable(attr):
             return attr
         return lambda *args, **kwargs: self._guard(lambda: attr(*args, **kwargs))
+
+
+class _GuardedPaginator:
+    """Pages are fetched lazily while iterating: each fetch runs under the guard too."""
+
+    def __init__(self, paginator: Any, guard: Callable[[Callable[[], Any]], Any]) -> None:
+        self._paginator = paginator
+        self._guard = guard
+
+    def paginate(self, **kwargs: Any) -> Iterator[Any]:
+        pages = iter(self._paginator.paginate(**kwargs))
+        done = object()
+        while True:
+            page = self._guard(lambda: next(pages, done))
+            if page is done:
+                return
+            yield page
 
 
 class S3Storage(StorageBackend):

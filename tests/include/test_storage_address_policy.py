@@ -64,3 +64,10 @@ def test_http_backend_checks_on_connect(tmp_path, monkeypatch):
             backend.exists("x")
     finally:
         server.stop()
+
+
+def test_paginated_listings_are_guarded_too(s3, monkeypatch):
+    monkeypatch.delenv("VMMIGRATION_ALLOW_LOOPBACK", raising=False)
+    backend = _s3_backend(s3)
+    with pytest.raises(AddressRefused):
+        backend.delete_prefix("default/x")  # ListObjectsV2 through a paginator
