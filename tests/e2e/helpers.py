@@ -50,3 +50,20 @@ def unknown_status_fields(status: dict) -> list[str]:
 
     walk(status, schema, "status")
     return missing
+
+
+def assert_target_matches_source(world, fmt: str = "raw", source_formats: dict[str, str] | None = None) -> None:
+    """Every target volume of the demo VM holds its source disk's guest-visible content (qemu-img compare)."""
+    from include import diskio
+
+    formats = source_formats or {"vda": "qcow2", "vdb": "qcow2"}
+    conn = world.conn()
+    try:
+        pool = conn.storagePoolLookupByName(world.target_pool)
+        pool.refresh(0)
+        for disk, src_fmt in formats.items():
+            dst = pool.storageVolLookupByName(f"{world.vm_name}-migrated-{disk}.{fmt}").path()
+            src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.{src_fmt}"
+            assert diskio.compare(src, dst, src_fmt, fmt), f"{disk} differs from its source"
+    finally:
+        conn.close()

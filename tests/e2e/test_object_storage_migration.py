@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from include import diskio, phases
+from include import phases
 from include.demo import create_source_vm, store_documents, write_store
 from include.errors import ChecksumError
 from include.status import Phase
 from include.store import FileStatusSink, SpecStore
-from tests.e2e.helpers import run_migration, task_states
+from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
 from tests.servers.s3 import start_s3_server
 from tests.servers.webdav import start_webdav_server
 
@@ -57,19 +57,6 @@ def http_docs(world, name: str, server, *, token: str) -> list[dict]:
     docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-t", "namespace": "default"},
                  "stringData": {"token": token}})
     return docs
-
-
-def assert_target_matches_source(world, fmt: str = "raw") -> None:
-    conn = world.conn()
-    try:
-        pool = conn.storagePoolLookupByName(world.target_pool)
-        pool.refresh(0)
-        for disk in ("vda", "vdb"):
-            dst = pool.storageVolLookupByName(f"{world.vm_name}-migrated-{disk}.{fmt}").path()
-            src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
-            assert diskio.compare(src, dst, "qcow2", fmt), f"{disk} differs from its source"
-    finally:
-        conn.close()
 
 
 def test_migration_through_s3(airflow_db, store, world, s3, capfd, caplog):

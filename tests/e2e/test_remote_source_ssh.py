@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from include import diskio
 from include.demo import create_source_vm, store_documents, write_store
 from include.store import FileStatusSink, SpecStore
-from tests.e2e.helpers import run_migration, task_states
+from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
 from tests.servers.sshd import start_ssh_server
 
 pytestmark = pytest.mark.e2e
@@ -38,15 +37,7 @@ def test_remote_source_over_ssh_with_key_from_secret(airflow_db, store, world, s
     assert status["phase"] == "Ready"
     record = SpecStore(store).disk_record("default", "overssh", "vdb")
     assert record["exportPath"] is None or "export" in record["exportPath"]  # raw -> qcow2 was staged locally
-    conn = world.conn()
-    try:
-        pool = conn.storagePoolLookupByName(world.target_pool)
-        for disk, fmt in (("vda", "qcow2"), ("vdb", "raw")):
-            dst = pool.storageVolLookupByName(f"{world.vm_name}-migrated-{disk}.qcow2").path()
-            src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.{fmt}"
-            assert diskio.compare(src, dst, fmt, "qcow2"), disk
-    finally:
-        conn.close()
+    assert_target_matches_source(world, "qcow2", {"vda": "qcow2", "vdb": "raw"})
     out, err = capfd.readouterr()
     key_body = sshd.private_key.splitlines()[1]
     assert key_body not in out + err  # the private key never reaches a log

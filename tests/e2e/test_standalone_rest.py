@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from include import diskio
 from include.demo import create_source_vm, store_documents, write_store
 from include.store import FileStatusSink, SpecStore
+from tests.e2e.helpers import assert_target_matches_source
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,12 +63,4 @@ def test_rest_triggered_migration_reaches_ready(stack, store, world):
     assert seen[-1] == "Ready" and len(seen) >= 2
     # one mapped instance per disk, labelled with the disk name by the UI
     assert {k for k in states if k.startswith("disk.import_disk")} == {"disk.import_disk[0]", "disk.import_disk[1]"}
-    conn = world.conn()
-    try:
-        pool = conn.storagePoolLookupByName(world.target_pool)
-        for disk in ("vda", "vdb"):
-            dst = pool.storageVolLookupByName(f"{world.vm_name}-migrated-{disk}.raw").path()
-            src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
-            assert diskio.compare(src, dst, "qcow2", "raw")
-    finally:
-        conn.close()
+    assert_target_matches_source(world, "raw")

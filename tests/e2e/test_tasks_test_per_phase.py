@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from include import diskio
 from include.demo import create_source_vm, store_documents, write_store
 from include.store import FileStatusSink, SpecStore
+from tests.e2e.helpers import assert_target_matches_source
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,15 +56,7 @@ def test_every_phase_with_airflow_tasks_test(airflow_db, store, world):
 
     status = sink.get("default", "steps")
     assert status["phase"] == "Ready" and status["progress"] == 100
-    conn = world.conn()
-    try:
-        pool = conn.storagePoolLookupByName(world.target_pool)
-        for disk in ("vda", "vdb"):
-            dst = pool.storageVolLookupByName(f"{world.vm_name}-migrated-{disk}.raw").path()
-            src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
-            assert diskio.compare(src, dst, "qcow2", "raw")
-    finally:
-        conn.close()
+    assert_target_matches_source(world, "raw")
 
 
 def test_a_failing_task_is_reported_failed(airflow_db, store, world):
