@@ -252,21 +252,27 @@ def run_child(mode: str, job: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 def child_boto3_upload(job: dict[str, Any]) -> dict[str, Any]:
-    """Baseline 2: boto3 upload_file with the default TransferConfig, same client settings as ours."""
-    from include.storage.s3 import S3Settings, boto3_client
+    """Baseline 2: boto3 as anyone would use it: a stock client (only path-style addressing set, as for any
+    endpoint without bucket DNS names) and ``upload_file`` with the default TransferConfig."""
+    import boto3
+    from botocore.config import Config
 
-    client = boto3_client(S3Settings(bucket=job["bucket"], region=job["region"], endpoint_url=job["endpoint"],
-                                     access_key=job["access_key"], secret_key=job["secret_key"]))
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=job["endpoint"], region_name=job["region"], aws_access_key_id=job["access_key"],
+        aws_secret_access_key=job["secret_key"], config=Config(s3={"addressing_style": "path"}))
     cpu0, _ = _self_cpu()
     server0 = proc_cpu_seconds(job.get("serverPid"))
+    busy0 = machine_busy_seconds()
     began = time.perf_counter()
     client.upload_file(job["file"], job["bucket"], job["key"])  # default TransferConfig
     seconds = time.perf_counter() - began
+    busy = machine_busy_seconds() - busy0
     cpu = _self_cpu()[0] - cpu0
     server = proc_cpu_seconds(job.get("serverPid")) - server0
     stored = int(client.head_object(Bucket=job["bucket"], Key=job["key"])["ContentLength"])
     return {"seconds": seconds, "storedBytes": stored, "peakRssMiB": _peak_rss_kib(reset=False) / 1024,
-            "cpuSeconds": round(cpu, 3), "serverCpuSeconds": round(server, 3)}
+            "cpuSeconds": round(cpu, 3), "serverCpuSeconds": round(server, 3),
+            "otherCpuSeconds": round(max(0.0, busy - cpu - server), 3)}
 
 
 def proc_cpu_seconds(pid: int | None) -> float:
@@ -278,6 +284,16 @@ def proc_cpu_seconds(pid: int | None) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all processes and the kernel), from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _self_cpu() -> tuple[float, float]:
@@ -319,16 +335,20 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
         _peak_rss_kib(reset=True)
         cpu0, kids0 = _self_cpu()
         server0 = proc_cpu_seconds(server_pid)
+        busy0 = machine_busy_seconds()
         began = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - began
+        busy = machine_busy_seconds() - busy0
         cpu1, kids1 = _self_cpu()
+        server = proc_cpu_seconds(server_pid) - server0
         entry = stats.setdefault(label, {"seconds": 0.0, "cpuSeconds": 0.0, "qemuImgCpuSeconds": 0.0,
-                                         "serverCpuSeconds": 0.0, "peakRssMiB": 0.0})
+                                         "serverCpuSeconds": 0.0, "otherCpuSeconds": 0.0, "peakRssMiB": 0.0})
         entry["seconds"] += seconds
         entry["cpuSeconds"] += cpu1 - cpu0
         entry["qemuImgCpuSeconds"] += kids1 - kids0
-        entry["serverCpuSeconds"] += proc_cpu_seconds(server_pid) - server0
+        entry["serverCpuSeconds"] += server
+        entry["otherCpuSeconds"] += max(0.0, busy - (cpu1 - cpu0) - (kids1 - kids0) - server)
         entry["peakRssMiB"] = max(entry["peakRssMiB"], _peak_rss_kib(reset=False) / 1024)
         return result
 
@@ -492,7 +512,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settle()
 
         progress("baseline 3: qemu-img convert -f qcow2 -O raw")
+        kids0 = _self_cpu()[1]
         convert_s = baseline_qemu_convert(disk, workdir / "baseline.raw")
+        convert_cpu = _self_cpu()[1] - kids0
         settle()
         progress("baseline 3b: the same, then fsync of the output (informative)")
         convert_sync_s = baseline_qemu_convert(disk, workdir / "baseline.raw", durable=True)
@@ -522,6 +544,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         rss_mib = ours["peakRssMiB"]
         whole = steps[-1]
+        # libvirtd's part of "other" is about 1-2 CPU seconds per 2 GiB; far more means something else ran
+        other = sum(e["otherCpuSeconds"] for e in ours["phases"].values()) + boto3_res["otherCpuSeconds"]
+        busy = other > 0.25 * (ours["seconds"] + boto3_res["seconds"])
         sent = ours["sentBytes"]
         report = {
             "disk": {"virtualBytes": size, "allocatedBytes": allocated, "qcow2FileBytes": file_bytes,
@@ -529,9 +554,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": steps,
             "wholeMigrationVsDurableConvert": round(whole["seconds"] / convert_sync_s, 3),
             "phases": ours["phases"],
-            "cpu": {"boto3UploadSeconds": boto3_res["cpuSeconds"], "boto3UploadServerSeconds":
-                    boto3_res["serverCpuSeconds"], "oursTransferSeconds": ours["phases"]["transfer_disk"]["cpuSeconds"],
-                    "oursTransferServerSeconds": ours["phases"]["transfer_disk"]["serverCpuSeconds"]},
+            "cpu": {"boto3UploadSeconds": boto3_res["cpuSeconds"],
+                    "boto3UploadServerSeconds": boto3_res["serverCpuSeconds"],
+                    "boto3UploadOtherSeconds": boto3_res["otherCpuSeconds"],
+                    "oursTransferSeconds": ours["phases"]["transfer_disk"]["cpuSeconds"],
+                    "oursTransferServerSeconds": ours["phases"]["transfer_disk"]["serverCpuSeconds"],
+                    "oursTransferOtherSeconds": ours["phases"]["transfer_disk"]["otherCpuSeconds"],
+                    "baselineQemuImgSeconds": round(convert_cpu, 3),
+                    "oursQemuImgSeconds": round(sum(e["qemuImgCpuSeconds"] for e in ours["phases"].values()), 3)},
             "rss": {"oursPeakMiB": round(rss_mib, 1),
                     "oursPeakPhase": max(ours["phases"], key=lambda k: ours["phases"][k]["peakRssMiB"]),
                     "boto3PeakMiB": round(boto3_res["peakRssMiB"], 1),
@@ -546,7 +576,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                   text=True).stdout.splitlines()[0],
                         "boto3": _version("boto3"), "kernel": platform.release(),
                         "loadAverage1mBeforeOurs": round(ours["loadBefore"], 2),
-                        "loadAverage1mAfterOurs": round(ours["loadAfter"], 2)},
+                        "loadAverage1mAfterOurs": round(ours["loadAfter"], 2),
+                        "otherCpuSeconds": round(other, 2), "busy": busy},
             "compression": ours.get("compression"),
             "workdir": str(workdir),
         }
@@ -617,14 +648,18 @@ def render(report: dict[str, Any]) -> str:
         f"bytes sent: {b['sent']:,} vs allocated {b['allocated']:,} = {b['ratio']:.4f}x (target <= {b['target']}x) "
         f"{'PASS' if b['pass'] else 'FAIL'}; qcow2 file {b['qcow2FileBytes']:,}, stored {b['stored']:,}",
         f"whole migration vs qemu-img convert + fsync: {report['wholeMigrationVsDurableConvert']:.2f}x time",
-        f"upload CPU seconds: boto3 {c['boto3UploadSeconds']:.1f} + S3 server {c['boto3UploadServerSeconds']:.1f}; "
-        f"ours {c['oursTransferSeconds']:.1f} + S3 server {c['oursTransferServerSeconds']:.1f} "
-        f"({report['machine']['cpus']} CPUs)",
+        f"upload CPU seconds: boto3 {c['boto3UploadSeconds']:.1f} + S3 server {c['boto3UploadServerSeconds']:.1f} "
+        f"+ other {c['boto3UploadOtherSeconds']:.1f}; ours {c['oursTransferSeconds']:.1f} + S3 server "
+        f"{c['oursTransferServerSeconds']:.1f} + other {c['oursTransferOtherSeconds']:.1f} "
+        f"({report['machine']['cpus']} CPUs; other = libvirtd, kernel, any other process)",
+        f"qemu-img CPU seconds: baseline convert {c['baselineQemuImgSeconds']:.1f}, ours {c['oursQemuImgSeconds']:.1f}",
         "",
     ]
-    ph_header = ("phase", "seconds", "our CPU s", "qemu-img CPU s", "S3 server CPU s", "peak RSS MiB")
+    ph_header = ("phase", "seconds", "our CPU s", "qemu-img CPU s", "S3 server CPU s", "other CPU s",
+                 "peak RSS MiB")
     ph_rows = [(name, f"{e['seconds']:.2f}", f"{e['cpuSeconds']:.2f}", f"{e['qemuImgCpuSeconds']:.2f}",
-                f"{e['serverCpuSeconds']:.2f}", f"{e['peakRssMiB']:.0f}") for name, e in report["phases"].items()]
+                f"{e['serverCpuSeconds']:.2f}", f"{e['otherCpuSeconds']:.2f}", f"{e['peakRssMiB']:.0f}")
+               for name, e in report["phases"].items()]
     widths = [max(len(str(x[i])) for x in [ph_header, *ph_rows]) for i in range(len(ph_header))]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
     lines += [fmt.format(*ph_header), "  ".join("-" * w for w in widths), *[fmt.format(*x) for x in ph_rows]]
@@ -636,13 +671,17 @@ def render(report: dict[str, Any]) -> str:
         f"{m['loadAverage1mAfterOurs']} after, Python {m['python']}, {m['qemuImg']}, boto3 {m['boto3']}"
         + (f"; compression {report['compression']}" if report.get("compression") else ""),
         "",
+        *([f"WARNING: other processes used {m['otherCpuSeconds']:.1f} CPU seconds during the boto3 and our runs: "
+           f"the machine was busy and these numbers are unreliable; run again when it is idle"]
+          if m.get("busy") else []),
         ("targets missed: " + "; ".join(report["missed"])) if report["missed"] else "all targets met",
     ]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Transfer benchmark: ours vs hashlib, boto3 and qemu-img.")
+    parser = argparse.ArgumentParser(description="Transfer benchmark: ours vs hashlib, boto3 and qemu-img.",
+                                     epilog="See bench/README.md for what each number means.")
     parser.add_argument("--size-gib", type=float, default=4.0, help="virtual disk size in GiB (default 4)")
     parser.add_argument("--size-mib", type=int, default=None, help="virtual disk size in MiB (overrides --size-gib)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")

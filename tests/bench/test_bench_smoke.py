@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = {"sha256", "boto3_upload", "qemu_img_convert", "export_to_s3", "s3_to_import", "whole_migration"}
+STEPS = {"sha256", "boto3_upload", "qemu_img_convert", "qemu_img_convert_fsync", "export_to_s3", "s3_to_import",
+         "whole_migration"}
+PHASES = {"validate", "snapshot", "export_disk", "transfer_disk", "convert_disk", "import_disk", "create_vm",
+          "validate_target", "finalize"}
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +38,10 @@ def test_benchmark_runs_and_reports_every_field(tmp_path, libvirt_uri):
     assert steps["export_to_s3"]["baseline"] == "boto3_upload"
     assert steps["whole_migration"]["baseline"] == "qemu_img_convert"
     assert isinstance(steps["whole_migration"]["pass"], bool)
+
+    assert set(report["phases"]) == PHASES
+    for phase in report["phases"].values():
+        assert {"seconds", "cpuSeconds", "serverCpuSeconds", "peakRssMiB"} <= set(phase), phase
 
     rss = report["rss"]
     assert rss["oursPeakMiB"] > 0 and rss["boto3PeakMiB"] > 0 and rss["targetMiB"] == 256
