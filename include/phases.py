@@ -319,7 +319,9 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         total = os.path.getsize(rec["exportPath"])
     else:
         info = ctx.disk_info(disk)
-        source = ctx.source.read_disk(info)
+        local = _local_source_path(ctx, info)
+        # on this host the (shut-off) disk's file is read directly; elsewhere through libvirt's stream API
+        source = diskio.file_segments(local) if local is not None else ctx.source.read_disk(info)
         total = _source_file_size(ctx, info)
     key = d["objectKey"]
     hasher = hashlib.sha256()
@@ -513,12 +515,12 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     pool, volume = d["targetStorage"], d["targetVolume"]
     hasher = hashlib.sha256()
     if rec.get("convertedInto"):
-        # Converting already wrote the volume in place; read it back once for its sha256.
+        # Converting already wrote the volume in place from bytes verified against the manifest; reading
+        # it back to hash it again would only repeat that work.
         path = Path(rec["convertedInto"])
         length = path.stat().st_size
-        tracker = ctx.progress(Phase.IMPORTING, disk, length, "verifying")
-        for seg in hash_segments(diskio.file_segments(path), hasher):
-            tracker.add(seg.length)
+        tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
+        tracker.add(length)
         expected = None
     else:
         if rec.get("convertedPath"):
@@ -552,8 +554,8 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     tracker.finish()
     if d["targetCapacity"] > d["sizeBytes"]:
         _resize(ctx, pool, volume, d["targetCapacity"])
-    target_sha = expected or hasher.hexdigest()
-    ctx.record(disk, targetSha256=target_sha, targetBytes=length)
+    target_sha = None if rec.get("convertedInto") else (expected or hasher.hexdigest())
+    ctx.record(disk, imported=True, targetSha256=target_sha, targetBytes=length)
     if rec.get("convertedPath"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rec["convertedPath"])
@@ -561,7 +563,8 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     def mutate(s: dict[str, Any]) -> None:
         entry = st.disk_entry(s, disk)
         entry["targetVolume"] = f"{pool}/{volume}"
-        entry["targetSha256"] = target_sha
+        if target_sha:
+            entry["targetSha256"] = target_sha
 
     ctx.update_status(mutate)
     check = "sha256 verified" if expected else ("converted in place" if rec.get("convertedInto")
@@ -586,7 +589,7 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
                         capacity=d["targetCapacity"], bus=d.get("bus", "virtio")) for d in ctx.plan["disks"]]
     networks = [NetworkHint(**n) for n in tgt["networks"]]
-    missing = [d.name for d in disks if not ctx.disk_record(d.name).get("targetSha256")]
+    missing = [d.name for d in disks if not ctx.disk_record(d.name).get("imported")]
     if missing:
         raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
                                f"without them")

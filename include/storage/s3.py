@@ -136,7 +136,8 @@ class _MultipartWriter(ObjectWriter):
         self.s = storage
         self.key = key
         self.part_size = part_size
-        self.buf = bytearray()
+        self.chunks: list[memoryview] = []
+        self.buffered = 0
         self.next_part = 1
         self.upload_id: str | None = None
         self.existing: dict[int, tuple[int, str]] = {}
@@ -148,24 +149,30 @@ class _MultipartWriter(ObjectWriter):
         self._lock = threading.Lock()
 
     # A part is only sent once its buffer is full, so the first part tells whether the object is small.
+    # Chunks are kept as they come and joined once per part (one copy), not appended to a growing buffer.
     def write(self, segment: Segment) -> None:
         if segment.data is not None:
-            self.buf += segment.data
+            self._add(segment.data)
         else:
             left = segment.length
             while left:
-                n = min(left, CHUNK, self.part_size - len(self.buf))
-                self.buf += bytes(n)
+                n = min(left, CHUNK)
+                self._add(bytes(n))
                 left -= n
-                self._drain()
         self.length += segment.length
-        self._drain()
 
-    def _drain(self) -> None:
-        while len(self.buf) >= self.part_size:
-            data = bytes(self.buf[: self.part_size])
-            del self.buf[: self.part_size]
-            self._submit(data)
+    def _add(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            room = self.part_size - self.buffered
+            piece = view[:room]
+            self.chunks.append(piece)
+            self.buffered += len(piece)
+            view = view[len(piece):]
+            if self.buffered == self.part_size:
+                part = b"".join(self.chunks)
+                self.chunks, self.buffered = [], 0
+                self._submit(part)
 
     def _begin(self) -> None:
         if self.upload_id is not None:
@@ -221,16 +228,17 @@ class _MultipartWriter(ObjectWriter):
         client = self.s.client
         if self.upload_id is None and self.next_part == 1:
             # small object: one PUT
+            body = b"".join(self.chunks)
             try:
-                client.put_object(Bucket=self.s.bucket, Key=self.key, Body=bytes(self.buf))
+                client.put_object(Bucket=self.s.bucket, Key=self.key, Body=body)
             except Exception as err:
                 raise translate(err, f"writing s3://{self.s.bucket}/{self.key}") from err
-            self.sent += len(self.buf)
-            self.buf.clear()
+            self.sent += len(body)
+            self.chunks, self.buffered = [], 0
             return
-        if self.buf:
-            self._submit(bytes(self.buf))
-            self.buf.clear()
+        if self.chunks:
+            self._submit(b"".join(self.chunks))
+            self.chunks, self.buffered = [], 0
         while self.pending:
             self.pending.popleft().result()
         parts = [{"PartNumber": n, "ETag": f'"{self.done[n]}"'} for n in sorted(self.done)]
@@ -253,7 +261,7 @@ class _MultipartWriter(ObjectWriter):
                 except Exception:  # noqa: BLE001 - the first error is already on its way up
                     pass
         self.pending.clear()
-        self.buf = bytearray()
+        self.chunks, self.buffered = [], 0
 
 
 class _GuardedClient:
@@ -337,7 +345,7 @@ class S3Storage(StorageBackend):
             raise translate(err, f"checking s3://{self.bucket}/{key}") from err
         return True
 
-    def read(self, key: str, *, range_size: int = 16 * MiB) -> Iterator[Segment]:
+    def read(self, key: str, *, range_size: int = 8 * MiB) -> Iterator[Segment]:
         """The object in order, fetched as parallel ranged GETs (at most ``concurrency`` ranges ahead)."""
         total = self.size(key)
 
