@@ -44,6 +44,9 @@ from include.store import FileStatusSink, SpecStore, StatusSink
 
 log = logging.getLogger(__name__)
 
+#: read size for local files: one S3 part (8 MiB), so that a part can go out without being copied
+READ_CHUNK = 8 * 1024 * 1024
+
 
 @dataclass
 class MigrationContext:
@@ -315,13 +318,13 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
     _ensure_source_off(ctx)
     if rec.get("exportPath"):
-        source = diskio.file_segments(rec["exportPath"])
+        source = diskio.file_segments(rec["exportPath"], chunk=READ_CHUNK)
         total = os.path.getsize(rec["exportPath"])
     else:
         info = ctx.disk_info(disk)
         local = _local_source_path(ctx, info)
         # on this host the (shut-off) disk's file is read directly; elsewhere through libvirt's stream API
-        source = diskio.file_segments(local) if local is not None else ctx.source.read_disk(info)
+        source = diskio.file_segments(local, chunk=READ_CHUNK) if local is not None else ctx.source.read_disk(info)
         total = _source_file_size(ctx, info)
     key = d["objectKey"]
     hasher = hashlib.sha256()

@@ -162,6 +162,9 @@ class _MultipartWriter(ObjectWriter):
         self.length += segment.length
 
     def _add(self, data: bytes | memoryview) -> None:
+        if not self.chunks and isinstance(data, bytes) and len(data) == self.part_size:
+            self._submit(data)  # a read that is exactly one part goes out without a copy
+            return
         view = memoryview(data)
         while view:
             room = self.part_size - self.buffered
