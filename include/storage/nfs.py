@@ -23,16 +23,49 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 
 class _FileWriter(ObjectWriter):
+    """Writes ``.<name>.part`` and renames it into place on commit.
+
+    An interrupted write leaves its part file (abort keeps it). The next writer of the same key compares
+    what it is about to write with what the part already holds and skips what matches, so a retry
+    rewrites only from the first difference (``reused`` counts the bytes it did not write again).
+    """
+
     def __init__(self, final: Path) -> None:
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.part-{os.getpid()}")
-        self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self.tmp = final.with_name(f".{final.name}.part")
+        existing = self.tmp.exists()
+        self.fh = open(self.tmp, "r+b" if existing else "wb")  # noqa: SIM115 - closed in commit/abort
+        self.resumable = os.fstat(self.fh.fileno()).st_size if existing else 0
         self.length = 0
+        self.reused = 0
+
+    def _matches(self, segment: Segment) -> bool:
+        """Whether the part already holds ``segment`` at the current offset (read back with pread)."""
+        if self.length + segment.length > self.resumable:
+            return False
+        fd, pos = self.fh.fileno(), self.length
+        left = segment.length
+        view = memoryview(segment.data) if segment.data is not None else None
+        while left:
+            n = min(left, 8 * 1024 * 1024)
+            have = os.pread(fd, n, pos)
+            want = view[segment.length - left:segment.length - left + n] if view is not None else bytes(n)
+            if have != want:
+                return False
+            pos += n
+            left -= n
+        return True
 
     def write(self, segment: Segment) -> None:
-        if segment.data is None:
-            self.fh.seek(segment.length, os.SEEK_CUR)
-        else:
+        if self.resumable:
+            if self._matches(segment):
+                self.length += segment.length
+                self.reused += segment.length
+                return
+            self.fh.truncate(self.length)  # first difference: the rest is written anew
+            self.resumable = 0
+        self.fh.seek(self.length)
+        if segment.data is not None:
             self.fh.write(segment.data)
         self.length += segment.length
 
@@ -45,10 +78,10 @@ class _FileWriter(ObjectWriter):
         _fsync_dir(self.final.parent)
 
     def abort(self) -> None:
+        # keep the part: the retry resumes from it; cleanup (deleteIntermediate) removes leftovers
         if not self.fh.closed:
+            self.fh.flush()
             self.fh.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp.unlink()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -111,7 +144,8 @@ class NfsStorage(StorageBackend):
 
     def delete(self, key: str) -> bool:
         removed = False
-        for path in (self._path(key), self._path(key + MANIFEST_SUFFIX)):
+        final = self._path(key)
+        for path in (final, self._path(key + MANIFEST_SUFFIX), final.with_name(f".{final.name}.part")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed = True
@@ -131,13 +165,14 @@ class NfsStorage(StorageBackend):
         return count
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        data = json.dumps(manifest, indent=2).encode()
         writer = _FileWriter(self._path(key + MANIFEST_SUFFIX))
         try:
-            data = json.dumps(manifest, indent=2).encode()
             writer.write(Segment(length=len(data), data=data))
             writer.commit()
         except BaseException:
             writer.abort()
+            writer.tmp.unlink(missing_ok=True)  # a manifest is rewritten whole, never resumed
             raise
 
     def get_manifest(self, key: str) -> dict[str, Any] | None:

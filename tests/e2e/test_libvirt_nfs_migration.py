@@ -119,3 +119,21 @@ def test_zstd_compression_is_opt_in_and_lossless(airflow_db, store, world):
     for disk in ("vda", "vdb"):
         src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
         assert diskio.compare(src, volume_path(world, world.target_pool, f"{target}-{disk}.raw"), "qcow2", "raw")
+
+
+def test_delete_source_after_the_target_validated(airflow_db, store, world):
+    create_source_vm(world)
+    docs = store_documents(world, name="delsrc", target_format="qcow2")
+    docs[0]["spec"]["cleanupPolicy"]["deleteSource"] = True
+    write_store(store, "delsrc.yaml", docs)
+    src_files = list((world.root / "pools" / "src").glob(f"{world.vm_name}-*"))
+    assert len(src_files) == 2
+    dagrun = run_migration("vmmigration__default__delsrc")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    conn = world.conn()
+    try:
+        names = [d.name() for d in conn.listAllDomains(0)]
+        assert world.vm_name not in names and f"{world.vm_name}-migrated" in names
+    finally:
+        conn.close()
+    assert not any(p.exists() for p in src_files)  # the source's disks went with it

@@ -173,3 +173,48 @@ def test_s3_killed_mid_upload_resumes_and_is_byte_identical(airflow_db, store, w
     record = SpecStore(store).disk_record("default", "killed", "vda")
     assert record["resumedBytes"] > 0, record  # the retry kept the parts stored before the kill
     assert_target_matches_source(world)
+
+
+def test_corrupted_object_is_retried_by_airflow_then_fails_naming_the_disk(airflow_db, store, world, s3):
+    """The same fault inside a whole run: once vda's object and manifest are stored, a byte near its
+    end is flipped on the server's disk; the import side catches it, Airflow retries per retryPolicy,
+    and the migration ends Failed with the disk named and nothing left on the target."""
+    create_source_vm(world)
+    write_store(store, "flip.yaml", s3_docs(world, "flip", s3, retry={"maxAttempts": 1, "backoffDuration": "1s"}))
+    stored = s3.root / "vm-migrations" / "default" / "flip" / "vda.qcow2"
+    manifest = stored.with_name("vda.qcow2.manifest.json")
+    flipped = threading.Event()
+
+    def flipper() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if manifest.exists() and stored.exists():
+                with open(stored, "r+b") as fh:
+                    fh.seek(-4096, 2)
+                    byte = fh.read(1)
+                    fh.seek(-1, 1)
+                    fh.write(bytes([byte[0] ^ 0x55]))
+                flipped.set()
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=flipper)
+    thread.start()
+    dagrun = run_migration("vmmigration__default__flip")
+    thread.join()
+    assert flipped.is_set()
+    assert str(dagrun.state) == "failed"
+    convert = next(t for t in dagrun.get_task_instances() if t.task_id == "disk.convert_disk" and t.map_index == 0)
+    assert str(convert.state).endswith("failed") and convert.try_number == 2  # retried once (maxAttempts: 1)
+    status = FileStatusSink(SpecStore(store)).get("default", "flip")
+    assert status["phase"] == "Failed" and status["failedPhase"] == "Converting"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ChecksumMismatch" and "disk vda" in failed["message"]
+    conn = world.conn()
+    try:
+        assert f"{world.vm_name}-migrated" not in [d.name() for d in conn.listAllDomains(0)]
+        pool = conn.storagePoolLookupByName(world.target_pool)
+        pool.refresh(0)
+        assert pool.listVolumes() == []  # the half-made target is rolled back
+    finally:
+        conn.close()

@@ -34,7 +34,8 @@ def nfs(share) -> NfsStorage:
 
 
 def visible_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Published objects (a hidden ``.<name>.part`` is a write in progress, kept for a resume)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def joined(segments) -> bytes:
@@ -52,18 +53,19 @@ def test_writer_commits_atomically(nfs, share):
     assert not final.exists()  # nothing under the final name before commit
     assert not nfs.exists(KEY)
     temps = [p for p in final.parent.iterdir()]
-    assert len(temps) == 1 and temps[0].name.startswith(".vda.qcow2.part-")
+    assert len(temps) == 1 and temps[0].name == ".vda.qcow2.part"
     writer.commit()
     assert final.read_bytes() == b"hello\0\0\0!!"
     assert visible_files(share) == [KEY]  # the temp file became the object
     assert nfs.exists(KEY) and nfs.size(KEY) == 10
 
 
-def test_writer_abort_removes_the_temp_file(nfs, share):
+def test_writer_abort_keeps_the_part_for_a_resume_but_publishes_nothing(nfs, share):
     writer = nfs.open_writer(KEY, size_hint=0)
     writer.write(Segment(4, b"half"))
     writer.abort()
-    assert visible_files(share) == []
+    assert visible_files(share) == []  # nothing under the final name
+    assert not nfs.exists(KEY)
     writer.abort()  # twice is fine
 
 
@@ -73,6 +75,40 @@ def test_writer_context_manager_aborts_on_exception(nfs, share):
         raise RuntimeError("source died")
     assert visible_files(share) == []
     assert not nfs.exists(KEY)
+
+
+def test_a_retry_resumes_from_the_part_and_rewrites_from_the_first_difference(nfs):
+    data = bytes(range(256)) * 4096  # 1 MiB
+    first = nfs.open_writer(KEY, size_hint=len(data))
+    first.write(Segment(len(data) // 2, data[: len(data) // 2]))
+    first.abort()  # the task died half way
+    second = nfs.open_writer(KEY, size_hint=len(data))
+    for i in range(0, len(data), 65536):
+        second.write(Segment(65536, data[i:i + 65536]))
+    second.commit()
+    assert second.reused == len(data) // 2
+    assert joined(nfs.read(KEY)) == data
+
+
+def test_a_part_that_differs_is_rewritten(nfs):
+    stale = nfs.open_writer(KEY, size_hint=8)
+    stale.write(Segment(8, b"AAAABBBB"))
+    stale.abort()
+    writer = nfs.open_writer(KEY, size_hint=8)
+    writer.write(Segment(4, b"AAAA"))
+    writer.write(Segment(2, b"CC"))
+    writer.write(Segment(2))
+    writer.commit()
+    assert writer.reused == 4
+    assert joined(nfs.read(KEY)) == b"AAAACC\0\0"
+
+
+def test_delete_removes_a_leftover_part(nfs, share):
+    writer = nfs.open_writer(KEY, size_hint=4)
+    writer.write(Segment(4, b"half"))
+    writer.abort()
+    nfs.delete(KEY)
+    assert not list(share.rglob(".*.part"))
 
 
 def test_writer_context_manager_commit(nfs):
