@@ -1,7 +1,9 @@
 """S3 storage (AWS or any S3-compatible server): multipart uploads with parallel parts and bounded
 memory, resumed from the parts already stored; downloads in parallel ranges.
 
-Memory: at most ``concurrency + 1`` parts are held at once, whatever the disk size. An interrupted
+Memory: at most ``concurrency + 1`` parts are held at once, and no more than ``MEMORY_BUDGET`` worth
+of 8-32 MiB parts (fewer in flight as parts grow; a disk over about 1.2 TiB needs parts of 256 MiB,
+and then two of them are held). An interrupted
 upload is not aborted: the next attempt finds it with ListMultipartUploads, keeps every stored part
 whose size and MD5 (its ETag) match what it is about to send, and uploads only the rest. Each
 disk's sha256 is kept in a ``<key>.manifest.json`` object beside it.
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 MIN_PART = 8 * MiB
+#: parts held at once (in flight plus the one being filled) stay within this, down to one in flight
+MEMORY_BUDGET = 160 * MiB
 MAX_PARTS = 10_000
 MANIFEST_SUFFIX = ".manifest.json"
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
@@ -146,6 +150,7 @@ class _MultipartWriter(ObjectWriter):
         self.length = 0
         self.reused = 0
         self.sent = 0
+        self.max_inflight = max(1, min(storage.concurrency, MEMORY_BUDGET // part_size - 1))
         self._lock = threading.Lock()
 
     # A part is only sent once its buffer is full, so the first part tells whether the object is small.
@@ -213,7 +218,7 @@ class _MultipartWriter(ObjectWriter):
             self.done[number] = have[1]
             self.reused += len(data)
             return
-        while len(self.pending) >= self.s.concurrency:  # bounded memory: wait for the oldest part
+        while len(self.pending) >= self.max_inflight:  # bounded memory: wait for the oldest part
             self.pending.popleft().result()
         self.pending.append(self.s.pool.submit(self._upload_part, number, data))
 

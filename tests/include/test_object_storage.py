@@ -151,3 +151,17 @@ def test_http_tls_verified_with_the_secret_ca_bundle(tmp_path, caplog):
     finally:
         server.stop()
         os.environ.pop("REQUESTS_CA_BUNDLE", None)
+
+
+def test_parts_in_memory_stay_within_the_budget_as_parts_grow():
+    from include.storage.s3 import MEMORY_BUDGET, S3Storage, _MultipartWriter, part_size_for
+
+    storage = S3Storage(client=None, bucket="b")
+    try:
+        for disk in (10 * 2**30, 300 * 2**30, 600 * 2**30, 1200 * 2**30):
+            part = part_size_for(disk)
+            writer = _MultipartWriter(storage, "k", part)
+            assert (writer.max_inflight + 1) * part <= max(MEMORY_BUDGET, 2 * part), (disk, part)
+            assert part * 10_000 >= disk
+    finally:
+        storage.close()
