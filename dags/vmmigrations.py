@@ -84,6 +84,8 @@ def build_dag(entry) -> DAG:
         finish = FinalizeMigrationOperator(task_id="finalize_migration", outlets=[Asset("migrated_vms")], retries=0,
                                            **common)
         validate >> snapshot >> disk_list >> disks >> create >> check >> finish
+        # finalize waits for every task, so that no disk is still moving when it cleans up or rolls back
+        [validate, snapshot, disk_list, disks, create] >> finish
     return dag
 
 

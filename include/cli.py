@@ -82,7 +82,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             assert entry.migration is not None
             resolved = resolve(entry.migration, inventory)
             source = driver_for(resolved.source.provider)
-            vm = source.get_vm(resolved.source.provider_vm_id)
+            try:
+                vm = source.get_vm(resolved.source.provider_vm_id)
+            finally:
+                source.close()
             pool = entry.migration.spec.targetStorageHint or driver_for(resolved.target).default_storage()
             plan = build_plan(resolved, vm, target_storage=pool)
             storage = backend_for(entry.migration.spec.storage, resolved.storage_credentials)

@@ -39,14 +39,31 @@ class Compressor:
         return self._obj.flush()
 
 
+class _SegmentReader:
+    """A file-like ``read`` over stored segments, for the streaming decompressor."""
+
+    def __init__(self, segments: Iterator[Segment]) -> None:
+        self._segments = iter(segments)
+        self._pending = memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        while not len(self._pending):
+            seg = next(self._segments, None)
+            if seg is None:
+                return b""
+            if seg.data is None:
+                raise ValueError("a compressed object has no holes")
+            self._pending = memoryview(seg.data)
+        n = len(self._pending) if size is None or size < 0 else min(size, len(self._pending))
+        out, self._pending = self._pending[:n].tobytes(), self._pending[n:]
+        return out
+
+
 def decompress(segments: Iterator[Segment]) -> Iterator[Segment]:
+    """Decompressed data in pieces of at most CHUNK bytes, whatever the compression ratio (a zeroed
+    disk compresses thousands of times: memory never holds more than one piece)."""
     import zstandard
 
-    obj = zstandard.ZstdDecompressor().decompressobj()
-    for seg in segments:
-        if seg.data is None:
-            raise ValueError("a compressed object has no holes")
-        out = obj.decompress(bytes(seg.data))
-        for i in range(0, len(out), CHUNK):
-            piece = out[i:i + CHUNK]
-            yield Segment(length=len(piece), data=piece)
+    reader = _SegmentReader(segments)
+    for piece in zstandard.ZstdDecompressor().read_to_iter(reader, read_size=CHUNK, write_size=CHUNK):
+        yield Segment(length=len(piece), data=piece)

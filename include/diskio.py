@@ -226,7 +226,8 @@ def image_info(path: str | os.PathLike[str], fmt: str | None = None) -> dict[str
 
 
 def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[str], dst_fmt: str,
-            progress: Callable[[float], None] | None = None, *, into_existing: bool = False) -> None:
+            progress: Callable[[float], None] | None = None, *, into_existing: bool = False,
+            vmdk_subformat: str = "monolithicSparse") -> None:
     """``qemu-img convert`` keeping the output sparse, reporting percent through ``progress``.
 
     ``into_existing`` writes into a freshly created, all-zero image (``-n --target-is-zero``), such as a
@@ -236,7 +237,9 @@ def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[st
     if into_existing:
         args += ["-n", "--target-is-zero"]
     elif dst_fmt == "vmdk":
-        args += ["-o", "subformat=streamOptimized"]
+        # streamOptimized is what vSphere imports; QEMU cannot rewrite its clusters, so elsewhere it is
+        # monolithicSparse
+        args += ["-o", f"subformat={vmdk_subformat}"]
     args += [str(src), str(dst)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     assert proc.stdout is not None and proc.stderr is not None

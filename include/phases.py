@@ -229,7 +229,15 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
         raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started after Validating; shut it down",
                                field="spec.sourceName")
-    covered = ctx.source.create_snapshot(ctx.plan["source"]["vm"], snap["name"], disks)
+    vm = ctx.plan["source"]["vm"]
+    existed = bool(getattr(ctx.source, "has_snapshot", lambda *_: False)(vm, snap["name"]))
+    covered = ctx.source.create_snapshot(vm, snap["name"], disks)
+    if covered and not existed:
+        # only a snapshot this migration made is ever deleted by it
+        ctx.store.update_run_record(ctx.namespace, ctx.name, snapshotCreated=snap["name"])
+    elif covered and ctx.store.run_record(ctx.namespace, ctx.name).get("snapshotCreated") != snap["name"]:
+        ctx.logger.warning("snapshot %s already existed and was not made by this migration: it will be kept",
+                           snap["name"])
     if covered:
         message = f"Snapshot {snap['name']} of {', '.join(covered)} created"
     else:
@@ -278,6 +286,13 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     return {"disk": disk, "staged": True}
 
 
+def _stat_key(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    st_ = os.stat(path)
+    return st_.st_mtime_ns, st_.st_size
+
+
 def _ensure_source_off(ctx: MigrationContext) -> None:
     """Cold migration: the source must stay shut off while its disks are read."""
     if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
@@ -287,9 +302,9 @@ def _ensure_source_off(ctx: MigrationContext) -> None:
 
 def _local_source_path(ctx: MigrationContext, info: DiskInfo) -> Path | None:
     """The disk's file when the source libvirt runs on this host (qemu:///...), for qemu-img to read."""
-    endpoint = ctx.plan["source"]["endpoint"]
-    if endpoint.split(":", 1)[0] in ("qemu", "libvirt") and endpoint.startswith(("qemu:///", "qemu:/")) \
-            and os.path.exists(info.path):
+    from include.providers.libvirt_driver import is_local_uri
+
+    if is_local_uri(ctx.plan["source"]["endpoint"]) and os.path.exists(info.path):
         return Path(info.path)
     return None
 
@@ -300,7 +315,8 @@ def _convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt:
     tracker = ctx.progress(phase, disk, total, f"converting {src_fmt}->{dst_fmt}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing,
+        subformat = "streamOptimized" if ctx.plan["target"]["type"] == "vsphere" else "monolithicSparse"
+        diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing, vmdk_subformat=subformat,
                        progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
     except diskio.QemuImgError as err:
         if not into_existing:
@@ -317,6 +333,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     rec = ctx.disk_record(disk)
     begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
     _ensure_source_off(ctx)
+    watched: Path | None = None  # a local source file, checked unchanged after it was read
     if rec.get("exportPath"):
         source = diskio.file_segments(rec["exportPath"], chunk=READ_CHUNK)
         total = os.path.getsize(rec["exportPath"])
@@ -326,6 +343,8 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         # on this host the (shut-off) disk's file is read directly; elsewhere through libvirt's stream API
         source = diskio.file_segments(local, chunk=READ_CHUNK) if local is not None else ctx.source.read_disk(info)
         total = _source_file_size(ctx, info)
+        if local is not None:
+            watched = local
     key = d["objectKey"]
     hasher = hashlib.sha256()
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
@@ -335,7 +354,9 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     compressor = Compressor() if codec == "zstd" else None
     holes = ctx.storage.supports_holes and compressor is None
     extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
-    with ctx.storage.open_writer(key, size_hint=rec.get("exportBytes") or total) as writer:
+    before = _stat_key(watched)
+    # size the upload by the larger of the allocated and the file size (allocation may be compressed)
+    with ctx.storage.open_writer(key, size_hint=max(rec.get("exportBytes") or 0, total)) as writer:
         # reading (prefetch thread), hashing (here) and uploading (the backend's part threads) overlap
         for seg in hash_segments(diskio.prefetched(source), hasher):
             if compressor is not None and seg.data is not None:
@@ -358,6 +379,11 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             writer.write(Segment(length=len(tail), data=tail))
             stored += len(tail)
         tracker.total = written
+        # the disk must not have changed while it was read: still shut off, file untouched
+        _ensure_source_off(ctx)
+        if _stat_key(watched) != before:
+            raise InvalidMigration(f"disk {disk} changed while it was read ({watched}); run the migration again "
+                                   f"with the VM shut off", field="spec.sourceName")
         writer.commit()
         resumed = int(getattr(writer, "reused", 0))
     tracker.finish()
@@ -394,7 +420,7 @@ def _source_file_size(ctx: MigrationContext, info: DiskInfo) -> int:
 
 def _inflate(segments: Iterator[Segment], extents: list[list[int]], size: int) -> Iterator[Segment]:
     """Stored data extents back into the logical stream, the gaps between them as holes."""
-    pending = b""
+    pending = memoryview(b"")
     pos = 0
     stream = iter(segments)
     for offset, length in extents:
@@ -402,12 +428,12 @@ def _inflate(segments: Iterator[Segment], extents: list[list[int]], size: int) -
             yield Segment(length=offset - pos)
         left = length
         while left:
-            if not pending:
+            if not len(pending):
                 seg = next(stream, None)
                 if seg is None or seg.data is None:
                     raise ChecksumError(f"stored object ends {left} bytes early (extent at {offset})")
-                pending = bytes(seg.data)
-            take = pending[:left]
+                pending = memoryview(seg.data)
+            take = pending[:left]  # a view: no copy of what is left
             pending = pending[len(take):]
             left -= len(take)
             yield Segment(length=len(take), data=take)
@@ -632,7 +658,9 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
             problems.append(f"disk {d['name']} format {got['format']} != {d['targetFormat']}")
         if got["capacity"] != d["targetCapacity"]:
             problems.append(f"disk {d['name']} size {got['capacity']} != {d['targetCapacity']}")
-        if os.path.exists(got["path"]):
+        from include.providers.libvirt_driver import is_local_uri
+
+        if is_local_uri(tgt["endpoint"]) and os.path.exists(got["path"]):
             try:
                 diskio.check(got["path"], got["format"])
             except diskio.QemuImgError as err:
@@ -654,22 +682,27 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
     plan = ctx.store.load_plan(ctx.namespace, ctx.name)
     if plan is None:  # failed before a plan existed (Validating): nothing was created
         return {"removed": done}
-    policy = ctx.migration.spec.cleanupPolicy
+    policy = plan["cleanup"]  # as validated at the start of the run, whatever the spec says now
     ctx.__dict__["plan"] = plan
     if ctx.staging.exists():
         shutil.rmtree(ctx.staging, ignore_errors=True)
         done.append(f"staging folder {ctx.staging}")
     if not succeeded:
         done += _rollback_target(ctx)
-    if policy.deleteIntermediate:
+    if policy["deleteIntermediate"]:
         with _logged(ctx, "deleting intermediate files"):
             n = ctx.storage.delete_prefix(plan["storage"]["prefix"])
             done.append(f"{n} intermediate files under {ctx.storage.location(plan['storage']['prefix'])}")
-    if policy.deleteSnapshot:
+    ours = ctx.store.run_record(ctx.namespace, ctx.name).get("snapshotCreated") == plan["snapshot"]["name"]
+    if succeeded and policy["deleteSnapshot"] and ours:
         with _logged(ctx, "deleting the snapshot"):
             if ctx.source.delete_snapshot(plan["source"]["vm"], plan["snapshot"]["name"]):
+                ctx.store.update_run_record(ctx.namespace, ctx.name, snapshotCreated=None)
                 done.append(f"snapshot {plan['snapshot']['name']}")
-    if succeeded and policy.deleteSource:
+    elif ours and not succeeded:
+        ctx.logger.info("cleanup: snapshot %s kept after the failure, for rollback; the next successful run "
+                        "deletes it", plan["snapshot"]["name"])
+    if succeeded and policy["deleteSource"]:
         ctx.source.delete_vm(plan["source"]["vm"], delete_storage=True)
         done.append(f"source VM {plan['source']['vm']} and its disks (deleteSource)")
     for item in done:

@@ -187,6 +187,21 @@ class SpecStore:
             self.write_json(path, record)
         return record
 
+    def run_record_path(self, namespace: str, name: str) -> Path:
+        return self.status_dir / namespace / f"{name}.run.json"
+
+    def update_run_record(self, namespace: str, name: str, **values: Any) -> dict[str, Any]:
+        """Facts about what this migration made that must outlive a run (the snapshot it created)."""
+        path = self.run_record_path(namespace, name)
+        with locked(path):
+            record = self.read_json(path) or {}
+            record.update(values)
+            self.write_json(path, record)
+        return record
+
+    def run_record(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.read_json(self.run_record_path(namespace, name)) or {}
+
     def disk_record(self, namespace: str, name: str, disk: str) -> dict[str, Any]:
         return self.read_json(self.disk_record_path(namespace, name, disk)) or {"name": disk}
 

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from xml.sax.saxutils import escape
 
 from include.diskio import CHUNK, Segment
@@ -35,11 +35,18 @@ def _libvirt():
     return libvirt
 
 
+def is_local_uri(uri: str) -> bool:
+    """Whether a libvirt URI names the daemon on this host (``qemu:///system``, ``qemu+unix:///...``);
+    ``qemu://host/system`` is a remote daemon even if the same path exists here."""
+    parts = urlsplit(uri)
+    return parts.scheme in ("qemu", "qemu+unix") and not parts.hostname
+
+
 def connection_uri(endpoint: str, credentials: Mapping[str, str] | None) -> tuple[str, str | None]:
     """The URI to open for a Provider: for ``qemu+ssh://`` the Secret's private key (keys ``sshPrivateKey``
     or ``ssh-privatekey``, as in a kubernetes.io/ssh-auth Secret) goes to a 0600 file named by ``keyfile=``.
 
-    Returns the URI and the key file to delete when the connection closes.
+    Returns the URI and the key file to delete once the connection is open.
     """
     scheme = endpoint.split(":", 1)[0]
     if "no_verify=1" in endpoint:
@@ -61,28 +68,29 @@ class LibvirtDriver(HypervisorDriver):
     native_format = "qcow2"
     attachable_formats = ("qcow2", "raw", "vmdk")
 
-    def __init__(self, uri: str, *, keyfile: str | None = None) -> None:
+    def __init__(self, uri: str, *, credentials: Mapping[str, str] | None = None) -> None:
         self.uri = uri
-        self._keyfile = keyfile
+        self._credentials = credentials
 
     @classmethod
     def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> LibvirtDriver:
-        uri, keyfile = connection_uri(endpoint, credentials)
-        return cls(uri, keyfile=keyfile)
+        return cls(endpoint, credentials=credentials)
 
     @cached_property
     def conn(self) -> Any:
         libvirt = _libvirt()
+        # the private key (if any) is written only now, and removed as soon as ssh has connected with it
+        uri, keyfile = connection_uri(self.uri, self._credentials)
         try:
-            return libvirt.open(self.uri)
+            return libvirt.open(uri)
         except libvirt.libvirtError as err:
             raise HypervisorError(f"cannot connect to libvirt at {self.uri.split('?', 1)[0]}: {err}") from err
+        finally:
+            if keyfile:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(keyfile)
 
     def close(self) -> None:
-        if self._keyfile:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._keyfile)
-            self._keyfile = None
         if "conn" in self.__dict__:
             try:
                 self.conn.close()
@@ -125,8 +133,8 @@ class LibvirtDriver(HypervisorDriver):
             if src is not None:
                 iface.update({k: v for k, v in src.attrib.items() if k in ("bridge", "network")})
             interfaces.append(iface)
-        return VMInfo(name=name, running=state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED,
-                                                   libvirt.VIR_DOMAIN_BLOCKED),
+        # only a shut-off VM has stable disks: shutting down, suspended, crashed or unknown all count as running
+        return VMInfo(name=name, running=state != libvirt.VIR_DOMAIN_SHUTOFF,
                       vcpus=int(vcpus), memory_mib=int(mem_kib) // 1024, disks=disks,
                       interfaces=tuple(interfaces))
 
@@ -154,6 +162,10 @@ class LibvirtDriver(HypervisorDriver):
         except libvirt.libvirtError as err:
             raise NotFound(f"disk {name}: its storage volume is not in any libvirt storage pool ({err}); "
                            f"define a pool for its folder") from err
+        backing = ET.fromstring(vol.XMLDesc(0)).findtext("./backingStore/path")
+        if backing:
+            raise UnsupportedDiskFormat(f"disk {name} ({vol.path()}) is an overlay on {backing}; flatten it first "
+                                        f"(virsh blockpull, or qemu-img convert into a standalone image)")
         _kind, capacity, allocation = vol.info()
         # The volume's capacity is the virtual size libvirt probed from the image header.
         return DiskInfo(name=name, format=fmt, capacity=int(capacity), allocation=int(allocation),
@@ -283,9 +295,10 @@ class LibvirtDriver(HypervisorDriver):
                 if seg.data is None:
                     stream.sendHole(seg.length, 0)
                     continue
-                view = memoryview(seg.data)
+                data = seg.data if isinstance(seg.data, bytes) else bytes(seg.data)
+                view = memoryview(data)
                 while view:
-                    sent = stream.send(view.tobytes() if len(view) != len(seg.data) else seg.data)
+                    sent = stream.send(data if len(view) == len(data) else view.tobytes())
                     if sent < 0:
                         raise HypervisorError(f"writing volume {volume} failed (stream returned {sent})")
                     view = view[sent:]
@@ -299,7 +312,7 @@ class LibvirtDriver(HypervisorDriver):
 
     def local_volume_path(self, storage: str, volume: str) -> str | None:
         """The volume's file when libvirtd runs on this host and the file is writable here."""
-        if not self.uri.startswith(("qemu:///", "qemu+unix:///")):
+        if not is_local_uri(self.uri):
             return None
         path = self._volume(storage, volume).path()
         return path if os.access(path, os.W_OK) else None

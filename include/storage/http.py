@@ -131,7 +131,7 @@ class _HttpWriter(ObjectWriter):
             pass
         self.thread.join(timeout=5)
         try:
-            self.s.session.delete(self.s.url(self.tmp_key), timeout=10, verify=self.s.verify)
+            self.s._call("DELETE", self.tmp_key, f"removing {self.s.url(self.tmp_key)}")
         except Exception:  # noqa: BLE001 - best effort: the server may be the reason we abort
             log.debug("could not delete %s", self.tmp_key, exc_info=True)
 

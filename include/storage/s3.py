@@ -212,6 +212,10 @@ class _MultipartWriter(ObjectWriter):
     def _submit(self, data: bytes) -> None:
         self._begin()
         number = self.next_part
+        if number > MAX_PARTS:
+            raise InvalidMigration(f"s3://{self.s.bucket}/{self.key} needs more than {MAX_PARTS} parts of "
+                                   f"{self.part_size} bytes: the disk is larger than its size hint",
+                                   field="spec.storage")
         self.next_part += 1
         have = self.existing.get(number)
         if have and have[0] == len(data) and have[1] == hashlib.md5(data, usedforsecurity=False).hexdigest():

@@ -86,3 +86,15 @@ def test_store_problems_are_reported_as_an_import_error(store):
     assert "garbage.yaml: not readable YAML" in errors["vmmigration_store_check.py"]
     assert "VMMigration default/vm-000 is also defined" in errors["vmmigration_store_check.py"]
     assert "vmmigration__default__vm-000" in bag.dags  # the good migration still has its DAG
+
+
+def test_finalize_waits_for_every_task(store):
+    """finalize_migration cleans up or rolls back: it must not start while any disk is still moving."""
+    _write_specs(store, 1)
+    dag = _bag().dags["vmmigration__default__vm-000"]
+    finalize = dag.get_task("finalize_migration")
+    upstream = finalize.get_flat_relative_ids(upstream=True)
+    assert upstream == {t.task_id for t in dag.tasks} - {"finalize_migration"}
+    # and directly on every per-disk leaf and phase, not only through validate_target
+    direct = set(finalize.upstream_task_ids)
+    assert {"validate_target", "create_vm", "disk.import_disk", "validate_migration", "snapshot_vm"} <= direct

@@ -216,5 +216,7 @@ def test_corrupted_object_is_retried_by_airflow_then_fails_naming_the_disk(airfl
         pool = conn.storagePoolLookupByName(world.target_pool)
         pool.refresh(0)
         assert pool.listVolumes() == []  # the half-made target is rolled back
+        # the source is untouched by the failure: its snapshot stays, for rollback
+        assert conn.lookupByName(world.vm_name).snapshotListNames(0) == ["vmmigration-flip"]
     finally:
         conn.close()

@@ -329,13 +329,18 @@ def test_convert_round_trip_raw_qcow2_raw(raw_image, tmp_path):
     assert allocated_bytes(back) < 8 * MiB  # conversion keeps the output sparse
 
 
-def test_convert_to_stream_optimized_vmdk(raw_image, tmp_path):
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized"])
+def test_convert_to_vmdk_subformats(raw_image, tmp_path, subformat):
+    """monolithicSparse by default (QEMU can rewrite it); streamOptimized is asked for vSphere targets."""
     raw, _ = raw_image
     vmdk = tmp_path / "disk.vmdk"
-    diskio.convert(raw, "raw", vmdk, "vmdk")
+    if subformat == "monolithicSparse":
+        diskio.convert(raw, "raw", vmdk, "vmdk")
+    else:
+        diskio.convert(raw, "raw", vmdk, "vmdk", vmdk_subformat=subformat)
     info = diskio.image_info(vmdk)
     assert info["format"] == "vmdk"
-    assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    assert info["format-specific"]["data"]["create-type"] == subformat
     assert diskio.compare(raw, vmdk, fmt_b="vmdk") is True
 
 
