@@ -1,0 +1,66 @@
+"""Hooks against real servers: libvirtd through an AIRFLOW_CONN_* connection, S3 through MigrationS3Hook."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.servers.s3 import start_s3_server
+
+
+def test_libvirt_hook_reads_its_uri_from_an_env_connection(libvirt_uri, monkeypatch):
+    from hooks.libvirt_hook import LibvirtHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_LIBVIRT_DEFAULT", json.dumps({"conn_type": "libvirt", "host": libvirt_uri}))
+    hook = LibvirtHook()
+    assert hook.uri == libvirt_uri
+    ok, message = hook.test_connection()
+    assert ok and "libvirt 9." in message
+    hook.get_conn().close()
+
+
+def test_libvirt_hook_refuses_conflicting_settings(monkeypatch):
+    from hooks.exceptions import ResourceConflict
+    from hooks.libvirt_hook import LibvirtHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_LIBVIRT_DEFAULT", json.dumps(
+        {"conn_type": "libvirt", "host": "qemu:///system", "extra": {"uri": "qemu+ssh://h/system"}}))
+    with pytest.raises(ResourceConflict):
+        _ = LibvirtHook().uri
+
+
+@pytest.fixture
+def s3(tmp_path):
+    server = start_s3_server(tmp_path / "s3")
+    server.create_bucket("hooked")
+    yield server
+    server.stop()
+
+
+def test_migration_s3_hook_uses_the_secret_not_a_connection(s3):
+    from airflow.sdk.log import mask_secret  # noqa: F401 - the hook registers the secret with the masker
+    from hooks.s3_storage_hook import MigrationS3Hook
+
+    from include.storage.s3 import S3Settings
+
+    settings = S3Settings(bucket="hooked", region="us-east-1", endpoint_url=s3.endpoint,
+                          access_key=s3.access_key, secret_key=s3.secret_key)
+    hook = MigrationS3Hook(settings=settings)
+    client = hook.get_conn()
+    client.put_object(Bucket="hooked", Key="k", Body=b"v")
+    assert hook.read_key("k", bucket_name="hooked") == "v"  # the provider's own S3Hook verbs work too
+    assert s3.secret_key not in repr(hook) and s3.secret_key not in repr(settings)
+
+
+def test_migration_s3_hook_with_wrong_keys_is_refused(s3):
+    from botocore.exceptions import ClientError
+    from hooks.s3_storage_hook import MigrationS3Hook
+
+    from include.storage.s3 import S3Settings
+
+    hook = MigrationS3Hook(settings=S3Settings(bucket="hooked", region="us-east-1", endpoint_url=s3.endpoint,
+                                               access_key=s3.access_key, secret_key="wrong"))
+    with pytest.raises(ClientError) as err:
+        hook.get_conn().head_bucket(Bucket="hooked")
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
