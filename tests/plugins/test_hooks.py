@@ -40,8 +40,8 @@ def s3(tmp_path):
 
 def test_migration_s3_hook_uses_the_secret_not_a_connection(s3):
     from airflow.sdk.log import mask_secret  # noqa: F401 - the hook registers the secret with the masker
-    from hooks.s3_storage_hook import MigrationS3Hook
 
+    from hooks.s3_storage_hook import MigrationS3Hook
     from include.storage.s3 import S3Settings
 
     settings = S3Settings(bucket="hooked", region="us-east-1", endpoint_url=s3.endpoint,
@@ -55,8 +55,8 @@ def test_migration_s3_hook_uses_the_secret_not_a_connection(s3):
 
 def test_migration_s3_hook_with_wrong_keys_is_refused(s3):
     from botocore.exceptions import ClientError
-    from hooks.s3_storage_hook import MigrationS3Hook
 
+    from hooks.s3_storage_hook import MigrationS3Hook
     from include.storage.s3 import S3Settings
 
     hook = MigrationS3Hook(settings=S3Settings(bucket="hooked", region="us-east-1", endpoint_url=s3.endpoint,
