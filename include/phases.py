@@ -252,7 +252,8 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
 
 
 def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
-    """Exporting: make the disk readable in its transit format; converts here when the source is raw."""
+    """Exporting: make the disk readable in its transit format, converting here when the plan says so
+    (a raw source, or a compact one bound for raw, which is read in place as guest data)."""
     d = ctx.disk_plan(disk)
     begin(ctx, Phase.EXPORTING, disk=disk, message=f"Exporting disk {disk}")
     info = ctx.disk_info(disk)
@@ -263,26 +264,36 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         message = f"Disk {disk} exported as a {d['sourceFormat']} stream from {info.pool}/{info.volume}"
         finish(ctx, Phase.EXPORTING, message, disk=disk)
         return {"disk": disk, "staged": False}
+    local = _local_source_path(ctx, info)
+    if d["transitFormat"] == "raw" and local is not None:
+        extents = diskio.guest_extents(local, d["sourceFormat"])
+        if diskio.readable_in_place(extents):
+            # Transferring reads the guest data straight from the file through its map: no staging copy
+            data = sum(int(e["length"]) for e in extents if e.get("data") and not e.get("zero"))
+            ctx.record(disk, exportPath=None, exportMode="map", exportFormat="raw", exportBytes=data)
+            finish(ctx, Phase.EXPORTING, f"Disk {disk} exported as its guest data ({d['sourceFormat']} -> raw "
+                                         f"read in place, {data} bytes of data)", disk=disk)
+            return {"disk": disk, "staged": False}
     staged = ctx.staging / f"{disk}.export.{d['transitFormat']}"
-    raw_path = _local_source_path(ctx, info)
     diskio.ensure_free_space(ctx.staging, info.allocation)
-    tmp_raw = None
+    fetched = None
     try:
-        if raw_path is None:  # remote provider: fetch the raw disk once (sparse), then convert locally
-            tmp_raw = ctx.staging / f"{disk}.export.raw"
-            tracker = ctx.progress(Phase.EXPORTING, disk, info.capacity, "exporting")
-            with open(tmp_raw, "wb") as fh:
+        if local is None:  # remote provider: fetch the disk once (sparse), then convert here
+            fetched = ctx.staging / f"{disk}.export.src.{d['sourceFormat']}"
+            tracker = ctx.progress(Phase.EXPORTING, disk, _source_file_size(ctx, info), "exporting")
+            with open(fetched, "wb") as fh:
                 diskio.write_segments(ctx.source.read_disk(info), fh, tracker)
             tracker.finish()
-            raw_path = tmp_raw
-        _convert(ctx, Phase.EXPORTING, disk, raw_path, "raw", staged, d["transitFormat"])
+            local = fetched
+        _convert(ctx, Phase.EXPORTING, disk, local, d["sourceFormat"], staged, d["transitFormat"])
     finally:
-        if tmp_raw is not None:
+        if fetched is not None:
             with contextlib.suppress(FileNotFoundError):
-                tmp_raw.unlink()
+                fetched.unlink()
     size = staged.stat().st_size
-    ctx.record(disk, exportPath=str(staged), exportFormat=d["transitFormat"], exportBytes=size)
-    finish(ctx, Phase.EXPORTING, f"Disk {disk} exported and converted raw -> {d['transitFormat']}", disk=disk)
+    ctx.record(disk, exportPath=str(staged), exportMode="staged", exportFormat=d["transitFormat"], exportBytes=size)
+    finish(ctx, Phase.EXPORTING, f"Disk {disk} exported and converted {d['sourceFormat']} -> {d['transitFormat']}",
+           disk=disk)
     return {"disk": disk, "staged": True}
 
 
@@ -340,9 +351,15 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     else:
         info = ctx.disk_info(disk)
         local = _local_source_path(ctx, info)
-        # on this host the (shut-off) disk's file is read directly; elsewhere through libvirt's stream API
-        source = diskio.file_segments(local, chunk=READ_CHUNK) if local is not None else ctx.source.read_disk(info)
-        total = _source_file_size(ctx, info)
+        if rec.get("exportMode") == "map" and local is not None:
+            source = diskio.guest_segments(local, d["sourceFormat"], chunk=READ_CHUNK)
+            total = d["sizeBytes"]
+        elif local is not None:  # on this host the (shut-off) disk's file is read directly
+            source = diskio.file_segments(local, chunk=READ_CHUNK)
+            total = _source_file_size(ctx, info)
+        else:  # elsewhere through libvirt's stream API
+            source = ctx.source.read_disk(info)
+            total = _source_file_size(ctx, info)
         if local is not None:
             watched = local
     key = d["objectKey"]
@@ -575,8 +592,15 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                 tracker.add(seg.length)
                 yield seg
 
+        local_path = getattr(ctx.target, "local_volume_path", lambda *_: None)(pool, volume)
         try:
-            ctx.target.write_volume(pool, volume, counted(), length)
+            if local_path:  # the volume's file is on this host: write it directly, holes as holes
+                with open(local_path, "r+b") as fh:
+                    diskio.write_segments(counted(), fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            else:
+                ctx.target.write_volume(pool, volume, counted(), length)
         except ChecksumError:
             ctx.target.delete_volume(pool, volume)
             raise

@@ -36,11 +36,13 @@ def choose_formats(source_fmt: str, target_fmt: str) -> tuple[str, str]:
     """(transit format, where to convert: "none" | "source" | "target").
 
     Convert once, on the side that keeps the transfer smallest: a raw source becomes the target's
-    compact format before it leaves; a compact source travels as it is and is converted on arrival.
+    compact format before it leaves; a compact source bound for raw leaves as its guest data (read in
+    place through ``qemu-img map``, holes never sent), so nothing is converted on arrival; between
+    compact formats the disk travels as it is and is converted on arrival.
     """
     if source_fmt == target_fmt:
         return source_fmt, "none"
-    if source_fmt == "raw":
+    if source_fmt == "raw" or target_fmt == "raw":
         return target_fmt, "source"
     return source_fmt, "target"
 

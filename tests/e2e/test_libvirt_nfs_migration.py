@@ -112,7 +112,8 @@ def test_zstd_compression_is_opt_in_and_lossless(airflow_db, store, world):
     assert str(dagrun.state) == "success", task_states(dagrun)
     import json
 
-    manifest = json.loads((world.share / "default" / "zstd" / "vda.qcow2.manifest.json").read_text())
+    (manifest_file,) = (world.share / "default" / "zstd").glob("vda.*.manifest.json")
+    manifest = json.loads(manifest_file.read_text())
     assert manifest["compression"] == "zstd"
     assert manifest["storedBytes"] < manifest["size"]
     target = f"{world.vm_name}-migrated"

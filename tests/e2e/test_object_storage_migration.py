@@ -108,7 +108,7 @@ def test_wrong_s3_keys_fail_at_once_with_the_guide_condition(airflow_db, store, 
 
 def test_corrupted_object_is_caught_on_import(store, world, s3):
     """Real phases against the real S3 server; a byte of the stored object is flipped on the server's
-    disk between Transferring and Converting (the Airflow retry itself is covered by the kill test)."""
+    disk between Transferring and Importing (the Airflow retry is covered by the next test)."""
     create_source_vm(world)
     write_store(store, "corrupt.yaml", s3_docs(world, "corrupt", s3))
     ctx = phases.MigrationContext("default", "corrupt", store=SpecStore(store))
@@ -116,19 +116,20 @@ def test_corrupted_object_is_caught_on_import(store, world, s3):
     phases.snapshot(ctx)
     phases.export_disk(ctx, "vda")
     phases.transfer_disk(ctx, "vda")
-    stored = s3.root / "vm-migrations" / "default" / "corrupt" / "vda.qcow2"
+    stored = s3.root / "vm-migrations" / "default" / "corrupt" / "vda.raw"  # qcow2 -> raw leaves as guest data
     with open(stored, "r+b") as fh:
         fh.seek(4 * 1024 * 1024 + 17)
         byte = fh.read(1)
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 0xFF]))
+    phases.convert_disk(ctx, "vda")  # nothing to convert on arrival: the guest data is already raw
     with pytest.raises(ChecksumError, match="disk vda") as err:
-        phases.convert_disk(ctx, "vda")
+        phases.import_disk(ctx, "vda")
     from operators.retry import MigrationRetryPolicy
 
     decision = MigrationRetryPolicy(5, 10).evaluate(err.value, 1, 2)
     assert decision.action.value == "retry" and decision.retry_delay.total_seconds() == 5
-    phases.record_failure(ctx, Phase.CONVERTING, err.value, final=True)
+    phases.record_failure(ctx, Phase.IMPORTING, err.value, final=True)
     status = FileStatusSink(SpecStore(store)).get("default", "corrupt")
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -151,7 +152,7 @@ def test_s3_killed_mid_upload_resumes_and_is_byte_identical(airflow_db, store, w
                 for up in client.list_multipart_uploads(Bucket="vm-migrations").get("Uploads", []):
                     parts = client.list_parts(Bucket="vm-migrations", Key=up["Key"],
                                               UploadId=up["UploadId"]).get("Parts", [])
-                    if up["Key"].endswith("vda.qcow2") and len(parts) >= 3:
+                    if up["Key"].endswith("vda.raw") and len(parts) >= 3:
                         s3.kill()
                         killed.set()
                         time.sleep(1)
@@ -181,8 +182,8 @@ def test_corrupted_object_is_retried_by_airflow_then_fails_naming_the_disk(airfl
     and the migration ends Failed with the disk named and nothing left on the target."""
     create_source_vm(world)
     write_store(store, "flip.yaml", s3_docs(world, "flip", s3, retry={"maxAttempts": 1, "backoffDuration": "1s"}))
-    stored = s3.root / "vm-migrations" / "default" / "flip" / "vda.qcow2"
-    manifest = stored.with_name("vda.qcow2.manifest.json")
+    stored = s3.root / "vm-migrations" / "default" / "flip" / "vda.raw"
+    manifest = stored.with_name("vda.raw.manifest.json")
     flipped = threading.Event()
 
     def flipper() -> None:
@@ -204,10 +205,10 @@ def test_corrupted_object_is_retried_by_airflow_then_fails_naming_the_disk(airfl
     thread.join()
     assert flipped.is_set()
     assert str(dagrun.state) == "failed"
-    convert = next(t for t in dagrun.get_task_instances() if t.task_id == "disk.convert_disk" and t.map_index == 0)
-    assert str(convert.state).endswith("failed") and convert.try_number == 2  # retried once (maxAttempts: 1)
+    imported = next(t for t in dagrun.get_task_instances() if t.task_id == "disk.import_disk" and t.map_index == 0)
+    assert str(imported.state).endswith("failed") and imported.try_number == 2  # retried once (maxAttempts: 1)
     status = FileStatusSink(SpecStore(store)).get("default", "flip")
-    assert status["phase"] == "Failed" and status["failedPhase"] == "Converting"
+    assert status["phase"] == "Failed" and status["failedPhase"] == "Importing"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "ChecksumMismatch" and "disk vda" in failed["message"]
     conn = world.conn()

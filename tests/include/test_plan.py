@@ -22,13 +22,13 @@ FORMATS = ("qcow2", "raw", "vmdk")
 
 EXPECTED_FORMATS = {
     ("qcow2", "qcow2"): ("qcow2", "none"),
-    ("qcow2", "raw"): ("qcow2", "target"),
+    ("qcow2", "raw"): ("raw", "source"),
     ("qcow2", "vmdk"): ("qcow2", "target"),
     ("raw", "qcow2"): ("qcow2", "source"),
     ("raw", "raw"): ("raw", "none"),
     ("raw", "vmdk"): ("vmdk", "source"),
     ("vmdk", "qcow2"): ("vmdk", "target"),
-    ("vmdk", "raw"): ("vmdk", "target"),
+    ("vmdk", "raw"): ("raw", "source"),
     ("vmdk", "vmdk"): ("vmdk", "none"),
 }
 
@@ -37,15 +37,16 @@ EXPECTED_FORMATS = {
 def test_choose_formats_all_combinations(source, target):
     transit, side = choose_formats(source, target)
     assert (transit, side) == EXPECTED_FORMATS[(source, target)]
-    # the rule: same -> none; raw source -> convert at source to the target format; else travel as source
+    # the rule: same -> none; raw on either side -> at the source, to the target format (a compact
+    # source bound for raw leaves as its guest data, holes left out); else travel as source
     if source == target:
         assert (transit, side) == (source, "none")
-    elif source == "raw":
+    elif "raw" in (source, target):
         assert (transit, side) == (target, "source")
     else:
         assert (transit, side) == (source, "target")
-    # a raw image never travels unless nothing else was asked for
-    assert transit != "raw" or (source, target) == ("raw", "raw")
+    # raw travels only when raw is what the target wants (and then only its data: holes never travel)
+    assert transit != "raw" or target == "raw"
 
 
 def test_all_nine_combinations_are_covered():
