@@ -152,22 +152,6 @@ def start_libvirtd() -> None:
         raise RuntimeError(f"libvirtd could not be started: {proc.stderr.strip()}")
 
 
-def ensure_pool(conn: Any, name: str, path: Path) -> Any:
-    import libvirt
-
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        pool = conn.storagePoolLookupByName(name)
-    except libvirt.libvirtError:
-        pool = conn.storagePoolDefineXML(
-            f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>", 0)
-    if not pool.isActive():
-        pool.create(0)
-    pool.setAutostart(0)
-    pool.refresh(0)
-    return pool
-
-
 def forget_world(world: Any) -> None:
     """Undefine the world's domains and pools (names starting with its prefix) but keep the source disk file;
     empty the target pool folder. Leaves a kept earlier run ready to be run again."""
@@ -191,6 +175,8 @@ def forget_world(world: Any) -> None:
 
 
 def define_source_vm(world: Any, disk: Path) -> None:
+    from include.demo import ensure_pool
+
     conn = world.conn()
     try:
         ensure_pool(conn, world.source_pool, disk.parent)

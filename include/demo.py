@@ -51,7 +51,7 @@ class DemoWorld:
         return libvirt.open(self.uri)
 
 
-def _ensure_pool(conn, name: str, path: Path) -> Any:
+def ensure_pool(conn, name: str, path: Path) -> Any:
     import libvirt
 
     path.mkdir(parents=True, exist_ok=True)
@@ -94,8 +94,8 @@ def create_source_vm(world: DemoWorld, *, vda_mib: int = 256, vdb_mib: int = 128
     """
     conn = world.conn()
     try:
-        pool = _ensure_pool(conn, world.source_pool, world.root / "pools" / "src")
-        _ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
+        pool = ensure_pool(conn, world.source_pool, world.root / "pools" / "src")
+        ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
         pool_dir = world.root / "pools" / "src"
         vda = pool_dir / f"{world.vm_name}-vda.qcow2"
         vdb = pool_dir / f"{world.vm_name}-vdb.{vdb_format}"

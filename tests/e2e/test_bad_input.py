@@ -61,10 +61,10 @@ def test_missing_and_invalid_fields(airflow_db, store, world):
 def test_missing_source_vm(airflow_db, store, world):
     # the inventory names a VM that the hypervisor does not have
     world.share.mkdir(exist_ok=True)
-    from include.demo import _ensure_pool
+    from include.demo import ensure_pool
 
     conn = world.conn()
-    _ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
+    ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
     conn.close()
     write_store(store, "novm.yaml", store_documents(world, name="novm"))
     _assert_failed_in_validating(store, world, "novm", "spec.sourceName", f"VM {world.vm_name!r} not found")
