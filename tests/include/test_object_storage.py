@@ -165,3 +165,16 @@ def test_parts_in_memory_stay_within_the_budget_as_parts_grow():
             assert part * 10_000 >= disk
     finally:
         storage.close()
+
+
+def test_an_upload_that_outgrows_its_part_count_fails_clearly(s3, monkeypatch):
+    import include.storage.s3 as s3mod
+    from include.errors import InvalidMigration
+
+    monkeypatch.setattr(s3mod, "MAX_PARTS", 2)
+    backend = s3_backend(s3)
+    writer = backend.open_writer("big/disk.raw", 8 * MiB)  # the hint says one part; the disk needs three
+    with pytest.raises(InvalidMigration, match="needs more than 2 parts"):
+        for _ in range(3):
+            writer.write(Segment(length=8 * MiB, data=bytes(8 * MiB)))
+    writer.abort()
