@@ -33,3 +33,30 @@ def test_an_overlay_disk_is_refused_in_validating(store, world):
     with pytest.raises(UnsupportedDiskFormat, match=f"disk vdb .* is an overlay on {base}"):
         phases.validate(ctx)
     assert SpecStore(store).load_plan("default", "overlay") is None  # nothing planned, nothing created
+
+
+def test_cleanup_follows_the_validated_plan_not_a_spec_edited_mid_run(store, world):
+    """A spec edited after Validating (deleteSource switched on, deleteIntermediate off) changes nothing
+    for the run under way: cleanup does what the validated plan said."""
+    create_source_vm(world)
+    docs = store_documents(world, name="edited", target_format="qcow2")
+    path = write_store(store, "edited.yaml", docs)
+    ctx = phases.MigrationContext("default", "edited", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    for disk in ("vda", "vdb"):
+        for step in (phases.export_disk, phases.transfer_disk, phases.convert_disk, phases.import_disk):
+            step(ctx, disk)
+    phases.create_vm(ctx)
+    phases.validate_target(ctx)
+    docs[0]["spec"]["cleanupPolicy"] = {"deleteIntermediate": False, "deleteSnapshot": False, "deleteSource": True}
+    write_store(store, path.name, docs)
+    fresh = phases.MigrationContext("default", "edited", store=SpecStore(store))
+    phases.finalize(fresh, succeeded=True)
+    conn = world.conn()
+    try:
+        assert world.vm_name in [d.name() for d in conn.listAllDomains(0)]  # the source stays
+        assert conn.lookupByName(world.vm_name).snapshotListNames(0) == []  # the plan said delete it
+    finally:
+        conn.close()
+    assert not [p for p in world.share.rglob("*") if p.is_file()]  # the plan said delete intermediates
