@@ -153,24 +153,11 @@ def start_libvirtd() -> None:
 
 
 def forget_world(world: Any) -> None:
-    """Undefine the world's domains and pools (names starting with its prefix) but keep the source disk file;
-    empty the target pool folder. Leaves a kept earlier run ready to be run again."""
-    import libvirt
+    """Undefine the world but keep the source disk file; empty the target pool folder. Leaves a kept
+    earlier run ready to be run again."""
+    from include.demo import teardown
 
-    conn = world.conn()
-    try:
-        for dom in conn.listAllDomains(0):
-            if dom.name().startswith(world.prefix):
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-        for pool in conn.listAllStoragePools(0):
-            if pool.name().startswith(world.prefix):
-                if pool.isActive():
-                    pool.destroy()
-                pool.undefine()
-    finally:
-        conn.close()
+    teardown(world, delete_volumes=False)
     shutil.rmtree(world.root / "pools" / "dst", ignore_errors=True)
 
 

@@ -181,8 +181,9 @@ def write_store(store_root: Path, filename: str, docs: list[dict[str, Any]]) -> 
     return path
 
 
-def teardown(world: DemoWorld) -> None:
-    """Remove every domain, volume and pool whose name starts with the world's prefix."""
+def teardown(world: DemoWorld, *, delete_volumes: bool = True) -> None:
+    """Remove every domain and pool whose name starts with the world's prefix, and their volumes
+    unless ``delete_volumes`` is False (the files then stay, to be defined again later)."""
     import libvirt
 
     conn = world.conn()
@@ -195,7 +196,7 @@ def teardown(world: DemoWorld) -> None:
         for pool in conn.listAllStoragePools(0):
             if pool.name().startswith(world.prefix):
                 if pool.isActive():
-                    for vol in pool.listAllVolumes(0):
+                    for vol in pool.listAllVolumes(0) if delete_volumes else ():
                         vol.delete(0)
                     pool.destroy()
                 pool.undefine()

@@ -230,7 +230,7 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
         raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started after Validating; shut it down",
                                field="spec.sourceName")
     vm = ctx.plan["source"]["vm"]
-    existed = bool(getattr(ctx.source, "has_snapshot", lambda *_: False)(vm, snap["name"]))
+    existed = ctx.source.has_snapshot(vm, snap["name"])
     covered = ctx.source.create_snapshot(vm, snap["name"], disks)
     if covered and not existed:
         # only a snapshot this migration made is ever deleted by it
@@ -459,10 +459,11 @@ def _inflate(segments: Iterator[Segment], extents: list[list[int]], size: int) -
         yield Segment(length=size - pos)
 
 
-def _verified_segments(ctx: MigrationContext, disk: str, key: str, expected: str) -> Iterator[Segment]:
-    """The stored object's logical segments; raises ChecksumError at the end if they don't hash to ``expected``."""
+def _verified_segments(ctx: MigrationContext, disk: str, manifest: dict[str, Any]) -> Iterator[Segment]:
+    """The stored object's logical segments; raises ChecksumError at the end unless they hash to the
+    manifest's sha256."""
+    key, expected = ctx.disk_plan(disk)["objectKey"], manifest["sha256"]
     hasher = hashlib.sha256()
-    manifest = ctx.storage.get_manifest(key) or {}
     stream = ctx.storage.read(key)
     if manifest.get("compression") == "zstd":
         stream = decompress(stream)
@@ -474,20 +475,16 @@ def _verified_segments(ctx: MigrationContext, disk: str, key: str, expected: str
                             f"{hasher.hexdigest()}, expected {expected} (corrupted in storage)")
 
 
-def _expected_sha(ctx: MigrationContext, disk: str) -> str:
+def _stored_manifest(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """The disk's manifest (read once per phase), checked against what Transferring computed."""
     d = ctx.disk_plan(disk)
     manifest = ctx.storage.get_manifest(d["objectKey"])
-    if not manifest or not manifest.get("sha256"):
+    if not manifest or not manifest.get("sha256") or "size" not in manifest:
         raise ChecksumError(f"disk {disk}: no manifest with a sha256 beside {ctx.storage.location(d['objectKey'])}")
     recorded = ctx.disk_record(disk).get("transitSha256")
     if recorded and recorded != manifest["sha256"]:
         raise ChecksumError(f"disk {disk}: the manifest's sha256 differs from the one computed on upload")
-    return manifest["sha256"]
-
-
-def _logical_size(ctx: MigrationContext, key: str) -> int:
-    manifest = ctx.storage.get_manifest(key) or {}
-    return int(manifest["size"]) if "size" in manifest else ctx.storage.size(key)
+    return manifest
 
 
 def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
@@ -501,23 +498,21 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                                       f"{d['transitFormat']} -> {d['targetFormat']})", disk=disk)
         return {"disk": disk, "converted": False}
     key = d["objectKey"]
-    expected = _expected_sha(ctx, disk)
-    manifest = ctx.storage.get_manifest(key) or {}
+    manifest = _stored_manifest(ctx, disk)
     # qemu-img reads a share's file in place, unless it is stored compressed or as data extents
     local = None if manifest.get("extents") is not None or manifest.get("compression") else ctx.storage.local_path(key)
     fetched = None
     diskio.ensure_free_space(ctx.staging, d["sizeBytes"] if d["targetFormat"] == "raw" else d["allocatedBytes"])
     try:
-        size = _logical_size(ctx, key)
-        tracker = ctx.progress(Phase.CONVERTING, disk, size, "verifying")
+        tracker = ctx.progress(Phase.CONVERTING, disk, int(manifest["size"]), "verifying")
         if local is None:  # object storage: fetch it once, verifying on the way
             fetched = ctx.staging / f"{disk}.download.{d['transitFormat']}"
             fetched.parent.mkdir(parents=True, exist_ok=True)
             with open(fetched, "wb") as fh:
-                diskio.write_segments(_verified_segments(ctx, disk, key, expected), fh, tracker)
+                diskio.write_segments(_verified_segments(ctx, disk, manifest), fh, tracker)
             local = fetched
         else:
-            for seg in _verified_segments(ctx, disk, key, expected):
+            for seg in _verified_segments(ctx, disk, manifest):
                 tracker.add(seg.length)
         tracker.finish()
         into = _local_target_volume(ctx, disk)
@@ -535,20 +530,24 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     return {"disk": disk, "converted": True}
 
 
-def _local_target_volume(ctx: MigrationContext, disk: str) -> str | None:
-    """Create the target volume now and return its file, when the target keeps it on this host."""
+def _fresh_target_volume(ctx: MigrationContext, disk: str) -> str | None:
+    """Create the disk's target volume (anew on a retry); returns its file when it is on this host."""
     d = ctx.disk_plan(disk)
-    local_path = getattr(ctx.target, "local_volume_path", None)
-    if local_path is None:
-        return None
     pool, volume = d["targetStorage"], d["targetVolume"]
-    if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over
+    if ctx.target.volume_exists(pool, volume):
         ctx.target.delete_volume(pool, volume)
     ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
     ctx.record(disk, targetVolumeCreated=True)
-    path = local_path(pool, volume)
+    return ctx.target.local_volume_path(pool, volume)
+
+
+def _local_target_volume(ctx: MigrationContext, disk: str) -> str | None:
+    """The target volume's file to convert into, when the target keeps it on this host (else None,
+    and no volume yet: Importing creates it and streams the converted image into it)."""
+    path = _fresh_target_volume(ctx, disk)
     if path is None:
-        ctx.target.delete_volume(pool, volume)
+        d = ctx.disk_plan(disk)
+        ctx.target.delete_volume(d["targetStorage"], d["targetVolume"])
         ctx.record(disk, targetVolumeCreated=False)
     return path
 
@@ -575,13 +574,10 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             segments: Iterator[Segment] = diskio.file_segments(path)
             expected = None
         else:
-            length = _logical_size(ctx, d["objectKey"])
-            expected = _expected_sha(ctx, disk)
-            segments = _verified_segments(ctx, disk, d["objectKey"], expected)
-        if ctx.target.volume_exists(pool, volume):  # a retry: start the volume over
-            ctx.target.delete_volume(pool, volume)
-        ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
-        ctx.record(disk, targetVolumeCreated=True)
+            manifest = _stored_manifest(ctx, disk)
+            length, expected = int(manifest["size"]), manifest["sha256"]
+            segments = _verified_segments(ctx, disk, manifest)
+        local_path = _fresh_target_volume(ctx, disk)
         tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
 
         def counted() -> Iterator[Segment]:
@@ -592,7 +588,6 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                 tracker.add(seg.length)
                 yield seg
 
-        local_path = getattr(ctx.target, "local_volume_path", lambda *_: None)(pool, volume)
         try:
             if local_path:  # the volume's file is on this host: write it directly, holes as holes
                 with open(local_path, "r+b") as fh:
@@ -606,7 +601,7 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             raise
     tracker.finish()
     if d["targetCapacity"] > d["sizeBytes"]:
-        _resize(ctx, pool, volume, d["targetCapacity"])
+        ctx.target.resize_volume(pool, volume, d["targetCapacity"])
     target_sha = None if rec.get("convertedInto") else (expected or hasher.hexdigest())
     ctx.record(disk, imported=True, targetSha256=target_sha, targetBytes=length)
     if rec.get("convertedPath"):
@@ -624,14 +619,6 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                                                 else "converted image written")
     finish(ctx, Phase.IMPORTING, f"Disk {disk} imported into {pool}/{volume} ({check})", disk=disk)
     return {"disk": disk, "volume": f"{pool}/{volume}"}
-
-
-def _resize(ctx: MigrationContext, pool: str, volume: str, capacity: int) -> None:
-    driver = ctx.target
-    resize = getattr(driver, "resize_volume", None)
-    if resize is None:
-        raise InvalidMigration("this target cannot grow disks", field="spec.targetResourceHints.disk")
-    resize(pool, volume, capacity)
 
 
 def create_vm(ctx: MigrationContext) -> dict[str, Any]:

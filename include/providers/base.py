@@ -81,6 +81,9 @@ class HypervisorDriver(abc.ABC):
     def delete_snapshot(self, vm: str, snapshot: str) -> bool: ...
 
     @abc.abstractmethod
+    def has_snapshot(self, vm: str, snapshot: str) -> bool: ...
+
+    @abc.abstractmethod
     def read_disk(self, disk: DiskInfo) -> Iterator[Segment]:
         """Stream a disk's bytes (in its own format), holes reported as holes."""
 
@@ -92,6 +95,14 @@ class HypervisorDriver(abc.ABC):
 
     @abc.abstractmethod
     def volume_exists(self, storage: str, volume: str) -> bool: ...
+
+    @abc.abstractmethod
+    def resize_volume(self, storage: str, volume: str, capacity: int) -> None:
+        """Grow a volume (targetResourceHints.disk); never shrink."""
+
+    def local_volume_path(self, storage: str, volume: str) -> str | None:
+        """The volume's file when it is on this host and writable here (written directly, not streamed)."""
+        return None
 
     @abc.abstractmethod
     def delete_volume(self, storage: str, volume: str) -> bool: ...

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +21,7 @@ from include.errors import InvalidMigration, StorageAuthError, StorageError
 from include.inventory import Credentials
 from include.spec import StorageSpec
 from include.storage.base import ObjectWriter, StorageBackend
+from include.storage.tls import tls_verify
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".manifest.json"
@@ -39,22 +39,6 @@ def bearer_token(credentials: Credentials | None) -> str | None:
         if token.startswith(prefix):
             return token[len(prefix):]
     return token
-
-
-def tls_verify(credentials: Credentials | None, endpoint: str) -> bool | str:
-    if credentials is None:
-        return True
-    if (credentials.first("insecureSkipVerify") or "").lower() in ("true", "1", "yes"):
-        log.warning("TLS verification is DISABLED for HTTP storage %s (Secret %s sets insecureSkipVerify)",
-                    endpoint, credentials.source)
-        return False
-    bundle = credentials.first("caBundle", "ca.crt")
-    if bundle:
-        fd, path = tempfile.mkstemp(prefix="vmmigration-ca-", suffix=".pem")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(bundle)
-        return path
-    return True
 
 
 class _HttpWriter(ObjectWriter):
@@ -283,4 +267,5 @@ class HttpStorage(StorageBackend):
 
 def http_from(storage: StorageSpec, credentials: Credentials | None, guard=None) -> HttpStorage:
     endpoint = storage.endpoint or ""
-    return HttpStorage(endpoint, bearer_token(credentials), verify=tls_verify(credentials, endpoint), guard=guard)
+    return HttpStorage(endpoint, bearer_token(credentials), verify=tls_verify(credentials, endpoint, "HTTP storage"),
+                       guard=guard)

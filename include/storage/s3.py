@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,6 +26,7 @@ from include.errors import InvalidMigration, StorageAuthError, StorageError
 from include.inventory import Credentials
 from include.spec import StorageSpec
 from include.storage.base import ObjectWriter, StorageBackend
+from include.storage.tls import tls_verify
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +70,7 @@ def settings_from(storage: StorageSpec, credentials: Credentials | None) -> S3Se
         endpoint = None  # AWS itself: let botocore pick the regional endpoint
     if endpoint and "://" not in endpoint:
         endpoint = f"https://{endpoint}"  # TLS unless the endpoint says otherwise
-    verify: bool | str = True
-    if (credentials.first("insecureSkipVerify") or "").lower() in ("true", "1", "yes"):
-        log.warning("TLS verification is DISABLED for S3 endpoint %s (Secret %s sets insecureSkipVerify)",
-                    endpoint, credentials.source)
-        verify = False
-    elif credentials.first("caBundle", "ca.crt"):
-        fd, path = tempfile.mkstemp(prefix="vmmigration-ca-", suffix=".pem")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(credentials.first("caBundle", "ca.crt") or "")
-        verify = path
+    verify = tls_verify(credentials, endpoint, "S3 endpoint")
     return S3Settings(bucket=storage.bucket or "", region=storage.region or "us-east-1", endpoint_url=endpoint,
                       access_key=access, secret_key=secret, verify=verify)
 
