@@ -43,9 +43,10 @@ class NotFound(InvalidMigration):
 
 
 class Conflict(InvalidMigration):
-    """Something the migration would create already exists."""
+    """Something the migration would create already exists and was not created by it, or another
+    migration has claimed the same target name."""
 
-    reason = "AlreadyExists"
+    reason = "Conflict"
 
 
 class UnsupportedDiskFormat(InvalidMigration):
@@ -96,3 +97,10 @@ class TargetValidationError(MigrationFailure):
 
     permanent = True
     reason = "TargetValidationFailed"
+
+
+class PlanChanged(InvalidMigration):
+    """The spec, a Provider or the storage was edited after Validating: the run does not follow it."""
+
+    reason = "PlanChanged"
+

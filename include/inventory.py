@@ -22,6 +22,8 @@ SUPPORTED_PROVIDER_TYPES = ("libvirt",)
 class Inventory(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
+    def list(self, kind: str, namespace: str) -> list[dict[str, Any]]: ...
+
 
 class BundleInventory:
     """Objects from a multi-document YAML bundle (the spec store's folder)."""
@@ -31,6 +33,10 @@ class BundleInventory:
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self._objects.get((kind, namespace, name))
+
+    def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        return [doc for (k, ns, _name), doc in sorted(self._objects.items(), key=lambda kv: kv[0])
+                if k == kind and ns == namespace]
 
 
 class Credentials(Mapping[str, str]):
@@ -123,12 +129,31 @@ def _provider(inventory: Inventory, namespace: str, name: str, where: str) -> Pr
                                         f"{', '.join(SUPPORTED_PROVIDER_TYPES)})"))
     if not isinstance(endpoint, str) or not endpoint:
         errors.append(FieldError(where, f"Provider {namespace}/{name} has no spec.endpoint"))
+    elif not errors:
+        # only allowlisted URI forms (a libvirt URI can run a command: qemu+ext://...?command=), and no
+        # refused address; host names are resolved (and checked again) right before connecting
+        from include.endpoints import check_provider_address, check_provider_endpoint
+        from include.errors import InvalidMigration
+
+        why = check_provider_endpoint(ptype, endpoint)
+        if why is None:
+            try:
+                check_provider_address(endpoint, field=where, resolve=False)
+            except InvalidMigration as err:
+                why = str(err).removeprefix(f"{where}: ")
+        if why is not None:
+            errors.append(FieldError(where, f"Provider {namespace}/{name} spec.endpoint: {why}"))
     if errors:
         raise SpecValidationError(errors)
     credentials = None
     secret_ref = spec.get("credentialSecretRef") or {}
     if secret_ref.get("name"):
         secret_ns = secret_ref.get("namespace") or namespace
+        if secret_ns != namespace:
+            raise SpecValidationError([FieldError(
+                where, f"Provider {namespace}/{name} names Secret {secret_ns}/{secret_ref['name']} in another "
+                       f"namespace (spec.credentialSecretRef); Secrets are only read from the namespace of the "
+                       f"object that names them")])
         secret = inventory.get("Secret", secret_ns, secret_ref["name"])
         if secret is None:
             raise SpecValidationError([FieldError(
@@ -141,47 +166,76 @@ def _provider(inventory: Inventory, namespace: str, name: str, where: str) -> Pr
 
 
 def resolve(migration: VMMigration, inventory: Inventory) -> Resolved:
-    """Follow every reference of ``migration``; errors name the spec field they came from."""
+    """Follow every reference of ``migration``; errors name the spec field they came from.
+
+    An object in another namespace is used only if that namespace grants it (a ReferenceGrant, see
+    :func:`include.grants.granted`); Secrets are never read across namespaces.
+    """
+    from include.grants import missing_grant
+
     spec = migration.spec
     errors: list[FieldError] = []
     source: SourceVM | None = None
-    vm = inventory.get("VirtualMachine", spec.sourceNamespace, spec.sourceName)
-    if vm is None:
-        errors.append(FieldError("spec.sourceName",
-                                 f"VirtualMachine {spec.sourceNamespace}/{spec.sourceName} not found"))
+    me = ("VMMigration", migration.namespace)
+    why = missing_grant(inventory, me, "VirtualMachine", spec.sourceNamespace, spec.sourceName)
+    vm = None
+    if why:
+        errors.append(FieldError("spec.sourceNamespace", why))
     else:
+        vm = inventory.get("VirtualMachine", spec.sourceNamespace, spec.sourceName)
+        if vm is None:
+            errors.append(FieldError("spec.sourceName",
+                                     f"VirtualMachine {spec.sourceNamespace}/{spec.sourceName} not found"))
+    if vm is not None:
         vm_spec = vm.get("spec") or {}
         ref = vm_spec.get("providerRef") or {}
         if not ref.get("name"):
             errors.append(FieldError("spec.sourceName", f"VirtualMachine {spec.sourceNamespace}/{spec.sourceName} "
                                                         f"has no spec.providerRef.name"))
         else:
-            try:
-                provider = _provider(inventory, ref.get("namespace") or spec.sourceNamespace, ref["name"],
-                                     "spec.sourceName")
-                status = vm.get("status") or {}
-                source = SourceVM(name=spec.sourceName, namespace=spec.sourceNamespace,
-                                  provider_vm_id=str(status.get("id") or spec.sourceName), provider=provider)
-            except SpecValidationError as err:
-                errors.extend(err.errors)
+            provider_ns = ref.get("namespace") or spec.sourceNamespace
+            # the VM may name a Provider in a third namespace only if that one grants the VM's namespace,
+            # and the migration uses it only if it grants the migration's namespace too
+            why = (missing_grant(inventory, ("VirtualMachine", spec.sourceNamespace), "Provider", provider_ns,
+                                 ref["name"])
+                   or missing_grant(inventory, me, "Provider", provider_ns, ref["name"]))
+            if why:
+                errors.append(FieldError("spec.sourceName", why))
+            else:
+                try:
+                    provider = _provider(inventory, provider_ns, ref["name"], "spec.sourceName")
+                    status = vm.get("status") or {}
+                    source = SourceVM(name=spec.sourceName, namespace=spec.sourceNamespace,
+                                      provider_vm_id=str(status.get("id") or spec.sourceName), provider=provider)
+                except SpecValidationError as err:
+                    errors.extend(err.errors)
     target: ProviderInfo | None = None
-    try:
-        target = _provider(inventory, spec.targetProviderRef.namespace, spec.targetProviderRef.name,
-                           "spec.targetProviderRef")
-    except SpecValidationError as err:
-        errors.extend(err.errors)
+    ref_t = spec.targetProviderRef
+    why = missing_grant(inventory, me, "Provider", ref_t.namespace, ref_t.name)
+    if why:
+        errors.append(FieldError("spec.targetProviderRef.namespace", why))
+    else:
+        try:
+            target = _provider(inventory, ref_t.namespace, ref_t.name, "spec.targetProviderRef")
+        except SpecValidationError as err:
+            errors.extend(err.errors)
     storage_credentials = None
     ref = spec.storage.credentialsSecretRef
     if ref is not None:
-        secret = inventory.get("Secret", ref.namespace, ref.name)
-        if secret is None:
-            errors.append(FieldError("spec.storage.credentialsSecretRef",
-                                     f"Secret {ref.namespace}/{ref.name} not found"))
+        if ref.namespace != migration.namespace:
+            errors.append(FieldError("spec.storage.credentialsSecretRef.namespace",
+                                     f"Secret {ref.namespace}/{ref.name} is in another namespace; the storage "
+                                     f"Secret must be in the VMMigration's namespace ({migration.namespace})"))
         else:
-            try:
-                storage_credentials = decode_secret(secret, "spec.storage.credentialsSecretRef")
-            except SpecValidationError as err:
-                errors.extend(err.errors)
+            secret = inventory.get("Secret", ref.namespace, ref.name)
+            if secret is None:
+                errors.append(FieldError("spec.storage.credentialsSecretRef",
+                                         f"Secret {ref.namespace}/{ref.name} not found"))
+            else:
+                try:
+                    storage_credentials = decode_secret(secret, "spec.storage.credentialsSecretRef")
+                except SpecValidationError as err:
+                    errors.extend(err.errors)
     if errors:
         raise SpecValidationError(errors)
     assert source is not None and target is not None

@@ -9,18 +9,23 @@ own, and writes its outcome back there and to the status sink.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from include import diskio
+from include import diskio, safefs
 from include import status as st
+from include.claims import NameClaims
 from include.compression import Compressor, decompress
 from include.diskio import ProgressTracker, Segment, format_progress, hash_segments
 from include.errors import (
@@ -30,19 +35,33 @@ from include.errors import (
     InvalidMigration,
     MigrationFailure,
     NotFound,
+    PlanChanged,
+    StorageError,
+    TargetCreationError,
     TargetValidationError,
 )
 from include.inventory import BundleInventory, ProviderInfo, Resolved, resolve
-from include.plan import build_plan, describe, staging_root
+from include.ledger import Ledger
+from include.plan import build_plan, describe, pin_of, staging_root, storage_scope
 from include.providers import driver_for
 from include.providers.base import DiskInfo, HypervisorDriver, TargetDisk
-from include.spec import SpecValidationError, VMMigration
+from include.spec import SpecValidationError, StorageSpec, VMMigration
 from include.status import Phase
 from include.storage import backend_for
-from include.storage.base import StorageBackend
-from include.store import FileStatusSink, SpecStore, StatusSink
+from include.storage.base import MANIFEST_SUFFIX, StorageBackend
+from include.store import FileStatusSink, SpecStore, StatusSink, locked
 
 log = logging.getLogger(__name__)
+
+def host_scope() -> str:
+    """The ledger's scope for files and folders on this worker's own host (staging)."""
+    return f"host:{socket.gethostname()}"
+
+
+_PIN_WHAT = {"spec": "the VMMigration's spec", "source": "the source Provider's type or endpoint",
+             "target": "the target Provider's type or endpoint", "storage": "the storage"}
+_PIN_FIELD = {"spec": "spec", "source": "spec.sourceName", "target": "spec.targetProviderRef",
+              "storage": "spec.storage"}
 
 #: read size for local files: one S3 part (8 MiB), so that a part can go out without being copied
 READ_CHUNK = 8 * 1024 * 1024
@@ -66,6 +85,12 @@ class MigrationContext:
             self.sink = FileStatusSink(self.store)
 
     # -- lazily resolved pieces --------------------------------------------------------------------
+    #: set by Validating: the providers and storage come from the spec as it is now. Every later phase
+    #: acts on the endpoints, paths and volumes the validated plan recorded (see ``_pinned``).
+    validating: bool = False
+    #: set by cleanup: it works on from the plan even when the spec no longer resolves
+    cleaning: bool = False
+
     @cached_property
     def migration(self) -> VMMigration:
         entry = self.store.entry(self.namespace, self.name)
@@ -87,20 +112,94 @@ class MigrationContext:
         return plan
 
     @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger.of(self.store, self.namespace, self.name)
+
+    def _pinned(self, side: str) -> ProviderInfo:
+        """The ``side`` provider held to the validated plan: its type and endpoint are the plan's.
+        Credentials are read from the Provider's Secret as it is now, and only when the Provider is still
+        the one validated; cleanup works on from the plan alone when the spec no longer resolves."""
+        if self.validating:
+            return self.resolved.source.provider if side == "source" else self.resolved.target
+        recorded = self.plan[side]
+        try:
+            info = self.resolved.source.provider if side == "source" else self.resolved.target
+        except (SpecValidationError, MigrationFailure, KeyError):
+            if not self.cleaning:
+                raise
+            namespace, _, name = recorded["provider"].partition("/")
+            info = ProviderInfo(name=name, namespace=namespace, type=recorded["type"], endpoint=recorded["endpoint"])
+        if info.ref != recorded["provider"]:
+            info = dataclasses.replace(info, credentials=None)
+        return dataclasses.replace(info, type=recorded["type"], endpoint=recorded["endpoint"])
+
+    @cached_property
     def source(self) -> HypervisorDriver:
-        return self.driver_factory(self.resolved.source.provider)
+        return self.driver_factory(self._pinned("source"))
 
     @cached_property
     def target(self) -> HypervisorDriver:
-        return self.driver_factory(self.resolved.target)
+        return self.driver_factory(self._pinned("target"))
 
     @cached_property
     def storage(self) -> StorageBackend:
-        return self.storage_factory(self.migration.spec.storage, self.resolved.storage_credentials)
+        if self.validating:
+            return self.storage_factory(self.migration.spec.storage, self.resolved.storage_credentials)
+        try:
+            ref, credentials = self.migration.spec.storage.credentialsSecretRef, self.resolved.storage_credentials
+        except (SpecValidationError, MigrationFailure, KeyError):
+            if not self.cleaning:
+                raise
+            ref, credentials = None, None
+        spec = StorageSpec(**{**self.plan["storage"]["spec"], "credentialsSecretRef": ref})
+        return self.storage_factory(spec, credentials)
+
+    def check_pinned(self) -> None:
+        """Fail (PlanChanged) when the spec, a Provider or the storage changed since Validating."""
+        was = self.plan.get("pin")
+        if not was:  # a plan made by hand (tests, tools): nothing to compare with
+            return
+        now = pin_of(self.resolved)
+        changed = sorted(k for k in set(now) | set(was) if now.get(k) != was.get(k))
+        if changed:
+            raise PlanChanged(
+                f"{', '.join(_PIN_WHAT.get(k, k) for k in changed)} changed since Validating; this run keeps "
+                f"to the validated plan and stops here (what it created is rolled back on the validated "
+                f"endpoints): run the migration again to use the new values", field=_PIN_FIELD[changed[0]])
+
+    @property
+    def scope_source(self) -> str:
+        return f"{self.plan['source']['type']}:{self.plan['source']['endpoint']}"
+
+    @property
+    def scope_target(self) -> str:
+        return f"{self.plan['target']['type']}:{self.plan['target']['endpoint']}"
+
+    @property
+    def scope_storage(self) -> str:
+        return storage_scope(self.plan["storage"]["spec"])
 
     @property
     def staging(self) -> Path:
-        return staging_root() / self.namespace / self.name
+        """This migration's private staging folder on this host (0700, a fresh unpredictable name,
+        recorded in the ledger when made); later phases on the same host find it there and check it."""
+        scope = host_scope()
+        with locked(self.ledger.path.with_name("staging")):
+            for entry in self.ledger.entries("dir"):
+                if entry.scope != scope or entry.ident.get("role") != "staging":
+                    continue
+                path = Path(entry.ident["path"])
+                if not os.path.lexists(path):
+                    continue
+                if safefs.is_private_dir(path):
+                    return path
+                raise InvalidMigration(f"the staging folder {path} is no longer private to this engine (owner, "
+                                       f"mode or type changed); refusing to use it")
+            base = staging_root()
+            safefs.ensure_base(base)
+            path = Path(tempfile.mkdtemp(prefix=f"{self.namespace}.{self.name}.", dir=base))
+            self.ledger.record("dir", scope, role="staging", path=str(path))
+            return path
 
     def disk_plan(self, disk: str) -> dict[str, Any]:
         for entry in self.plan["disks"]:
@@ -150,6 +249,8 @@ class MigrationContext:
 
 def begin(ctx: MigrationContext, phase: Phase, *, disk: str | None = None, message: str | None = None) -> None:
     ctx.logger.info("=== %s%s: %s/%s", phase.value, f" [{disk}]" if disk else "", ctx.namespace, ctx.name)
+    if phase is not Phase.VALIDATING:
+        ctx.check_pinned()  # a spec or Provider edited mid-run never redirects this phase
     ctx.update_status(lambda s: st.enter_phase(s, phase, disk=disk, message=message))
 
 
@@ -175,13 +276,20 @@ def _phase_summary(phase: Phase, ctx: MigrationContext) -> str:
 
 
 def validate(ctx: MigrationContext) -> dict[str, Any]:
-    """Validating: the spec, its references, the source VM, the target provider and pool, the storage."""
+    """Validating: the spec, its references, the source VM, the target provider and pool, the storage;
+    claims the target name, then saves the plan every later phase keeps to."""
+    ctx.validating = True
     begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
     ctx.store.clear_disk_records(ctx.namespace, ctx.name)
     ctx.store.plan_path(ctx.namespace, ctx.name).unlink(missing_ok=True)  # a stale plan must not outlive its run
     migration = ctx.migration  # raises SpecValidationError naming every bad field
     resolved = ctx.resolved
     spec = migration.spec
+    run = ctx.ledger.new_run()
+    target_scope = f"{resolved.target.type}:{resolved.target.endpoint}"
+    # Of two migrations validated at the same instant with one target name, exactly one gets the claim.
+    NameClaims.of(ctx.store).acquire(target_scope, spec.targetName, migration.key, run)
+    ctx.ledger.record("claim", target_scope, name=spec.targetName)
     ctx.logger.info("source %s", ctx.source.check())
     try:
         vm = ctx.source.get_vm(resolved.source.provider_vm_id)
@@ -198,14 +306,23 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     if not ctx.target.storage_exists(pool):
         raise NotFound(f"target storage {pool!r} does not exist on provider {resolved.target.ref}",
                        field="spec.targetStorageHint")
-    if ctx.target.vm_exists(spec.targetName):
-        raise Conflict(f"a VM named {spec.targetName!r} already exists on provider {resolved.target.ref}",
-                       field="spec.targetName")
+    vm_id = ctx.target.vm_id(spec.targetName)
+    if vm_id is not None and not ctx.ledger.owns("vm", target_scope, id=vm_id):
+        raise Conflict(f"a VM named {spec.targetName!r} already exists on provider {resolved.target.ref} and was "
+                       f"not created by this migration", field="spec.targetName")
     plan = build_plan(resolved, vm, target_storage=pool)
     for d in plan["disks"]:
-        if ctx.target.volume_exists(pool, d["targetVolume"]):
-            raise Conflict(f"volume {d['targetVolume']!r} already exists in {pool}", field="spec.targetName")
+        key = ctx.target.volume_key(pool, d["targetVolume"])
+        if key is not None and not ctx.ledger.owns("volume", target_scope, key=key):
+            raise Conflict(f"volume {d['targetVolume']!r} already exists in {pool} and was not created by this "
+                           f"migration", field="spec.targetName")
     ctx.logger.info("storage %s", ctx.storage.check())
+    for d in plan["disks"]:
+        key = d["objectKey"]
+        if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
+                not ctx.ledger.owns("object", storage_scope(plan["storage"]["spec"]), key=key):
+            raise Conflict(f"{ctx.storage.location(key)} already exists in the intermediate storage and was not "
+                           f"written by this migration; it is never overwritten", field="spec.storage")
     ctx.store.save_plan(ctx.namespace, ctx.name, plan)
     ctx.__dict__["plan"] = plan
     ctx.logger.info("plan:\n%s", describe(plan, ctx.storage.location(plan["storage"]["prefix"])))
@@ -226,16 +343,18 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     begin(ctx, Phase.SNAPSHOTTING, message="Creating source VM snapshot")
     snap = ctx.plan["snapshot"]
     disks = [ctx.disk_info(d["name"]) for d in ctx.plan["disks"]]
+    _ensure_same_source(ctx)
     if ctx.source.get_vm(ctx.plan["source"]["vm"]).running:
         raise InvalidMigration(f"VM {ctx.plan['source']['vm']} was started after Validating; shut it down",
                                field="spec.sourceName")
     vm = ctx.plan["source"]["vm"]
+    ident = {"vm": ctx.plan["source"].get("vmId"), "name": snap["name"]}
     existed = ctx.source.has_snapshot(vm, snap["name"])
     covered = ctx.source.create_snapshot(vm, snap["name"], disks)
     if covered and not existed:
         # only a snapshot this migration made is ever deleted by it
-        ctx.store.update_run_record(ctx.namespace, ctx.name, snapshotCreated=snap["name"])
-    elif covered and ctx.store.run_record(ctx.namespace, ctx.name).get("snapshotCreated") != snap["name"]:
+        ctx.ledger.record("snapshot", ctx.scope_source, **ident)
+    elif covered and not ctx.ledger.owns("snapshot", ctx.scope_source, **ident):
         ctx.logger.warning("snapshot %s already existed and was not made by this migration: it will be kept",
                            snap["name"])
     if covered:
@@ -249,6 +368,15 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     ctx.update_status(lambda s: s.__setitem__("snapshot", snap["name"] if covered else None))
     finish(ctx, Phase.SNAPSHOTTING, message)
     return {"snapshot": snap["name"] if covered else None, "disks": covered}
+
+
+def _ensure_same_source(ctx: MigrationContext) -> None:
+    """The source VM is still the one validated (same unique id), not another VM given its name."""
+    want = ctx.plan["source"].get("vmId")
+    have = ctx.source.vm_id(ctx.plan["source"]["vm"])
+    if want and have != want:
+        raise PlanChanged(f"VM {ctx.plan['source']['vm']} on the source is not the VM validated (id {have}, "
+                          f"validated {want})", field="spec.sourceName")
 
 
 def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
@@ -274,27 +402,59 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             finish(ctx, Phase.EXPORTING, f"Disk {disk} exported as its guest data ({d['sourceFormat']} -> raw "
                                          f"read in place, {data} bytes of data)", disk=disk)
             return {"disk": disk, "staged": False}
-    staged = ctx.staging / f"{disk}.export.{d['transitFormat']}"
-    diskio.ensure_free_space(ctx.staging, info.allocation)
+    staging = ctx.staging
+    staged = staging / f"{disk}.export.{d['transitFormat']}"
+    _ensure_space(staging, info.allocation, disk)
     fetched = None
     try:
         if local is None:  # remote provider: fetch the disk once (sparse), then convert here
-            fetched = ctx.staging / f"{disk}.export.src.{d['sourceFormat']}"
+            fetched = staging / f"{disk}.export.src.{d['sourceFormat']}"
             tracker = ctx.progress(Phase.EXPORTING, disk, _source_file_size(ctx, info), "exporting")
-            with open(fetched, "wb") as fh:
+            with _space_errors(disk, fetched), safefs.create_private(fetched) as fh:
                 diskio.write_segments(ctx.source.read_disk(info), fh, tracker)
             tracker.finish()
             local = fetched
-        _convert(ctx, Phase.EXPORTING, disk, local, d["sourceFormat"], staged, d["transitFormat"])
+        with _space_errors(disk, staged):
+            _convert(ctx, Phase.EXPORTING, disk, local, d["sourceFormat"], staged, d["transitFormat"])
+        os.chmod(staged, 0o600)
+        # the staged image's sha256: Transferring must upload exactly this file, not one swapped in between
+        staged_sha = diskio.sha256_file(staged)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+        raise
     finally:
         if fetched is not None:
             with contextlib.suppress(FileNotFoundError):
                 fetched.unlink()
     size = staged.stat().st_size
-    ctx.record(disk, exportPath=str(staged), exportMode="staged", exportFormat=d["transitFormat"], exportBytes=size)
+    ctx.record(disk, exportPath=str(staged), exportMode="staged", exportFormat=d["transitFormat"], exportBytes=size,
+               exportSha256=staged_sha)
     finish(ctx, Phase.EXPORTING, f"Disk {disk} exported and converted {d['sourceFormat']} -> {d['transitFormat']}",
            disk=disk)
     return {"disk": disk, "staged": True}
+
+
+def _ensure_space(folder: Path, needed: int, disk: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StorageError(f"disk {disk}: not enough space in {folder}: {needed} bytes needed, {free} free "
+                           f"(see 'Monitor Disk Space' in the user guide)")
+
+
+@contextlib.contextmanager
+def _space_errors(disk: str, path: Path) -> Iterator[None]:
+    """A full filesystem becomes an error naming the disk and the path (the caller removes the partial file)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"disk {disk}: no space left writing {path} ({err.strerror})") from err
+        raise
+    except ConversionError as err:
+        if "No space left" in str(err):
+            raise StorageError(f"disk {disk}: no space left writing {path}: {err}") from err
+        raise
 
 
 def _stat_key(path: Path | None) -> tuple[int, int] | None:
@@ -346,8 +506,13 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     _ensure_source_off(ctx)
     watched: Path | None = None  # a local source file, checked unchanged after it was read
     if rec.get("exportPath"):
-        source = diskio.file_segments(rec["exportPath"], chunk=READ_CHUNK)
-        total = os.path.getsize(rec["exportPath"])
+        staged = Path(rec["exportPath"])
+        if staged.parent != ctx.staging:
+            raise InvalidMigration(f"disk {disk}: the staged export {staged} is not in this migration's staging "
+                                   f"folder on this host; run Exporting again")
+        safefs.check_private_file(staged)
+        source = diskio.file_segments(staged, chunk=READ_CHUNK)
+        total = staged.stat().st_size
     else:
         info = ctx.disk_info(disk)
         local = _local_source_path(ctx, info)
@@ -372,6 +537,13 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     holes = ctx.storage.supports_holes and compressor is None
     extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
     before = _stat_key(watched)
+    if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
+            not ctx.ledger.owns("object", ctx.scope_storage, key=key):
+        raise Conflict(f"{ctx.storage.location(key)} appeared in the intermediate storage and was not written by "
+                       f"this migration; it is never overwritten", field="spec.storage")
+    # recorded before the first byte goes out: a half-written upload (a part file, a multipart upload)
+    # is this migration's to resume or remove
+    ctx.ledger.record("object", ctx.scope_storage, state="creating", key=key)
     # size the upload by the larger of the allocated and the file size (allocation may be compressed)
     with ctx.storage.open_writer(key, size_hint=max(rec.get("exportBytes") or 0, total)) as writer:
         # reading (prefetch thread), hashing (here) and uploading (the backend's part threads) overlap
@@ -401,6 +573,10 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         if _stat_key(watched) != before:
             raise InvalidMigration(f"disk {disk} changed while it was read ({watched}); run the migration again "
                                    f"with the VM shut off", field="spec.sourceName")
+        if rec.get("exportSha256") and hasher.hexdigest() != rec["exportSha256"]:
+            raise ChecksumError(f"disk {disk}: the staged export {rec['exportPath']} has sha256 "
+                                f"{hasher.hexdigest()}, but Exporting wrote {rec['exportSha256']}: it changed "
+                                f"in staging; run the migration again")
         writer.commit()
         resumed = int(getattr(writer, "reused", 0))
     tracker.finish()
@@ -409,6 +585,9 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                                    "extents": None if holes else extents, "compression": codec,
                                    "format": d["transitFormat"],
                                    "virtualSize": d["sizeBytes"], "migration": ctx.plan["migration"]})
+    for folder in getattr(ctx.storage, "created_dirs", ()):
+        ctx.ledger.record("dir", ctx.scope_storage, key=folder)
+    ctx.ledger.record("object", ctx.scope_storage, key=key)
     ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written, sentBytes=stored,
                resumedBytes=resumed)
     if rec.get("exportPath"):
@@ -502,13 +681,15 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     # qemu-img reads a share's file in place, unless it is stored compressed or as data extents
     local = None if manifest.get("extents") is not None or manifest.get("compression") else ctx.storage.local_path(key)
     fetched = None
-    diskio.ensure_free_space(ctx.staging, d["sizeBytes"] if d["targetFormat"] == "raw" else d["allocatedBytes"])
+    staging = ctx.staging
+    _ensure_space(staging, d["sizeBytes"] if d["targetFormat"] == "raw" else d["allocatedBytes"], disk)
+    into: str | None = None
+    out: Path | None = None
     try:
         tracker = ctx.progress(Phase.CONVERTING, disk, int(manifest["size"]), "verifying")
         if local is None:  # object storage: fetch it once, verifying on the way
-            fetched = ctx.staging / f"{disk}.download.{d['transitFormat']}"
-            fetched.parent.mkdir(parents=True, exist_ok=True)
-            with open(fetched, "wb") as fh:
+            fetched = staging / f"{disk}.download.{d['transitFormat']}"
+            with _space_errors(disk, fetched), safefs.create_private(fetched) as fh:
                 diskio.write_segments(_verified_segments(ctx, disk, manifest), fh, tracker)
             local = fetched
         else:
@@ -516,29 +697,62 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                 tracker.add(seg.length)
         tracker.finish()
         into = _local_target_volume(ctx, disk)
-        out = Path(into) if into else ctx.staging / f"{disk}.converted.{d['targetFormat']}"
-        _convert(ctx, Phase.CONVERTING, disk, local, d["transitFormat"], out, d["targetFormat"],
-                 into_existing=into is not None)
+        out = Path(into) if into else staging / f"{disk}.converted.{d['targetFormat']}"
+        with _space_errors(disk, out):
+            _convert(ctx, Phase.CONVERTING, disk, local, d["transitFormat"], out, d["targetFormat"],
+                     into_existing=into is not None)
+        converted_sha = None
+        if not into:
+            os.chmod(out, 0o600)
+            # Importing checks that it imports exactly this file, not one swapped in staging
+            converted_sha = diskio.sha256_file(out)
+    except BaseException:
+        if out is not None and not into:
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+        raise
     finally:
         if fetched is not None:
             with contextlib.suppress(FileNotFoundError):
                 fetched.unlink()
     # Written straight into the target volume when it is on this host: no second temporary copy.
-    ctx.record(disk, convertedPath=None if into else str(out), convertedInto=into)
+    ctx.record(disk, convertedPath=None if into else str(out), convertedInto=into, convertedSha256=converted_sha)
     finish(ctx, Phase.CONVERTING, f"Disk {disk} verified and converted {d['transitFormat']} -> {d['targetFormat']}",
            disk=disk)
     return {"disk": disk, "converted": True}
 
 
 def _fresh_target_volume(ctx: MigrationContext, disk: str) -> str | None:
-    """Create the disk's target volume (anew on a retry); returns its file when it is on this host."""
+    """Create the disk's target volume (anew on a retry, when the one there is ours); returns its file
+    when it is on this host. A volume of that name that this migration did not create fails the run."""
     d = ctx.disk_plan(disk)
     pool, volume = d["targetStorage"], d["targetVolume"]
-    if ctx.target.volume_exists(pool, volume):
-        ctx.target.delete_volume(pool, volume)
-    ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
-    ctx.record(disk, targetVolumeCreated=True)
+    _remove_own_volume(ctx, pool, volume, conflict_if_foreign=True)
+    try:
+        key = ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
+    except TargetCreationError:
+        if ctx.target.volume_key(pool, volume) is not None:  # created by someone else in between
+            raise Conflict(f"volume {volume!r} appeared in {pool} while this migration was about to create it; it "
+                           f"was not created by this migration and is left alone", field="spec.targetName") from None
+        raise
+    ctx.ledger.record("volume", ctx.scope_target, pool=pool, volume=volume, key=key)
     return ctx.target.local_volume_path(pool, volume)
+
+
+def _remove_own_volume(ctx: MigrationContext, pool: str, volume: str, *, conflict_if_foreign: bool) -> bool:
+    """Delete the volume when this migration created it (the ledger holds its key)."""
+    key = ctx.target.volume_key(pool, volume)
+    if key is None:
+        return False
+    entry = ctx.ledger.find("volume", ctx.scope_target, pool=pool, volume=volume, key=key)
+    if entry is None:
+        if conflict_if_foreign:
+            raise Conflict(f"volume {volume!r} already exists in {pool} and was not created by this migration; it "
+                           f"is never overwritten or deleted", field="spec.targetName")
+        return False
+    removed = ctx.target.delete_volume(pool, volume, key=key)
+    ctx.ledger.forget(entry)
+    return removed
 
 
 def _local_target_volume(ctx: MigrationContext, disk: str) -> str | None:
@@ -547,8 +761,7 @@ def _local_target_volume(ctx: MigrationContext, disk: str) -> str | None:
     path = _fresh_target_volume(ctx, disk)
     if path is None:
         d = ctx.disk_plan(disk)
-        ctx.target.delete_volume(d["targetStorage"], d["targetVolume"])
-        ctx.record(disk, targetVolumeCreated=False)
+        _remove_own_volume(ctx, d["targetStorage"], d["targetVolume"], conflict_if_foreign=False)
     return path
 
 
@@ -570,6 +783,10 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     else:
         if rec.get("convertedPath"):
             path = Path(rec["convertedPath"])
+            if path.parent != ctx.staging:
+                raise InvalidMigration(f"disk {disk}: the converted image {path} is not in this migration's staging "
+                                       f"folder on this host; run Converting again")
+            safefs.check_private_file(path)
             length = path.stat().st_size
             segments: Iterator[Segment] = diskio.file_segments(path)
             expected = None
@@ -596,8 +813,12 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                     os.fsync(fh.fileno())
             else:
                 ctx.target.write_volume(pool, volume, counted(), length)
+            if rec.get("convertedSha256") and hasher.hexdigest() != rec["convertedSha256"]:
+                raise ChecksumError(f"disk {disk}: the converted image {rec['convertedPath']} has sha256 "
+                                    f"{hasher.hexdigest()}, but Converting wrote {rec['convertedSha256']}: it "
+                                    f"changed in staging; run the migration again")
         except ChecksumError:
-            ctx.target.delete_volume(pool, volume)
+            _remove_own_volume(ctx, pool, volume, conflict_if_foreign=False)
             raise
     tracker.finish()
     if d["targetCapacity"] > d["sizeBytes"]:
@@ -633,21 +854,27 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     if missing:
         raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
                                f"without them")
-    if ctx.target.vm_exists(tgt["vm"]):
-        if not ctx.store.read_json(ctx.store.status_path(ctx.namespace, ctx.name)) or \
-                not _created_by_us(ctx):
-            raise Conflict(f"a VM named {tgt['vm']!r} already exists on the target", field="spec.targetName")
-        ctx.target.delete_vm(tgt["vm"], delete_storage=False)  # our own half-made VM from a failed try
-    ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks)
+    vm_id = ctx.target.vm_id(tgt["vm"])
+    if vm_id is not None:
+        entry = ctx.ledger.find("vm", ctx.scope_target, id=vm_id)
+        if entry is None:
+            raise Conflict(f"a VM named {tgt['vm']!r} already exists on the target and was not created by this "
+                           f"migration", field="spec.targetName")
+        ctx.target.delete_vm(vm_id)  # our own half-made VM from a failed try
+        ctx.ledger.forget(entry)
+    try:
+        ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks)
+    except TargetCreationError:
+        if ctx.target.vm_id(tgt["vm"]) is not None:
+            raise Conflict(f"a VM named {tgt['vm']!r} appeared on the target while this migration was creating it",
+                           field="spec.targetName") from None
+        raise
+    vm_id = ctx.target.vm_id(tgt["vm"])
+    ctx.ledger.record("vm", ctx.scope_target, id=vm_id, name=tgt["vm"])
     ctx.update_status(lambda s: s.__setitem__("targetVM", tgt["vm"]))
     finish(ctx, Phase.CREATING, f"VM {tgt['vm']} defined on {tgt['provider']} with {tgt['vcpus']} vCPU, "
                                 f"{tgt['memoryMiB']} MiB and {len(disks)} disks")
-    return {"vm": tgt["vm"]}
-
-
-def _created_by_us(ctx: MigrationContext) -> bool:
-    status = ctx.sink.get(ctx.namespace, ctx.name) if ctx.sink else None
-    return bool(status and status.get("targetVM") == ctx.plan["target"]["vm"])
+    return {"vm": tgt["vm"], "id": vm_id}
 
 
 def validate_target(ctx: MigrationContext) -> dict[str, Any]:
@@ -688,51 +915,107 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
 
 
 def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
-    """After the run: follow cleanupPolicy on success; on failure remove what the run half-created."""
+    """After the run: follow cleanupPolicy on success; on failure remove what the run half-created.
+
+    Every delete here acts on a ledger entry (what this migration recorded as created by itself), on
+    the endpoints and storage the validated plan pinned; nothing is found by name or prefix.
+    """
     done: list[str] = []
+    kept: list[str] = []
+    ctx.cleaning = True
     plan = ctx.store.load_plan(ctx.namespace, ctx.name)
-    if plan is None:  # failed before a plan existed (Validating): nothing was created
+    if plan is None:  # failed in Validating: nothing but the name claim was taken
+        _release_claims(ctx, done)
         return {"removed": done}
     policy = plan["cleanup"]  # as validated at the start of the run, whatever the spec says now
     ctx.__dict__["plan"] = plan
-    if ctx.staging.exists():
-        shutil.rmtree(ctx.staging, ignore_errors=True)
-        done.append(f"staging folder {ctx.staging}")
-    if not succeeded:
+    ledger = ctx.ledger
+    here = host_scope()
+    for entry in ledger.entries("dir"):
+        if entry.scope == here and entry.ident.get("role") == "staging":
+            path = Path(entry.ident["path"])
+            with _logged(ctx, f"removing staging folder {path}"):
+                if os.path.lexists(path) and safefs.is_private_dir(path):
+                    shutil.rmtree(path)  # our own 0700 folder: nobody else could put anything in it
+                    done.append(f"staging folder {path}")
+                ledger.forget(entry)
+    if succeeded:
+        # what the target now holds is the migrated VM: never rolled back by a later run
+        for entry in ledger.entries("vm") + ledger.entries("volume"):
+            if entry.scope == ctx.scope_target:
+                ledger.forget(entry)
+    else:
         done += _rollback_target(ctx)
     if policy["deleteIntermediate"]:
+        objects = [e for e in ledger.entries("object") if e.scope == ctx.scope_storage]
         with _logged(ctx, "deleting intermediate files"):
-            n = ctx.storage.delete_prefix(plan["storage"]["prefix"])
-            done.append(f"{n} intermediate files under {ctx.storage.location(plan['storage']['prefix'])}")
-    ours = ctx.store.run_record(ctx.namespace, ctx.name).get("snapshotCreated") == plan["snapshot"]["name"]
+            for entry in objects:
+                ctx.storage.delete(entry.ident["key"])
+                ledger.forget(entry)
+                done.append(f"intermediate object {ctx.storage.location(entry.ident['key'])}")
+            # folders this migration made on the share, deepest first, only if they are empty now
+            folders = [e for e in ledger.entries("dir") if e.scope == ctx.scope_storage]
+            for entry in sorted(folders, key=lambda e: -e.ident["key"].count("/")):
+                if ctx.storage.remove_empty_dir(entry.ident["key"]):
+                    done.append(f"empty folder {ctx.storage.location(entry.ident['key'])}")
+                else:
+                    kept.append(f"folder {ctx.storage.location(entry.ident['key'])} (not empty)")
+                ledger.forget(entry)
+    snap = {"vm": plan["source"].get("vmId"), "name": plan["snapshot"]["name"]}
+    ours = ledger.find("snapshot", ctx.scope_source, **snap)
     if succeeded and policy["deleteSnapshot"] and ours:
         with _logged(ctx, "deleting the snapshot"):
+            _ensure_same_source(ctx)
             if ctx.source.delete_snapshot(plan["source"]["vm"], plan["snapshot"]["name"]):
-                ctx.store.update_run_record(ctx.namespace, ctx.name, snapshotCreated=None)
                 done.append(f"snapshot {plan['snapshot']['name']}")
+            ledger.forget(ours)
     elif ours and not succeeded:
         ctx.logger.info("cleanup: snapshot %s kept after the failure, for rollback; the next successful run "
                         "deletes it", plan["snapshot"]["name"])
     if succeeded and policy["deleteSource"]:
-        ctx.source.delete_vm(plan["source"]["vm"], delete_storage=True)
-        done.append(f"source VM {plan['source']['vm']} and its disks (deleteSource)")
+        vm_id = plan["source"].get("vmId")
+        if not vm_id:
+            kept.append("the source VM (the plan has no id for it)")
+        else:
+            volumes = [(d["sourcePool"], d["sourceVolume"]) for d in plan["disks"]
+                       if d.get("sourcePool") and d.get("sourceVolume")]
+            removed = ctx.source.delete_source_vm(vm_id, volumes)
+            done += [f"{item} (deleteSource)" for item in removed]
+    _release_claims(ctx, done)
     for item in done:
         ctx.logger.info("cleanup: removed %s", item)
-    return {"removed": done}
+    for item in kept:
+        ctx.logger.info("cleanup: kept %s", item)
+    return {"removed": done, "kept": kept}
+
+
+def _release_claims(ctx: MigrationContext, done: list[str]) -> None:
+    claims = NameClaims.of(ctx.store)
+    for entry in ctx.ledger.entries("claim"):
+        with _logged(ctx, f"releasing the claim of {entry.ident['name']}"):
+            if claims.release(entry.scope, entry.ident["name"], f"{ctx.namespace}/{ctx.name}"):
+                done.append(f"claim of target name {entry.ident['name']}")
+            ctx.ledger.forget(entry)
 
 
 def _rollback_target(ctx: MigrationContext) -> list[str]:
+    """Remove the VM and volumes this migration created on the target (ledger entries only)."""
     removed = []
-    plan = ctx.plan
-    if _created_by_us(ctx):
-        with _logged(ctx, "removing the half-created target VM"):
-            if ctx.target.delete_vm(plan["target"]["vm"], delete_storage=False):
-                removed.append(f"target VM {plan['target']['vm']}")
-    for d in plan["disks"]:
-        if ctx.disk_record(d["name"]).get("targetVolumeCreated"):
-            with _logged(ctx, f"removing target volume {d['targetVolume']}"):
-                if ctx.target.delete_volume(d["targetStorage"], d["targetVolume"]):
-                    removed.append(f"target volume {d['targetStorage']}/{d['targetVolume']}")
+    for entry in ctx.ledger.entries("vm"):
+        if entry.scope != ctx.scope_target:
+            continue
+        with _logged(ctx, f"removing the half-created target VM {entry.ident.get('name')}"):
+            if ctx.target.delete_vm(entry.ident["id"]):
+                removed.append(f"target VM {entry.ident.get('name')} ({entry.ident['id']})")
+            ctx.ledger.forget(entry)
+    for entry in ctx.ledger.entries("volume"):
+        if entry.scope != ctx.scope_target:
+            continue
+        pool, volume = entry.ident["pool"], entry.ident["volume"]
+        with _logged(ctx, f"removing target volume {volume}"):
+            if ctx.target.delete_volume(pool, volume, key=entry.ident["key"]):
+                removed.append(f"target volume {pool}/{volume}")
+            ctx.ledger.forget(entry)
     return removed
 
 

@@ -6,6 +6,8 @@ back from there (not from XCom), which is what lets ``airflow tasks test`` run a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,8 +26,37 @@ GB = 1000**3
 
 
 def staging_root() -> Path:
-    """Local scratch space for conversions (the guide: "/tmp should have space for largest disk")."""
-    return Path(os.environ.get(STAGING_ENV) or Path(tempfile.gettempdir()) / "vmmigration")
+    """Local scratch space for conversions (the guide: "/tmp should have space for largest disk").
+
+    Each migration stages in a private folder of fresh, unpredictable name made inside it (0700), never
+    in a predictable path another user could create first (``include.safefs``)."""
+    return Path(os.environ.get(STAGING_ENV) or tempfile.gettempdir())
+
+
+def storage_scope(storage: dict[str, Any]) -> str:
+    """Where intermediate objects live, as the ledger names it: type plus bucket, endpoint or path."""
+    where = {"s3": lambda: f"{storage.get('endpoint') or 'aws'}/{storage.get('bucket')}",
+             "http": lambda: str(storage.get("endpoint")),
+             "nfs": lambda: str(storage.get("path"))}[storage["type"]]()
+    return f"{storage['type']}:{where}"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pin_of(resolved: Resolved) -> dict[str, str]:
+    """What a run is pinned to: digests of the spec, both providers' type and endpoint, and the
+    storage block. Phases after Validating compare them with the plan's (a mid-run edit fails the run)."""
+    migration = resolved.migration
+    spec = migration.to_dict()["spec"]
+    return {
+        "spec": _digest({"spec": spec, "annotations": migration.annotations}),
+        "source": _digest([resolved.source.provider.ref, resolved.source.provider.type,
+                           resolved.source.provider.endpoint, resolved.source.provider_vm_id]),
+        "target": _digest([resolved.target.ref, resolved.target.type, resolved.target.endpoint]),
+        "storage": _digest(spec["storage"]),
+    }
 
 
 def snapshot_name(name: str) -> str:
@@ -90,6 +121,7 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
             "type": resolved.source.provider.type,
             "endpoint": resolved.source.provider.endpoint,
             "vm": resolved.source.provider_vm_id,
+            "vmId": vm.id,
             "running": vm.running,
             "vcpus": vm.vcpus,
             "memoryMiB": vm.memory_mib,
@@ -106,7 +138,12 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
                          for h in spec.targetNetworkHints],
         },
         "storage": {"type": spec.storage.type, "prefix": prefix,
-                    "compression": codec_from(migration.annotations)},
+                    "compression": codec_from(migration.annotations),
+                    # the storage block as validated (no credentials: those stay in the Secret)
+                    "spec": {"type": spec.storage.type, "bucket": spec.storage.bucket,
+                             "endpoint": spec.storage.endpoint, "region": spec.storage.region,
+                             "path": spec.storage.path}},
+        "pin": pin_of(resolved),
         "snapshot": {"name": snapshot_name(migration.name),
                      "disks": [d.name for d in vm.disks] if all(d.format == "qcow2" for d in vm.disks) else []},
         "disks": disks,

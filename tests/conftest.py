@@ -26,6 +26,8 @@ os.environ.update({
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     "VMMIGRATION_STORE": str(_SESSION_DIR / "store"),
     "VMMIGRATION_STAGING": str(_SESSION_DIR / "staging"),
+    # NFS shares of the tests live in temporary folders (docs/security.md: allowed roots)
+    "VMMIGRATION_ALLOWED_ROOTS": tempfile.gettempdir(),
 })
 if str(ROOT / "plugins") not in sys.path:
     sys.path.insert(0, str(ROOT / "plugins"))

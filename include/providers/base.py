@@ -36,6 +36,8 @@ class VMInfo:
     memory_mib: int
     disks: tuple[DiskInfo, ...]
     interfaces: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    #: the hypervisor's unique id of the VM (libvirt: the domain UUID); names are not unique everywhere
+    id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,13 @@ class HypervisorDriver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def delete_volume(self, storage: str, volume: str) -> bool: ...
+    def volume_key(self, storage: str, volume: str) -> str | None:
+        """The volume's unique key on the hypervisor (libvirt: its path), or None when it does not exist."""
+
+    @abc.abstractmethod
+    def delete_volume(self, storage: str, volume: str, *, key: str) -> bool:
+        """Delete the volume, only if it is still the one identified by ``key`` (as recorded in the
+        ledger when it was created); returns whether it was deleted."""
 
     @abc.abstractmethod
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
@@ -116,7 +124,17 @@ class HypervisorDriver(abc.ABC):
         """What the target validation checks: vcpus, memory_mib, disks and interfaces."""
 
     @abc.abstractmethod
-    def delete_vm(self, name: str, *, delete_storage: bool) -> bool: ...
+    def vm_id(self, name: str) -> str | None:
+        """The unique id of the VM named ``name``, or None when there is none."""
+
+    @abc.abstractmethod
+    def delete_vm(self, vm_id: str) -> bool:
+        """Remove the VM with this unique id (its definition only, never its disks)."""
+
+    @abc.abstractmethod
+    def delete_source_vm(self, vm_id: str, volumes: Sequence[tuple[str, str]]) -> list[str]:
+        """deleteSource: remove the VM with this id and those of ``volumes`` ((storage, volume) pairs
+        from the validated plan) that no other VM uses; returns what was removed."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""

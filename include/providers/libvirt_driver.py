@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlsplit
-from xml.sax.saxutils import escape
 
 from include.diskio import CHUNK, Segment
 from include.errors import HypervisorError, NotFound, TargetCreationError, UnsupportedDiskFormat
@@ -40,6 +39,35 @@ def is_local_uri(uri: str) -> bool:
     ``qemu://host/system`` is a remote daemon even if the same path exists here."""
     parts = urlsplit(uri)
     return parts.scheme in ("qemu", "qemu+unix") and not parts.hostname
+
+
+def check_endpoint(uri: str) -> None:
+    """Refuse a libvirt URI before anything connects: only the allowlisted forms of
+    :func:`include.endpoints.check_provider_endpoint` (never ``qemu+ext://...?command=``), and a host the
+    address policy allows, resolved now (libvirt connects from C code, which the connect-time audit hook
+    of :mod:`include.netpolicy` does not see; ssh and TLS resolve the name again themselves, as host
+    key and certificate checks need the name).
+
+    :raises InvalidMigration: the URI is not an allowed form (``field`` is ``spec.endpoint``).
+    :raises AddressRefused: its host is, or resolves to, a refused address.
+    :raises HypervisorError: its host does not resolve.
+    """
+    from include.endpoints import check_provider_address, check_provider_endpoint
+    from include.errors import InvalidMigration, StorageError
+
+    why = check_provider_endpoint("libvirt", uri)
+    if why is not None:
+        raise InvalidMigration(f"libvirt endpoint refused: {why}", field="spec.endpoint")
+    try:
+        check_provider_address(uri)
+    except StorageError as err:
+        raise HypervisorError(f"cannot connect to libvirt at {_shown(uri)}: {err}") from err
+
+
+def _shown(uri: str) -> str:
+    from include.endpoints import redact
+
+    return redact(uri.split("?", 1)[0])
 
 
 def connection_uri(endpoint: str, credentials: Mapping[str, str] | None) -> tuple[str, str | None]:
@@ -79,12 +107,13 @@ class LibvirtDriver(HypervisorDriver):
     @cached_property
     def conn(self) -> Any:
         libvirt = _libvirt()
+        check_endpoint(self.uri)  # before libvirt runs anything for this URI
         # the private key (if any) is written only now, and removed as soon as ssh has connected with it
         uri, keyfile = connection_uri(self.uri, self._credentials)
         try:
             return libvirt.open(uri)
         except libvirt.libvirtError as err:
-            raise HypervisorError(f"cannot connect to libvirt at {self.uri.split('?', 1)[0]}: {err}") from err
+            raise HypervisorError(f"cannot connect to libvirt at {_shown(self.uri)}: {err}") from err
         finally:
             if keyfile:
                 with contextlib.suppress(FileNotFoundError):
@@ -136,7 +165,7 @@ class LibvirtDriver(HypervisorDriver):
         # only a shut-off VM has stable disks: shutting down, suspended, crashed or unknown all count as running
         return VMInfo(name=name, running=state != libvirt.VIR_DOMAIN_SHUTOFF,
                       vcpus=int(vcpus), memory_mib=int(mem_kib) // 1024, disks=disks,
-                      interfaces=tuple(interfaces))
+                      interfaces=tuple(interfaces), id=dom.UUIDString())
 
     def _disk_info(self, el: ET.Element) -> DiskInfo:
         libvirt = _libvirt()
@@ -187,10 +216,13 @@ class LibvirtDriver(HypervisorDriver):
             return covered  # a retry after the snapshot was made
         except libvirt.libvirtError:
             pass
-        disk_xml = "".join(f"<disk name='{escape(d.name)}' snapshot='internal'/>" for d in disks)
-        xml = (f"<domainsnapshot><name>{escape(snapshot)}</name>"
-               f"<description>taken by the VM migration engine before export</description>"
-               f"<disks>{disk_xml}</disks></domainsnapshot>")
+        root = ET.Element("domainsnapshot")
+        _sub(root, "name", text=snapshot)
+        _sub(root, "description", text="taken by the VM migration engine before export")
+        disks_el = _sub(root, "disks")
+        for d in disks:
+            _sub(disks_el, "disk", name=d.name, snapshot="internal")
+        xml = _to_xml(root)
         try:
             dom.snapshotCreateXML(xml, 0)
         except libvirt.libvirtError as err:
@@ -278,8 +310,12 @@ class LibvirtDriver(HypervisorDriver):
     def create_volume(self, storage: str, volume: str, fmt: str, capacity: int) -> str:
         libvirt = _libvirt()
         pool = self._pool(storage)
-        xml = (f"<volume><name>{escape(volume)}</name><capacity unit='bytes'>{int(capacity)}</capacity>"
-               f"<allocation unit='bytes'>0</allocation><target><format type='{escape(fmt)}'/></target></volume>")
+        root = ET.Element("volume")
+        _sub(root, "name", text=volume)
+        _sub(root, "capacity", text=str(int(capacity)), unit="bytes")
+        _sub(root, "allocation", text="0", unit="bytes")
+        _sub(_sub(root, "target"), "format", type=fmt)
+        xml = _to_xml(root)
         try:
             return pool.createXML(xml, 0).path()
         except libvirt.libvirtError as err:
@@ -324,10 +360,20 @@ class LibvirtDriver(HypervisorDriver):
         except libvirt.libvirtError as err:
             raise TargetCreationError(f"growing volume {volume} to {capacity} bytes failed: {err}") from err
 
-    def delete_volume(self, storage: str, volume: str) -> bool:
+    def volume_key(self, storage: str, volume: str) -> str | None:
+        try:
+            return self._volume(storage, volume).key()
+        except NotFound:
+            return None
+
+    def delete_volume(self, storage: str, volume: str, *, key: str) -> bool:
         try:
             vol = self._volume(storage, volume)
         except NotFound:
+            return False
+        if vol.key() != key:
+            log.warning("volume %s/%s is not the one this migration created (key %s, recorded %s): kept",
+                        storage, volume, vol.key(), key)
             return False
         vol.delete(0)
         return True
@@ -335,25 +381,35 @@ class LibvirtDriver(HypervisorDriver):
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
                   networks: Sequence[NetworkHint]) -> None:
         libvirt = _libvirt()
-        disk_xml = "".join(
-            f"<disk type='volume' device='disk'><driver name='qemu' type='{escape(d.format)}'/>"
-            f"<source pool='{escape(d.pool)}' volume='{escape(d.volume)}'/>"
-            f"<target dev='{escape(d.name)}' bus='{escape(d.bus)}'/></disk>"
-            for d in disks
-        )
-        nic_xml = ""
+        # built as a tree, never by formatting strings: a quote or "<" in a value stays in that value
+        root = ET.Element("domain", type="kvm")
+        _sub(root, "name", text=name)
+        _sub(root, "memory", text=str(int(memory_mib)), unit="MiB")
+        _sub(root, "vcpu", text=str(int(vcpus)))
+        os_el = _sub(root, "os")
+        _sub(os_el, "type", text="hvm", arch="x86_64", machine="pc")
+        _sub(os_el, "boot", dev="hd")
+        _sub(_sub(root, "features"), "acpi")
+        _sub(root, "on_poweroff", text="destroy")
+        devices = _sub(root, "devices")
+        for d in disks:
+            disk_el = _sub(devices, "disk", type="volume", device="disk")
+            _sub(disk_el, "driver", name="qemu", type=d.format)
+            _sub(disk_el, "source", pool=d.pool, volume=d.volume)
+            _sub(disk_el, "target", dev=d.name, bus=d.bus)
         for hint in networks:
             if hint.bridge:
-                nic_xml += (f"<interface type='bridge'><source bridge='{escape(hint.bridge)}'/>"
-                            f"<model type='virtio'/></interface>")
+                nic = _sub(devices, "interface", type="bridge")
+                _sub(nic, "source", bridge=hint.bridge)
             elif hint.network:
-                nic_xml += (f"<interface type='network'><source network='{escape(hint.network)}'/>"
-                            f"<model type='virtio'/></interface>")
-        xml = (f"<domain type='kvm'><name>{escape(name)}</name>"
-               f"<memory unit='MiB'>{int(memory_mib)}</memory><vcpu>{int(vcpus)}</vcpu>"
-               f"<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
-               f"<features><acpi/></features><on_poweroff>destroy</on_poweroff>"
-               f"<devices>{disk_xml}{nic_xml}<serial type='pty'/><console type='pty'/></devices></domain>")
+                nic = _sub(devices, "interface", type="network")
+                _sub(nic, "source", network=hint.network)
+            else:
+                continue
+            _sub(nic, "model", type="virtio")
+        _sub(devices, "serial", type="pty")
+        _sub(devices, "console", type="pty")
+        xml = _to_xml(root)
         try:
             self.conn.defineXML(xml)
         except libvirt.libvirtError as err:
@@ -365,13 +421,23 @@ class LibvirtDriver(HypervisorDriver):
                 "disks": [d.to_dict() for d in info.disks], "interfaces": list(info.interfaces),
                 "running": info.running}
 
-    def delete_vm(self, name: str, *, delete_storage: bool) -> bool:
+    def vm_id(self, name: str) -> str | None:
+        try:
+            return self._domain(name).UUIDString()
+        except NotFound:
+            return None
+
+    def _domain_by_id(self, vm_id: str) -> Any | None:
         libvirt = _libvirt()
         try:
-            dom = self._domain(name)
-        except NotFound:
-            return False
-        disks = self.get_vm(name).disks if delete_storage else ()
+            return self.conn.lookupByUUIDString(vm_id)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"looking up VM {vm_id} on {self.uri} failed: {err}") from err
+
+    def _undefine(self, dom: Any) -> None:
+        libvirt = _libvirt()
         if dom.isActive():
             dom.destroy()
         flags = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
@@ -379,10 +445,74 @@ class LibvirtDriver(HypervisorDriver):
             dom.undefineFlags(flags)
         except libvirt.libvirtError:
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-        for disk in disks:
-            if disk.pool and disk.volume:
-                self.delete_volume(disk.pool, disk.volume)
+
+    def delete_vm(self, vm_id: str) -> bool:
+        dom = self._domain_by_id(vm_id)
+        if dom is None:
+            return False
+        self._undefine(dom)
         return True
+
+    def _paths_in_use(self, except_id: str) -> dict[str, str]:
+        """Disk file paths of every other domain on this host -> a domain using it."""
+        used: dict[str, str] = {}
+        for dom in self.conn.listAllDomains(0):
+            if dom.UUIDString() == except_id:
+                continue
+            root = ET.fromstring(dom.XMLDesc(0))
+            for src in root.findall("./devices/disk/source"):
+                path = src.get("file") or src.get("dev")
+                if src.get("pool") and src.get("volume"):
+                    with contextlib.suppress(Exception):
+                        path = self._volume(src.get("pool"), src.get("volume")).path()
+                if path:
+                    used[os.path.realpath(path)] = dom.name()
+        return used
+
+    def delete_source_vm(self, vm_id: str, volumes: Sequence[tuple[str, str]]) -> list[str]:
+        dom = self._domain_by_id(vm_id)
+        if dom is None:
+            return []
+        targets = []
+        for pool, volume in volumes:
+            try:
+                targets.append((pool, volume, self._volume(pool, volume)))
+            except NotFound:
+                log.warning("deleteSource: volume %s/%s is already gone", pool, volume)
+        used = self._paths_in_use(vm_id)  # before the undefine, so nothing can slip in between
+        name = dom.name()
+        self._undefine(dom)
+        removed = [f"VM {name} ({vm_id})"]
+        for pool, volume, vol in targets:
+            other = used.get(os.path.realpath(vol.path()))
+            if other:
+                log.warning("deleteSource: volume %s/%s is also used by VM %s: kept", pool, volume, other)
+                continue
+            vol.delete(0)
+            removed.append(f"volume {pool}/{volume}")
+        return removed
+
+
+def _sub(parent: ET.Element, tag: str, *, text: str | None = None, **attrib: str) -> ET.Element:
+    """A child element; attribute values and text are escaped by ElementTree (quotes included)."""
+    el = ET.SubElement(parent, tag, {k: _xml_text(v) for k, v in attrib.items()})
+    if text is not None:
+        el.text = _xml_text(text)
+    return el
+
+
+def _xml_text(value: Any) -> str:
+    text = str(value)
+    # characters XML 1.0 cannot hold at all (escaping cannot help): refuse rather than send libvirt
+    # a document it would misparse
+    if any((ord(c) < 0x20 and c not in "\t\n\r") or c in "\ufffe\uffff" or 0xD800 <= ord(c) <= 0xDFFF
+           for c in text):
+        raise TargetCreationError(f"value {text!r} holds a character XML cannot carry")
+    return text
+
+
+def _to_xml(root: ET.Element) -> str:
+    return ET.tostring(root, encoding="unicode")
 
 
 def _abort(stream: Any) -> None:

@@ -10,6 +10,9 @@ from typing import Any
 
 from include.diskio import Segment
 
+#: the suffix of the manifest object written beside each disk object
+MANIFEST_SUFFIX = ".manifest.json"
+
 
 class ObjectWriter(abc.ABC):
     """Receives a disk's bytes; nothing is visible under the final key until ``commit``."""
@@ -60,7 +63,9 @@ class StorageBackend(abc.ABC):
     def size(self, key: str) -> int: ...
 
     @abc.abstractmethod
-    def delete(self, key: str) -> bool: ...
+    def delete(self, key: str) -> bool:
+        """Delete the object ``key``, its manifest and any partial upload of it; only ever called for
+        keys the migration's ledger records as written by it."""
 
     @abc.abstractmethod
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None: ...
@@ -76,6 +81,6 @@ class StorageBackend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections and worker threads."""
 
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix``; returns how many went."""
-        return 0
+    def remove_empty_dir(self, key: str) -> bool:
+        """Remove the folder ``key`` if the backend has folders and it is empty (never its content)."""
+        return False

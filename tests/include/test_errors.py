@@ -16,7 +16,7 @@ ALL = [e.MigrationFailure, e.InvalidMigration, e.NotFound, e.Conflict, e.Unsuppo
 @pytest.mark.parametrize(("cls", "permanent", "reason"), [
     (e.InvalidMigration, True, "ValidationFailed"),
     (e.NotFound, True, "NotFound"),
-    (e.Conflict, True, "AlreadyExists"),
+    (e.Conflict, True, "Conflict"),
     (e.UnsupportedDiskFormat, True, "UnsupportedDiskFormat"),
     (e.HypervisorError, False, "HypervisorError"),
     (e.StorageError, False, "StorageError"),

@@ -57,6 +57,21 @@ def bundle() -> list[dict[str, Any]]:
          "spec": {"type": "libvirt", "endpoint": "qemu:///system"}},
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": "default"},
          "data": {"accessKey": b64(ACCESS_KEY), "secretKey": b64(SECRET_KEY)}},
+        *grants(),
+    ]
+
+
+def grants() -> list[dict[str, Any]]:
+    """kvm-vms lets migrations of default use its VMs; infra lets them, and kvm-vms' VMs, use its Providers."""
+    return [
+        {"apiVersion": API_VERSION, "kind": "ReferenceGrant", "metadata": {"name": "vms", "namespace": "kvm-vms"},
+         "spec": {"from": [{"kind": "VMMigration", "namespace": "default"}],
+                  "to": [{"kind": "VirtualMachine"}, {"kind": "Provider", "name": "local-kvm"}]}},
+        {"apiVersion": API_VERSION, "kind": "ReferenceGrant",
+         "metadata": {"name": "providers", "namespace": "infra"},
+         "spec": {"from": [{"kind": "VMMigration", "namespace": "default"},
+                           {"kind": "VirtualMachine", "namespace": "kvm-vms"}],
+                  "to": [{"kind": "Provider", "name": "kvm-source"}]}},
     ]
 
 
@@ -142,9 +157,12 @@ def test_missing_vm_names_source_name():
         "spec.sourceName: VirtualMachine kvm-vms/ubuntu-server not found"]
 
 
-def test_vm_in_another_namespace_is_not_found():
+def test_vm_in_another_namespace_needs_its_grant():
+    # whether the VM exists there or not is not told to a namespace without the grant
     assert resolve_errors(bundle(), sourceNamespace="elsewhere") == [
-        "spec.sourceName: VirtualMachine elsewhere/ubuntu-server not found"]
+        "spec.sourceNamespace: VirtualMachine elsewhere/ubuntu-server is in another namespace, and namespace "
+        "elsewhere does not grant VMMigrations of namespace default access to it: add a ReferenceGrant in elsewhere "
+        "with from {kind: VMMigration, namespace: default} and to {kind: VirtualMachine} (docs/security.md)"]
 
 
 def test_vm_without_provider_ref():

@@ -138,7 +138,8 @@ def test_rewrite_replaces_the_object(nfs):
 
 def test_open_writer_refuses_when_the_share_is_too_small(nfs, share):
     needed = shutil.disk_usage(share).free * 2 + 10**12
-    with pytest.raises(StorageError, match=f"NFS share {re.escape(str(share))} has \\d+ bytes free, {needed} needed"):
+    with pytest.raises(StorageError, match=f"no space on the share for {re.escape(str(share / KEY))}: \\d+ bytes "
+                                           f"free, {needed} needed"):
         nfs.open_writer(KEY, size_hint=needed)
     assert visible_files(share) == []
 
@@ -210,32 +211,43 @@ def test_delete_removes_object_and_manifest(nfs, share):
     assert nfs.delete(KEY) is False  # already gone
 
 
-def test_delete_prefix_counts_and_prunes_empty_parents(nfs, share):
-    for key in ("apps/move-web/vda.qcow2", "apps/move-web/vdb.qcow2", "apps/other/vda.raw"):
-        with nfs.open_writer(key, size_hint=0) as writer:
-            writer.write(Segment(1, b"x"))
-            writer.commit()
-        nfs.put_manifest(key, {"sha256": "0"})
-    assert nfs.delete_prefix("apps/move-web") == 4
-    assert visible_files(share) == ["apps/other/vda.raw", "apps/other/vda.raw" + MANIFEST_SUFFIX]
-    assert (share / "apps").is_dir()  # still holds "other"
-    assert nfs.delete_prefix("apps/other") == 2
-    assert list(share.iterdir()) == []  # empty parents pruned, the share itself kept
-    assert share.is_dir()
-    assert nfs.delete_prefix("apps/never") == 0
+def test_only_empty_folders_are_removed(nfs, share):
+    with nfs.open_writer(KEY, size_hint=0) as writer:
+        writer.write(Segment(1, b"x"))
+        writer.commit()
+    (share / "apps" / "move-web" / "someone-elses.txt").write_text("keep")
+    nfs.delete(KEY)
+    assert nfs.remove_empty_dir("apps/move-web") is False  # not empty: nothing in it is touched
+    assert (share / "apps" / "move-web" / "someone-elses.txt").read_text() == "keep"
+    (share / "apps" / "move-web" / "someone-elses.txt").unlink()
+    assert nfs.remove_empty_dir("apps/move-web") is True
+    assert nfs.remove_empty_dir("apps/never") is False
+    assert (share / "apps").is_dir()
+
+
+def test_folders_and_files_are_private(nfs, share):
+    with nfs.open_writer(KEY, size_hint=0) as writer:
+        writer.write(Segment(1, b"x"))
+        writer.commit()
+    nfs.put_manifest(KEY, {"sha256": "0"})
+    assert nfs.created_dirs == ["apps", "apps/move-web"]
+    for folder in (share / "apps", share / "apps" / "move-web"):
+        assert folder.stat().st_mode & 0o777 == 0o700
+    for file in (share / KEY, share / (KEY + MANIFEST_SUFFIX)):
+        assert file.stat().st_mode & 0o777 == 0o600
 
 
 def _assert_refused(call) -> None:
     with pytest.raises(InvalidMigration) as info:
         call()
     assert info.value.field == "spec.storage.path"
-    assert "escapes the share" in str(info.value)
+    assert "is not a plain relative path" in str(info.value)
 
 
 @pytest.mark.parametrize("key", ["../outside.qcow2", "/etc/passwd", "apps/../../outside", "../share-twin/x"])
 def test_keys_escaping_the_share_are_refused(nfs, share, key):
     for call in (lambda: nfs.open_writer(key, 0), lambda: nfs.read(key), lambda: nfs.exists(key),
-                 lambda: nfs.size(key), lambda: nfs.delete(key), lambda: nfs.delete_prefix(key),
+                 lambda: nfs.size(key), lambda: nfs.delete(key), lambda: nfs.remove_empty_dir(key),
                  lambda: nfs.get_manifest(key), lambda: nfs.put_manifest(key, {}), lambda: nfs.local_path(key)):
         _assert_refused(call)
     assert list(share.parent.iterdir()) == [share]  # nothing created next to the share
@@ -244,21 +256,24 @@ def test_keys_escaping_the_share_are_refused(nfs, share, key):
 @pytest.mark.parametrize("key", ["", ".", "apps/..", "apps/../.."])
 def test_keys_naming_the_share_itself_are_refused(nfs, share, key):
     (share / "keep.qcow2").write_bytes(b"x")
-    for call in (lambda: nfs.open_writer(key, 0), lambda: nfs.delete(key), lambda: nfs.delete_prefix(key),
+    for call in (lambda: nfs.open_writer(key, 0), lambda: nfs.delete(key), lambda: nfs.remove_empty_dir(key),
                  lambda: nfs.exists(key), lambda: nfs.local_path(key)):
         _assert_refused(call)
-    assert visible_files(share) == ["keep.qcow2"]  # delete_prefix("") must never empty the share
+    assert visible_files(share) == ["keep.qcow2"]
 
 
 def test_symlink_out_of_the_share_is_refused(nfs, share, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (share / "link").symlink_to(outside)
-    with pytest.raises(InvalidMigration, match="escapes the share"):
+    with pytest.raises(StorageError, match="is a symlink or not a folder; refusing to follow it"):
         nfs.open_writer("link/vda.qcow2", 0)
+    assert list(outside.iterdir()) == []
 
 
 def test_local_path_and_location(nfs, share):
+    with nfs.open_writer(KEY, size_hint=0) as writer:
+        writer.commit()
     assert nfs.local_path(KEY) == (share / KEY).resolve()
     assert nfs.location(KEY) == str(share / KEY)
     assert nfs.type == "nfs"

@@ -94,11 +94,14 @@ def test_plan_header():
     assert plan["migration"] == "apps/move-web"
     assert plan["dagId"] == "vmmigration__apps__move-web"
     assert plan["source"] == {"provider": "apps/kvm-source", "type": "libvirt", "endpoint": "qemu+ssh://kvm1/system",
-                              "vm": "web-domain", "running": False, "vcpus": 2, "memoryMiB": 2048}
+                              "vm": "web-domain", "vmId": None, "running": False, "vcpus": 2, "memoryMiB": 2048}
     assert plan["target"] == {"provider": "apps/kvm-target", "type": "libvirt", "endpoint": "qemu:///system",
                               "vm": "web-new", "storage": "fast-pool", "vcpus": 2, "memoryMiB": 2048,
                               "networks": []}
-    assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web", "compression": None}
+    assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web", "compression": None,
+                               "spec": {"type": "nfs", "bucket": None, "endpoint": plan["storage"]["spec"]["endpoint"],
+                                        "region": None, "path": plan["storage"]["spec"]["path"]}}
+    assert set(plan["pin"]) == {"spec", "source", "target", "storage"}
     assert plan["phases"] == ["Validating", "Snapshotting", "Exporting", "Transferring", "Converting", "Importing",
                               "Creating", "ValidatingTarget", "Ready"]
     assert plan["cleanup"] == {"deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": False}
@@ -195,7 +198,10 @@ def test_staging_root(monkeypatch, tmp_path):
     monkeypatch.setenv(STAGING_ENV, str(tmp_path))
     assert staging_root() == tmp_path
     monkeypatch.delenv(STAGING_ENV)
-    assert staging_root().name == "vmmigration"
+    import tempfile
+
+    # each migration stages in a private mkdtemp folder inside it, never in a predictable path
+    assert staging_root() == Path(tempfile.gettempdir())
 
 
 # -- describe -------------------------------------------------------------------------------------------------------
