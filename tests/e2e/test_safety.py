@@ -1,0 +1,393 @@
+"""Safe by construction, on the real libvirtd and real files: a migration destroys only what it created,
+claims its target name, keeps to its validated plan, and trusts no file another user could touch.
+
+Each test reproduces an attack or accident that lost data (or ran as root where it should not) before
+the ownership ledger, the name claims and the plan pinning existed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from include import phases
+from include.demo import create_source_vm, store_documents, write_store
+from include.errors import ChecksumError, Conflict, InvalidMigration, PlanChanged, StorageError
+from include.store import FileStatusSink, SpecStore
+from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
+
+pytestmark = pytest.mark.e2e
+
+DISKS = ("vda", "vdb")
+
+
+def ctx_for(store: Path, name: str) -> phases.MigrationContext:
+    return phases.MigrationContext("default", name, store=SpecStore(store))
+
+
+def run_phases(ctx: phases.MigrationContext, *, until: str | None = None) -> None:
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    for disk in DISKS:
+        for step in (phases.export_disk, phases.transfer_disk, phases.convert_disk, phases.import_disk):
+            step(ctx, disk)
+            if until == f"{step.__name__}:{disk}":
+                return
+    phases.create_vm(ctx)
+    phases.validate_target(ctx)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def volumes(world, pool: str) -> set[str]:
+    conn = world.conn()
+    try:
+        p = conn.storagePoolLookupByName(pool)
+        p.refresh(0)
+        return set(p.listVolumes())
+    finally:
+        conn.close()
+
+
+def domains(world) -> set[str]:
+    conn = world.conn()
+    try:
+        return {d.name() for d in conn.listAllDomains(0)}
+    finally:
+        conn.close()
+
+
+# -- destroy only what this run created -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("succeeded", [True, False])
+def test_nfs_cleanup_keeps_files_it_did_not_write_under_the_migrations_folder(store, world, succeeded):
+    """Before: cleanup ran rmtree(<path>/<namespace>/<name>), taking everything in that folder with it."""
+    create_source_vm(world)
+    name = "keepers"
+    write_store(store, f"{name}.yaml", store_documents(world, name=name, target_format="qcow2"))
+    folder = world.share / "default" / name
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "notes.txt").write_text("somebody else's")
+    (folder / "archive").mkdir(mode=0o700)
+    (folder / "archive" / "old-vda.qcow2").write_bytes(b"an older export kept on purpose")
+    ctx = ctx_for(store, name)
+    if succeeded:
+        run_phases(ctx)
+    else:
+        run_phases(ctx, until="transfer_disk:vda")
+    result = phases.finalize(ctx_for(store, name), succeeded=succeeded, failure="test")
+    assert (folder / "notes.txt").read_text() == "somebody else's"
+    assert (folder / "archive" / "old-vda.qcow2").read_bytes() == b"an older export kept on purpose"
+    # what the run wrote is gone, and only that
+    assert sorted(p.name for p in folder.iterdir()) == ["archive", "notes.txt"]
+    assert any("intermediate object" in item for item in result["removed"])
+
+
+def test_an_object_already_at_the_key_is_never_overwritten(store, world):
+    create_source_vm(world)
+    write_store(store, "squat.yaml", store_documents(world, name="squat", target_format="qcow2"))
+    folder = world.share / "default" / "squat"
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "vda.qcow2").write_bytes(b"not ours")
+    with pytest.raises(Conflict, match="already exists in the intermediate storage and was not written by this"):
+        phases.validate(ctx_for(store, "squat"))
+    phases.finalize(ctx_for(store, "squat"), succeeded=False)
+    assert (folder / "vda.qcow2").read_bytes() == b"not ours"
+
+
+def test_a_volume_that_appears_after_validating_fails_the_run_and_is_left_alone(store, world):
+    """Before: import deleted any volume of the target name and wrote its own in its place."""
+    create_source_vm(world)
+    docs = store_documents(world, name="late", target_format="qcow2")
+    write_store(store, "late.yaml", docs)
+    ctx = ctx_for(store, "late")
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    phases.export_disk(ctx, "vda")
+    phases.transfer_disk(ctx, "vda")
+    phases.convert_disk(ctx, "vda")
+    # another team creates a volume of that name in the target pool
+    theirs = f"{world.vm_name}-migrated-vda.qcow2"
+    subprocess.run(["virsh", "-q", "-c", world.uri, "vol-create-as", world.target_pool, theirs, "1M",
+                    "--format", "qcow2"], check=True, capture_output=True)
+    conn = world.conn()
+    try:
+        key = conn.storagePoolLookupByName(world.target_pool).storageVolLookupByName(theirs).key()
+    finally:
+        conn.close()
+    before = sha(Path(key))
+    with pytest.raises(Conflict, match=f"volume '{theirs}' already exists in {world.target_pool} and was not created"):
+        phases.import_disk(ctx, "vda")
+    phases.finalize(ctx_for(store, "late"), succeeded=False, failure="conflict")
+    assert theirs in volumes(world, world.target_pool)
+    assert sha(Path(key)) == before
+
+
+def test_two_migrations_for_one_target_name_only_one_proceeds(store, world):
+    """Before: the second one's import replaced the first one's volumes and its rollback deleted them, after the
+    first had deleted its source (deleteSource): the VM was lost on both sides."""
+    sums = create_source_vm(world)  # the guest-visible sha256 of each source disk
+    first = store_documents(world, name="first", target_format="qcow2")
+    first[0]["spec"]["cleanupPolicy"]["deleteSource"] = True
+    second = store_documents(world, name="second", target_format="qcow2")
+    write_store(store, "first.yaml", first)
+    write_store(store, "second.yaml", second[:1])
+    a, b = ctx_for(store, "first"), ctx_for(store, "second")
+    phases.validate(a)
+    with pytest.raises(Conflict, match="is claimed by migration default/first"):
+        phases.validate(b)
+    phases.finalize(ctx_for(store, "second"), succeeded=False, failure="conflict")  # releases nothing of first's
+    run_phases(a)
+    phases.finalize(ctx_for(store, "first"), succeeded=True)
+    assert f"{world.vm_name}-migrated" in domains(world)
+    assert world.vm_name not in domains(world)  # deleteSource: the first one's source went, as asked
+    assert_target_matches_source_sums(world, sums)
+    # the name is free again once first has finished; second now meets the VM (or the deleted source) and stops
+    with pytest.raises(InvalidMigration, match="already exists on provider|not found"):
+        phases.validate(ctx_for(store, "second"))
+    phases.finalize(ctx_for(store, "second"), succeeded=False, failure="conflict")
+    assert_target_matches_source_sums(world, sums)
+
+
+def assert_target_matches_source_sums(world, sums: dict[str, str]) -> None:
+    """The target volumes hold what the source disks held: the same guest-visible sha256."""
+    from include import diskio
+
+    dst = world.root / "pools" / "dst"
+    assert set(sums) == set(DISKS)
+    for disk in DISKS:
+        target = dst / f"{world.vm_name}-migrated-{disk}.qcow2"
+        hasher = hashlib.sha256()
+        for _ in diskio.hash_segments(diskio.guest_segments(target, "qcow2"), hasher):
+            pass
+        assert hasher.hexdigest() == sums[disk], f"{disk} differs from its source"
+
+
+def test_delete_source_keeps_a_volume_another_vm_uses(airflow_db, store, world):
+    """deleteSource removes the validated VM and its planned disks, never a volume another domain also uses."""
+    create_source_vm(world)
+    src = world.root / "pools" / "src"
+    vdb = src / f"{world.vm_name}-vdb.qcow2"
+    other = f"{world.prefix}-shares-vdb"
+    conn = world.conn()
+    try:
+        conn.defineXML(f"<domain type='kvm'><name>{other}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+                       f"<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+                       f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vdb}'/>"
+                       f"<target dev='vda' bus='virtio'/><readonly/></disk></devices></domain>")
+    finally:
+        conn.close()
+    try:
+        docs = store_documents(world, name="delsrc2", target_format="qcow2")
+        docs[0]["spec"]["cleanupPolicy"]["deleteSource"] = True
+        write_store(store, "delsrc2.yaml", docs)
+        dagrun = run_migration("vmmigration__default__delsrc2")
+        assert str(dagrun.state) == "success", task_states(dagrun)
+        assert world.vm_name not in domains(world)
+        assert not (src / f"{world.vm_name}-vda.qcow2").exists()  # planned and used by nobody else: deleted
+        assert vdb.exists()  # used by another VM too: kept
+        assert other in domains(world)
+    finally:
+        subprocess.run(["virsh", "-q", "-c", world.uri, "undefine", other], capture_output=True)
+
+
+# -- plan-pinned execution --------------------------------------------------------------------------------------
+
+def test_a_provider_edited_after_validating_stops_the_run_and_cleanup_keeps_to_the_plan(store, world, tmp_path):
+    """Before: a Provider endpoint edited after Validating was used by the next phase."""
+    create_source_vm(world)
+    docs = store_documents(world, name="moved", target_format="qcow2")
+    path = write_store(store, "moved.yaml", docs)
+    ctx = ctx_for(store, "moved")
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    phases.export_disk(ctx, "vda")
+    phases.transfer_disk(ctx, "vda")
+    phases.convert_disk(ctx, "vda")
+    phases.import_disk(ctx, "vda")  # the target volume of vda exists now
+    for doc in docs:
+        if doc["kind"] == "Provider" and doc["metadata"]["name"].endswith("-kvm-target"):
+            doc["spec"] = {**doc["spec"], "endpoint": "qemu+ssh://root@kvm-elsewhere.invalid/system"}
+    write_store(store, path.name, docs)
+    with pytest.raises(PlanChanged, match="the target Provider's type or endpoint changed since Validating"):
+        phases.import_disk(ctx_for(store, "moved"), "vdb")
+    status = FileStatusSink(SpecStore(store)).get("default", "moved")
+    assert status is not None
+    # the rollback works on the validated endpoint: vda's target volume, made by this run, is removed there
+    phases.finalize(ctx_for(store, "moved"), succeeded=False, failure="plan changed")
+    assert not any(v.startswith(f"{world.vm_name}-migrated") for v in volumes(world, world.target_pool))
+
+
+def test_a_source_vm_replaced_under_its_name_is_not_touched(store, world):
+    create_source_vm(world)
+    write_store(store, "swap.yaml", store_documents(world, name="swap", target_format="qcow2"))
+    ctx = ctx_for(store, "swap")
+    phases.validate(ctx)
+    conn = world.conn()
+    try:
+        dom = conn.lookupByName(world.vm_name)
+        xml = dom.XMLDesc(0)
+        dom.undefine()
+        conn.defineXML(xml.replace(f"<uuid>{dom.UUIDString()}</uuid>", ""))  # same name, another VM
+    finally:
+        conn.close()
+    with pytest.raises(PlanChanged, match="is not the VM validated"):
+        phases.snapshot(ctx_for(store, "swap"))
+
+
+# -- storage roots ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/", "/etc", "/etc/ssh", "/usr/lib", "/var/lib/libvirt/images"])
+def test_a_share_in_a_system_folder_is_refused(store, world, path):
+    create_source_vm(world)
+    docs = store_documents(world, name="sys")
+    docs[0]["spec"]["storage"]["path"] = path
+    write_store(store, "sys.yaml", docs)
+    with pytest.raises(InvalidMigration) as info:
+        phases.validate(ctx_for(store, "sys"))
+    assert info.value.field == "spec.storage.path"
+    assert "system folder" in str(info.value)
+
+
+def test_a_share_outside_the_allowed_roots_is_refused(store, world, monkeypatch, tmp_path):
+    create_source_vm(world)
+    monkeypatch.setenv("VMMIGRATION_ALLOWED_ROOTS", str(tmp_path / "shares"))
+    write_store(store, "out.yaml", store_documents(world, name="out"))
+    with pytest.raises(InvalidMigration, match="is outside the allowed storage roots") as info:
+        phases.validate(ctx_for(store, "out"))
+    assert info.value.field == "spec.storage.path"
+    monkeypatch.delenv("VMMIGRATION_ALLOWED_ROOTS")
+    with pytest.raises(InvalidMigration, match="no storage roots are configured"):
+        phases.validate(ctx_for(store, "out"))
+
+
+# -- files other local users can touch ---------------------------------------------------------------------------
+
+def _as_nobody(*cmd: str) -> None:
+    nobody = pwd.getpwnam("nobody")
+    subprocess.run(list(cmd), check=True, user=nobody.pw_uid, group=nobody.pw_gid)
+
+
+@pytest.fixture
+def shared_folder():
+    """A world-writable sticky folder that other local users can reach (as an NFS export often is)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="vmmig-shared-"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_part_symlink_planted_by_another_user_is_never_written_through(store, world, shared_folder):
+    """Before: a `.part` symlink planted on the share made the engine, as root, overwrite the file it named."""
+    create_source_vm(world)
+    docs = store_documents(world, name="planted", target_format="qcow2")
+    docs[0]["spec"]["storage"]["path"] = str(shared_folder)
+    write_store(store, "planted.yaml", docs)
+    victim = shared_folder / "victim"
+    victim.write_text("precious")
+    _as_nobody("mkdir", "-m", "0777", str(shared_folder / "default"))
+    _as_nobody("mkdir", "-m", "0777", str(shared_folder / "default" / "planted"))
+    _as_nobody("ln", "-s", str(victim), str(shared_folder / "default" / "planted" / ".vda.qcow2.part"))
+    ctx = ctx_for(store, "planted")
+    # Validating already looks below the share for objects in the way, and refuses another user's folder
+    with pytest.raises(StorageError, match="belongs to uid 65534 or is writable by others; refusing to write below"):
+        phases.validate(ctx)
+    assert victim.read_text() == "precious"
+    phases.finalize(ctx_for(store, "planted"), succeeded=False, failure="planted")
+    assert victim.read_text() == "precious"
+    assert (shared_folder / "default" / "planted" / ".vda.qcow2.part").is_symlink()  # not ours: left alone
+
+
+def test_a_part_symlink_in_our_own_folder_is_refused(store, world, shared_folder):
+    """Even in a folder the engine owns, a symlink in place of the part file is never followed."""
+    create_source_vm(world)
+    docs = store_documents(world, name="planted2", target_format="qcow2")
+    docs[0]["spec"]["storage"]["path"] = str(shared_folder)
+    write_store(store, "planted2.yaml", docs)
+    victim = shared_folder / "victim"
+    victim.write_text("precious")
+    (shared_folder / "default" / "planted2").mkdir(parents=True, mode=0o700)
+    os.chmod(shared_folder / "default", 0o700)
+    (shared_folder / "default" / "planted2" / ".vda.qcow2.part").symlink_to(victim)
+    ctx = ctx_for(store, "planted2")
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    phases.export_disk(ctx, "vda")
+    with pytest.raises(StorageError, match="is a symlink; refusing to write through it"):
+        phases.transfer_disk(ctx, "vda")
+    assert victim.read_text() == "precious"
+
+
+def test_staging_is_private_and_a_swapped_staged_file_is_caught(store, world, monkeypatch, tmp_path):
+    """Before: staging was /tmp/vmmigration/<ns>/<name>, and a file swapped between Exporting and Transferring
+    reached the target with a 'verified' checksum."""
+    create_source_vm(world, vdb_format="raw")
+    monkeypatch.setenv("VMMIGRATION_STAGING", str(tmp_path / "staging"))
+    write_store(store, "staged.yaml", store_documents(world, name="staged", target_format="qcow2"))
+    ctx = ctx_for(store, "staged")
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    phases.export_disk(ctx, "vdb")  # raw -> qcow2 before upload: staged
+    staged = Path(ctx.disk_record("vdb")["exportPath"])
+    assert staged.parent.parent == tmp_path / "staging"
+    assert staged.parent.name.startswith("default.staged.") and len(staged.parent.name) > len("default.staged.")
+    assert staged.parent.stat().st_mode & 0o777 == 0o700
+    assert staged.stat().st_mode & 0o777 == 0o600
+    # swap the staged image for another valid qcow2 of the same size
+    fake = tmp_path / "fake.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(fake), "128M"], check=True)
+    os.replace(fake, staged)
+    os.chmod(staged, 0o600)
+    with pytest.raises(ChecksumError, match="it changed in staging"):
+        phases.transfer_disk(ctx_for(store, "staged"), "vdb")
+    phases.finalize(ctx_for(store, "staged"), succeeded=False, failure="swapped")
+    assert not staged.parent.exists()  # our staging folder, and nothing else, was removed
+    assert (tmp_path / "staging").is_dir()
+
+
+# -- namespaces ---------------------------------------------------------------------------------------------------
+
+def _cross_namespace_docs(world, *, grant: bool) -> list[dict]:
+    """The guide's Scenario 1 shape: the VM (and its Provider) in kvm-vms, the migration in default."""
+    docs = store_documents(world, name="scenario1", target_format="qcow2")
+    migration, vm, source, target, secret = docs
+    migration["spec"]["sourceNamespace"] = "kvm-vms"
+    for doc in (vm, source):
+        doc["metadata"]["namespace"] = "kvm-vms"
+    source_secret = {**secret, "metadata": {**secret["metadata"], "namespace": "kvm-vms"}}
+    out = [migration, vm, source, target, secret, source_secret]
+    if grant:
+        out.append({"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "ReferenceGrant",
+                    "metadata": {"name": "migrations-from-default", "namespace": "kvm-vms"},
+                    "spec": {"from": [{"kind": "VMMigration", "namespace": "default"}],
+                             "to": [{"kind": "VirtualMachine"}, {"kind": "Provider"}]}})
+    return out
+
+
+def test_a_vm_in_another_namespace_needs_that_namespaces_grant(airflow_db, store, world):
+    create_source_vm(world)
+    write_store(store, "scenario1.yaml", _cross_namespace_docs(world, grant=False))
+    dagrun = run_migration("vmmigration__default__scenario1")
+    assert str(dagrun.state) == "failed"
+    status = FileStatusSink(SpecStore(store)).get("default", "scenario1")
+    assert status["phase"] == "Failed"
+    assert "spec.sourceNamespace" in status["message"] and "ReferenceGrant in kvm-vms" in status["message"]
+    assert f"{world.vm_name}-migrated" not in domains(world)
+
+
+def test_with_the_grant_the_cross_namespace_migration_runs(airflow_db, store, world):
+    create_source_vm(world)
+    write_store(store, "scenario1.yaml", _cross_namespace_docs(world, grant=True))
+    dagrun = run_migration("vmmigration__default__scenario1")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    assert_target_matches_source(world, "qcow2")
