@@ -55,11 +55,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})
 
-# Instance metadata services: AWS/GCP/Azure/OpenStack/Oracle on 169.254.169.254 (inside 169.254.0.0/16,
-# refused as link-local anyway), AWS's IPv6 endpoint on fd00:ec2::254 (a ULA, so named explicitly).
-_METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+# Instance metadata and credential services, refused whatever the configuration:
+#   169.254.169.254  AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean, Hetzner, IBM (inside 169.254.0.0/16,
+#                    refused as link-local anyway, as are AWS ECS's 169.254.170.2, EKS Pod Identity's
+#                    169.254.170.23 and Tencent's 169.254.0.23)
+#   fd00:ec2::254    AWS IMDS over IPv6 (docs.aws.amazon.com/AWSEC2/latest/UserGuide/instancedata-data-retrieval.html)
+#   fd00:ec2::23     AWS EKS Pod Identity Agent over IPv6 (docs.aws.amazon.com/eks, pod-id-agent-setup)
+#   fd20:ce::254     GCP metadata server over IPv6 (cloud.google.com/compute/docs/metadata/querying-metadata)
+#   100.100.100.200  Alibaba Cloud ECS metadata (alibabacloud.com/help/en/ecs/user-guide/view-instance-metadata)
+#   192.0.0.192      Oracle Cloud Infrastructure's legacy metadata address (docs.oracle.com/iaas, "OCI metadata")
+#   168.63.129.16    Azure WireServer / host agent (learn.microsoft.com/azure/virtual-network,
+#                    what-is-ip-address-168-63-129-16)
+_METADATA = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "fd00:ec2::254", "fd00:ec2::23", "fd20:ce::254", "100.100.100.200", "192.0.0.192",
+    "168.63.129.16"))
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # connect() to 0.x.x.x reaches this host on Linux
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
+# IPv6 forms that carry an IPv4 address (judged as that address too, see _embedded_ipv4):
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052): the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215), any RFC 6052 length
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible ::a.b.c.d (RFC 4291 2.5.5.1)
 _LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -104,10 +118,13 @@ class AddressPolicy:
     """Which IP addresses storage traffic may go to.
 
     Always refused, whatever the configuration: IPv4 link-local 169.254.0.0/16 (with the cloud metadata
-    address 169.254.169.254), IPv6 link-local fe80::/10, the IPv6 metadata address fd00:ec2::254,
-    0.0.0.0/8, unspecified and multicast addresses; IPv4-mapped IPv6 forms (``::ffff:169.254.169.254``)
-    are judged as the IPv4 address they are, and well-known-prefix NAT64 forms (``64:ff9b::a9fe:a9fe``)
-    are refused when the embedded IPv4 address is.
+    address 169.254.169.254), IPv6 link-local fe80::/10, every other known cloud metadata address
+    (``fd00:ec2::254``, ``fd20:ce::254``, ``100.100.100.200``, ``192.0.0.192``, ... see ``_METADATA``),
+    0.0.0.0/8, unspecified and multicast addresses. IPv4-mapped IPv6 forms (``::ffff:169.254.169.254``)
+    are judged as the IPv4 address they are. IPv6 forms that carry an IPv4 address to a gateway (NAT64
+    ``64:ff9b::/96`` and the local-use ``64:ff9b:1::/48`` at every RFC 6052 prefix length,
+    IPv4-compatible ``::a.b.c.d``, 6to4 ``2002::/16``) are refused whenever the IPv4 address they
+    carry is refused (``64:ff9b::a9fe:a9fe``, ``64:ff9b::7f00:1`` unless loopback is allowed).
 
     Loopback (127.0.0.0/8, ::1, ::ffff:127.0.0.1) is refused unless ``allow_loopback`` is set, or an
     allowlist entry that lies entirely within loopback (``127.0.0.0/8``, ``127.0.0.1/32``, ``::1/128``)
@@ -169,6 +186,10 @@ class AddressPolicy:
         why = _always_refused(addr)
         if why:
             return f"{shown} is {why}; always refused"
+        for kind, embedded, _exact in _embedded_ipv4(addr):
+            if embedded.is_loopback and not self.allow_loopback:
+                return (f"{shown} is the {kind} form of the loopback address {embedded}; refused unless "
+                        f"{ENV_ALLOW_LOOPBACK}=true")
         if addr.is_loopback:
             if self.allow_loopback or any(addr in n for n in self.allowlist if _within_loopback(n)):
                 return None
@@ -180,13 +201,14 @@ class AddressPolicy:
         return None
 
     def check_endpoint(self, url_or_host: str, *, field: str = DEFAULT_FIELD,
-                       default_port: int | None = None) -> list[str]:
+                       default_port: int | None = None, what: str = "storage endpoint") -> list[str]:
         """Resolve an endpoint and refuse it unless the policy allows every address it resolves to.
 
         :param url_or_host: ``scheme://host[:port]/...``, ``host``, ``host:port``, ``[v6]:port`` or a bare
             IPv6 address.
         :param field: the spec field the endpoint came from, named in errors.
         :param default_port: port to resolve for when the endpoint has none (resolution rarely depends on it).
+        :param what: what the endpoint is, in messages (``"storage endpoint"``, ``"Provider endpoint"``).
         :return: the addresses the host resolves to (deduplicated, in resolver order).
         :raises InvalidMigration: the endpoint cannot be parsed.
         :raises AddressRefused: an address it resolves to is refused.
@@ -197,12 +219,12 @@ class AddressPolicy:
         if _is_ip_literal(host):
             ips = [host]
         else:
-            ips = _resolve(host, port, socket.AF_UNSPEC, field)
-            log.debug("Storage endpoint host %s resolves to %s", host, ips)
+            ips = _resolve(host, port, socket.AF_UNSPEC, field, what)
+            log.debug("%s host %s resolves to %s", what, host, ips)
         for ip in ips:
             why = self.refusal(ip)
             if why is not None:
-                where = "" if ip == host else f"storage endpoint host {host!r} resolves to {ip}: "
+                where = "" if ip == host else f"{what} host {host!r} resolves to {ip}: "
                 raise AddressRefused(where + why, field=field)
         return ips
 
@@ -341,12 +363,49 @@ def _always_refused(addr: IPAddress) -> str | None:
     if isinstance(addr, ipaddress.IPv4Address):
         if addr in _THIS_NETWORK:
             return "in 0.0.0.0/8 ('this network')"
-    elif addr in _NAT64:
-        embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-        why = _always_refused(embedded)
+        return None
+    for kind, embedded, exact in _embedded_ipv4(addr):
+        why = _always_refused(embedded) if exact else _dangerous_embedded(embedded)
         if why:
-            return f"a NAT64 form of {embedded}, {why}"
+            return f"the {kind} form of {embedded}, {why}"
     return None
+
+
+def _dangerous_embedded(addr: ipaddress.IPv4Address) -> str | None:
+    """For a reading that may be an artefact of guessing the NAT64 prefix length: refused only if it
+    reaches something a gateway would really connect to (0.x.x.x readings are just the wrong length)."""
+    if addr in _METADATA:
+        return "a cloud metadata service address"
+    if addr.is_link_local:
+        return "a link-local address"
+    return None
+
+
+def _embedded_ipv4(addr: IPAddress) -> list[tuple[str, ipaddress.IPv4Address, bool]]:
+    """The IPv4 addresses an IPv6 address may carry to a gateway that connects to them, as
+    ``(kind, address, exact)``.
+
+    NAT64 in the local-use prefix 64:ff9b:1::/48 may use any RFC 6052 prefix length of /48 or more
+    (/48, /56, /64, /96), and which one a network uses is not visible in the address: every reading is
+    returned, marked inexact: judged by :func:`_dangerous_embedded`, which ignores the 0.x.x.x a
+    wrong length reads (the suffix of a /48 address reads as 0.0.0.0 at /96).
+    """
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return []
+    value = int(addr)
+    found: list[tuple[str, ipaddress.IPv4Address, bool]] = []
+    if addr in _NAT64:
+        found.append(("NAT64 (64:ff9b::/96)", ipaddress.IPv4Address(value & 0xFFFFFFFF), True))
+    elif addr in _IPV4_COMPATIBLE and value > 1:  # ::1 and :: are themselves, not IPv4 addresses
+        found.append(("IPv4-compatible", ipaddress.IPv4Address(value & 0xFFFFFFFF), True))
+    elif addr in _NAT64_LOCAL:
+        raw = addr.packed  # RFC 6052 2.2: the IPv4 octets follow the prefix and skip byte 8 (the "u" octet)
+        for length, octets in (("/96", raw[12:16]), ("/48", raw[6:8] + raw[9:11]),
+                               ("/56", raw[7:8] + raw[9:12]), ("/64", raw[9:13])):
+            found.append((f"local-use NAT64 (64:ff9b:1::/48, {length})", ipaddress.IPv4Address(octets), False))
+    elif addr.sixtofour is not None:  # 2002:a.b.c.d::/48 is tunnelled to a.b.c.d
+        found.append(("6to4", addr.sixtofour, True))
+    return found
 
 
 def _within_loopback(net: IPNetwork) -> bool:
@@ -378,13 +437,14 @@ def _split_endpoint(value: str, field: str) -> tuple[str, int | None]:
     return host, port
 
 
-def _resolve(host: str, port: int | None, family: int, field: str | None) -> list[str]:
+def _resolve(host: str, port: int | None, family: int, field: str | None,
+             what: str = "storage endpoint") -> list[str]:
     try:
         ips = _getaddrinfo_ips(host, port, family)
     except (OSError, UnicodeError) as err:
-        raise StorageError(f"storage endpoint host {host!r} does not resolve: {err}", field=field) from err
+        raise StorageError(f"{what} host {host!r} does not resolve: {err}", field=field) from err
     if not ips:
-        raise StorageError(f"storage endpoint host {host!r} has no IPv4 or IPv6 address", field=field)
+        raise StorageError(f"{what} host {host!r} has no IPv4 or IPv6 address", field=field)
     return ips
 
 

@@ -4,6 +4,12 @@ servers such as nginx's dav module).
 An object is PUT under a temporary name and MOVEd to its final name when complete, so a reader never
 sees half a disk. Downloads resume with ``Range`` after a broken connection. TLS is verified by
 default (an optional CA bundle from the Secret); turning verification off logs a warning each time.
+
+Proxies: the environment's ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``.netrc`` are ignored (the address
+policy checks what a socket connects to, and through a proxy that is only the proxy). A proxy is used
+only when the Secret names one (key ``proxy``, e.g. ``http://proxy.example:3128``); then the real
+target of every request (redirects included) is checked against the address policy before it is
+sent, and the connection to the proxy is checked on connect as usual.
 """
 
 from __future__ import annotations
@@ -124,11 +130,21 @@ class HttpStorage(StorageBackend):
     type = "http"
 
     def __init__(self, endpoint: str, token: str | None, *, verify: bool | str = True, guard=None,
-                 retries: int = 5) -> None:
+                 retries: int = 5, proxy: str | None = None, policy: Any = None) -> None:
         import requests
 
+        refuse_userinfo(endpoint)
         self.endpoint = endpoint.rstrip("/") + "/"
         self.session = requests.Session()
+        self.session.trust_env = False  # no HTTP(S)_PROXY, .netrc or REQUESTS_CA_BUNDLE from the environment
+        self.proxy = proxy
+        if proxy:
+            from include.netpolicy import AddressPolicy
+
+            adapter = _target_checking_adapter(policy or AddressPolicy.from_env())
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
+            self.session.proxies = {"http": proxy, "https": proxy}
         # passed on every request: a session-level verify loses to REQUESTS_CA_BUNDLE from the environment
         self.verify = verify
         if token:
@@ -145,6 +161,7 @@ class HttpStorage(StorageBackend):
     def translate(self, err: BaseException, what: str) -> Exception:
         import requests
 
+        from include.endpoints import redact_text
         from include.netpolicy import refusal_in
 
         if isinstance(err, (StorageError, InvalidMigration)):
@@ -153,10 +170,8 @@ class HttpStorage(StorageBackend):
         if refused is not None:
             return refused
         if isinstance(err, requests.exceptions.SSLError):
-            return StorageError(f"{what}: TLS verification failed: {err}")
-        if isinstance(err, requests.RequestException):
-            return StorageError(f"{what}: {type(err).__name__}: {err}")
-        return StorageError(f"{what}: {type(err).__name__}: {err}")
+            return StorageError(redact_text(f"{what}: TLS verification failed: {err}"))
+        return StorageError(redact_text(f"{what}: {type(err).__name__}: {err}"))
 
     def check_response(self, resp: Any, what: str) -> None:
         if resp.status_code in (401, 403):
@@ -176,7 +191,10 @@ class HttpStorage(StorageBackend):
     def check(self) -> str:
         from include.netpolicy import AddressPolicy
 
-        AddressPolicy.from_env().check_endpoint(self.endpoint, field="spec.storage.endpoint")
+        policy = AddressPolicy.from_env()
+        policy.check_endpoint(self.endpoint, field="spec.storage.endpoint")
+        if self.proxy:
+            policy.check_endpoint(self.proxy, field="spec.storage.credentialsSecretRef", what="storage proxy")
         resp = self._call("OPTIONS", "", f"reaching {self.endpoint}")
         if resp.status_code in (401, 403):
             self.check_response(resp, f"reaching {self.endpoint}")
@@ -265,7 +283,58 @@ class HttpStorage(StorageBackend):
         return resp.json()
 
 
+def refuse_userinfo(endpoint: str | None, *, field: str = "spec.storage.endpoint") -> None:
+    """Refuse a storage endpoint with ``user[:password]@`` in it: credentials come from the Secret only.
+
+    Any ``@`` counts (a password may hold ``/`` or ``?``, which URL parsers then read as the path). The
+    message shows the endpoint with the userinfo replaced by ``***``.
+    """
+    from include.endpoints import redact
+
+    if endpoint and "@" in endpoint:
+        raise InvalidMigration(f"{redact(endpoint)!r} carries credentials (user@ or user:password@); "
+                               f"put them in the Secret named by spec.storage.credentialsSecretRef", field=field)
+
+
+def proxy_from(credentials: Credentials | None) -> str | None:
+    """The proxy named by the Secret's key ``proxy`` (``http://host:port``; ``user:password@`` is allowed
+    there, as it is a Secret), or None: proxies from the environment are never used."""
+    proxy = credentials.first("proxy") if credentials is not None else None
+    if not proxy:
+        return None
+    from urllib.parse import urlsplit
+
+    from include.endpoints import redact
+
+    try:
+        parts = urlsplit(proxy)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidMigration(f"Secret {credentials.source} key 'proxy' ({redact(proxy)!r}) is not an "
+                               f"http:// or https:// URL with a port", field="spec.storage.credentialsSecretRef")
+    return proxy
+
+
 def http_from(storage: StorageSpec, credentials: Credentials | None, guard=None) -> HttpStorage:
+    """The HTTP backend of a spec's storage block and its Secret (``token``, ``caBundle``,
+    ``insecureSkipVerify``, ``proxy``: see :func:`proxy_from`)."""
     endpoint = storage.endpoint or ""
+    refuse_userinfo(endpoint)
     return HttpStorage(endpoint, bearer_token(credentials), verify=tls_verify(credentials, endpoint, "HTTP storage"),
-                       guard=guard)
+                       guard=guard, proxy=proxy_from(credentials))
+
+
+def _target_checking_adapter(policy: Any) -> Any:
+    """A requests adapter that checks the real target of every request sent through a proxy against
+    the address policy (the connect-time check sees only the proxy), redirects included: each one is
+    sent through the adapter."""
+    from requests.adapters import HTTPAdapter
+
+    class TargetCheckingAdapter(HTTPAdapter):
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            policy.check_endpoint(request.url, field="spec.storage.endpoint")
+            return super().send(request, *args, **kwargs)
+
+    return TargetCheckingAdapter()

@@ -7,6 +7,12 @@ and then two of them are held). An interrupted
 upload is not aborted: the next attempt finds it with ListMultipartUploads, keeps every stored part
 whose size and MD5 (its ETag) match what it is about to send, and uploads only the rest. Each
 disk's sha256 is kept in a ``<key>.manifest.json`` object beside it.
+
+Proxies: botocore's environment proxies (``HTTP_PROXY`` / ``HTTPS_PROXY``) are never used
+(``Config(proxies={})``: botocore reads the environment only when ``proxies`` is None), as the address
+policy checks what a socket connects to, and through a proxy that is only the proxy. A proxy is used
+only when the Secret names one (key ``proxy``, ``http://host:port``); then the real target of every
+request is checked against the address policy before it is sent (botocore's ``before-send`` event).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class S3Settings:
     access_key: str = field(repr=False)
     secret_key: str = field(repr=False)
     verify: bool | str = True
+    #: an explicit proxy from the Secret's ``proxy`` key (may hold credentials: never logged)
+    proxy: str | None = field(default=None, repr=False)
 
     @property
     def path_style(self) -> bool:
@@ -65,38 +73,64 @@ def settings_from(storage: StorageSpec, credentials: Credentials | None) -> S3Se
     if not access or not secret:
         raise InvalidMigration(f"Secret {credentials.source} needs the keys accessKey and secretKey",
                                field="spec.storage.credentialsSecretRef")
-    endpoint = credentials.first("endpoint") or storage.endpoint
+    from include.storage.http import proxy_from, refuse_userinfo
+
+    from_secret = credentials.first("endpoint")
+    endpoint = from_secret or storage.endpoint
+    refuse_userinfo(endpoint, field="spec.storage.credentialsSecretRef" if from_secret else "spec.storage.endpoint")
     if endpoint and endpoint.rstrip("/") in ("s3.amazonaws.com", "https://s3.amazonaws.com"):
         endpoint = None  # AWS itself: let botocore pick the regional endpoint
     if endpoint and "://" not in endpoint:
         endpoint = f"https://{endpoint}"  # TLS unless the endpoint says otherwise
     verify = tls_verify(credentials, endpoint, "S3 endpoint")
     return S3Settings(bucket=storage.bucket or "", region=storage.region or "us-east-1", endpoint_url=endpoint,
-                      access_key=access, secret_key=secret, verify=verify)
+                      access_key=access, secret_key=secret, verify=verify, proxy=proxy_from(credentials))
 
 
 def boto3_client(settings: S3Settings) -> Any:
     """A plain boto3 client (the command line's path; the pipeline builds it through MigrationS3Hook)."""
     import boto3
 
-    return boto3.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url,
-                        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
-                        verify=settings.verify, config=botocore_config(settings))
+    client = boto3.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url,
+                          aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+                          verify=settings.verify, config=botocore_config(settings))
+    return check_proxied_targets(client, settings)
 
 
 def botocore_config(settings: S3Settings) -> Any:
+    """Path-style for custom endpoints, bounded retries and timeouts, and no proxy from the environment:
+    ``proxies`` is the Secret's ``proxy`` or ``{}`` (botocore asks the environment only when it is None)."""
     from botocore.config import Config
 
+    proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else {}
     return Config(s3={"addressing_style": "path"} if settings.path_style else {},
                   retries={"max_attempts": 4, "mode": "standard"}, max_pool_connections=32,
-                  connect_timeout=10, read_timeout=120,
+                  connect_timeout=10, read_timeout=120, proxies=proxies,
                   request_checksum_calculation="when_required", response_checksum_validation="when_required")
 
 
+def check_proxied_targets(client: Any, settings: S3Settings, policy: Any = None) -> Any:
+    """With a proxy, check the real target of every request against the address policy before botocore
+    sends it (the connect-time check sees only the proxy). Returns ``client``; idempotent."""
+    if not settings.proxy:
+        return client
+    from include.netpolicy import AddressPolicy
+
+    policy = policy or AddressPolicy.from_env()
+
+    def check_target(request: Any, **_kwargs: Any) -> None:
+        policy.check_endpoint(request.url, field="spec.storage.endpoint")
+
+    client.meta.events.register("before-send.s3", check_target, unique_id="vmmigration-proxied-target-check")
+    return client
+
+
 def translate(err: BaseException, what: str) -> Exception:
-    """botocore errors as engine errors: wrong credentials are permanent, the rest transient."""
+    """botocore errors as engine errors: wrong credentials are permanent, the rest transient (any
+    ``user:password@`` in a URL the error quotes is redacted)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from include.endpoints import redact_text
     from include.netpolicy import refusal_in
 
     refused = refusal_in(err)
@@ -110,10 +144,10 @@ def translate(err: BaseException, what: str) -> Exception:
                                     field="spec.storage.credentialsSecretRef")
         if code == "NoSuchBucket":
             return InvalidMigration(f"bucket does not exist ({what})", field="spec.storage.bucket")
-        return StorageError(f"{what}: {code} {err}")
+        return StorageError(redact_text(f"{what}: {code} {err}"))
     if isinstance(err, BotoCoreError):
-        return StorageError(f"{what}: {err}")
-    return StorageError(f"{what}: {type(err).__name__}: {err}")
+        return StorageError(redact_text(f"{what}: {err}"))
+    return StorageError(redact_text(f"{what}: {type(err).__name__}: {err}"))
 
 
 def part_size_for(size_hint: int) -> int:

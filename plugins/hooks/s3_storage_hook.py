@@ -10,7 +10,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import Connection
 from airflow.sdk.log import mask_secret
 
-from include.storage.s3 import S3Settings, botocore_config
+from include.storage.s3 import S3Settings, botocore_config, check_proxied_targets
 
 
 class MigrationS3Hook(S3Hook):
@@ -18,13 +18,17 @@ class MigrationS3Hook(S3Hook):
 
     Credentials come from the Secret named by ``spec.storage.credentialsSecretRef`` (resolved by the
     pipeline), not from an Airflow connection: the hook builds its connection in memory and masks the
-    secret key in every log.
+    secret key in every log. Proxies from the environment are not used; a proxy named by the Secret
+    (key ``proxy``) is, with the real target of every request checked against the address policy
+    (see :mod:`include.storage.s3`).
 
-    :param settings: bucket, region, endpoint, keys and TLS verification
+    :param settings: bucket, region, endpoint, keys, TLS verification and the optional proxy
     """
 
     def __init__(self, *, settings: S3Settings, **kwargs: Any) -> None:
         mask_secret(settings.secret_key)
+        if settings.proxy:
+            mask_secret(settings.proxy)  # may hold user:password@
         super().__init__(aws_conn_id=None, region_name=settings.region, verify=settings.verify,
                          config=botocore_config(settings), **kwargs)
         self.settings = settings
@@ -42,3 +46,7 @@ class MigrationS3Hook(S3Hook):
                           password=self.settings.secret_key, extra=json.dumps(extra))
         return AwsConnectionWrapper(conn=conn, region_name=self.settings.region, botocore_config=self._config,
                                     verify=self._verify)
+
+    def get_conn(self) -> Any:
+        """The boto3 client; with a proxy, each request's real target is checked before it is sent."""
+        return check_proxied_targets(super().get_conn(), self.settings)

@@ -383,3 +383,63 @@ def test_from_env_reads_os_environ(monkeypatch):
 def test_policy_rejects_bad_allowlist_entries():
     with pytest.raises(ValueError, match="allowlist"):
         AddressPolicy(allowlist=("nope",))
+
+
+# --- every cloud metadata address, and IPv6 forms that carry a refused IPv4 address ---------------------
+
+@pytest.mark.parametrize("ip", [
+    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean, ...
+    "169.254.170.2",  # AWS ECS task metadata (link-local)
+    "fd00:ec2::254",  # AWS IMDS over IPv6
+    "fd00:ec2::23",  # AWS EKS Pod Identity Agent over IPv6
+    "fd20:ce::254",  # GCP metadata over IPv6
+    "100.100.100.200",  # Alibaba Cloud
+    "192.0.0.192",  # Oracle Cloud (legacy)
+    "168.63.129.16",  # Azure WireServer
+    "::ffff:100.100.100.200",  # IPv4-mapped
+    "::ffff:192.0.0.192",
+    "::100.100.100.200",  # IPv4-compatible
+    "::a9fe:a9fe",
+    "64:ff9b::a9fe:a9fe",  # well-known NAT64 prefix
+    "64:ff9b::100.100.100.200",
+    "64:ff9b::192.0.0.192",
+    "64:ff9b::169.254.1.1",  # NAT64 form of any link-local address
+    "64:ff9b:1::a9fe:a9fe",  # local-use NAT64 (RFC 8215) at /96
+    "64:ff9b:1:a9fe:a9:fe00::",  # ... at /48 (RFC 6052 2.2: bits 64-71 are the "u" octet)
+    "64:ff9b:1:ffa9:fe:a9fe::",  # ... at /56
+    "64:ff9b:1:0:a9:fea9:fe00:0",  # ... at /64
+    "64:ff9b:1:1234:5678::6464:64c8",  # ... /96 with a longer prefix
+    "2002:a9fe:a9fe::1",  # 6to4
+])
+def test_every_metadata_address_and_its_ipv6_forms_are_always_refused(ip):
+    for policy in (DEFAULT, LOOPBACK_OK, AddressPolicy(allowlist=("0.0.0.0/0", "::/0"))):
+        why = policy.refusal(ip)
+        assert why is not None and "always refused" in why, (ip, why)
+
+
+@pytest.mark.parametrize("ip", ["64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "::127.0.0.1", "2002:7f00:1::1"])
+def test_ipv6_forms_of_loopback_follow_the_loopback_rule(ip):
+    assert "loopback" in DEFAULT.refusal(ip)
+    assert LOOPBACK_OK.refusal(ip) is None
+
+
+@pytest.mark.parametrize("ip", [
+    "64:ff9b::10.1.2.3",  # NAT64 of a private address: no different from the address itself
+    "64:ff9b::8.8.8.8",
+    "64:ff9b:1::10.1.2.3",  # local-use /96
+    "64:ff9b:1:a01:2:300::",  # local-use /48 form of 10.1.2.3 (its /96 reading, 0.0.0.0, is no reason)
+    "2002:808:808::1",
+    "2001:db8::1",
+])
+def test_ipv6_forms_of_allowed_addresses_are_allowed(ip):
+    assert DEFAULT.refusal(ip) is None
+
+
+def test_refusal_names_the_embedded_address():
+    why = DEFAULT.refusal("64:ff9b::a9fe:a9fe")
+    assert "NAT64" in why and "169.254.169.254" in why and "cloud metadata" in why
+
+
+def test_check_endpoint_names_what_it_checks():
+    with pytest.raises(AddressRefused, match="Provider endpoint host 'localhost' resolves to"):
+        DEFAULT.check_endpoint("localhost", field="spec.endpoint", what="Provider endpoint")

@@ -1,0 +1,101 @@
+"""include/providers/libvirt_driver.py builds XML as a tree: no value can inject an attribute or element
+(real libvirtd)."""
+
+from __future__ import annotations
+
+import uuid
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from include.errors import TargetCreationError
+from include.providers.base import TargetDisk
+from include.providers.libvirt_driver import LibvirtDriver
+from include.spec import NetworkHint
+
+EVIL_NETWORK = "default' portgroup='evil-vlan"
+EVIL_BRIDGE = 'virbr0"/><interface type="bridge"><source bridge="evil"/></interface><x a="'
+
+
+@pytest.fixture
+def driver(libvirt_uri):
+    d = LibvirtDriver(libvirt_uri)
+    yield d
+    d.close()
+
+
+def _undefine(driver: LibvirtDriver, name: str) -> None:
+    import libvirt
+
+    try:
+        driver.conn.lookupByName(name).undefine()
+    except libvirt.libvirtError:
+        pass
+
+
+@pytest.mark.parametrize(("hint", "attr", "value"), [
+    (NetworkHint(name="eth0", network=EVIL_NETWORK), "network", EVIL_NETWORK),
+    (NetworkHint(name="eth0", bridge=EVIL_BRIDGE), "bridge", EVIL_BRIDGE),
+])
+def test_quotes_in_a_network_hint_stay_in_its_value(driver, hint, attr, value):
+    name = f"xmltest-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            driver.define_vm(name, 1, 64, [], [hint])
+        except TargetCreationError:
+            assert not driver.vm_exists(name)  # refused cleanly by libvirt: nothing defined
+            return
+        root = ET.fromstring(driver.conn.lookupByName(name).XMLDesc(0))
+        interfaces = root.findall("./devices/interface")
+        assert len(interfaces) == 1
+        source = interfaces[0].find("source")
+        assert source is not None
+        assert source.get(attr) == value
+        assert "portgroup" not in source.attrib
+        assert root.find(".//x") is None
+    finally:
+        _undefine(driver, name)
+
+
+def test_quotes_and_markup_in_disk_fields_stay_in_their_values(driver):
+    name = f"xmltest-{uuid.uuid4().hex[:8]}"
+    disk = TargetDisk(name="vda", pool="pool' type='evil", volume="vol<devices/>&amp;", format="qcow2", capacity=1)
+    try:
+        try:
+            driver.define_vm(name, 1, 64, [disk], [])
+        except TargetCreationError:
+            assert not driver.vm_exists(name)
+            return
+        root = ET.fromstring(driver.conn.lookupByName(name).XMLDesc(0))
+        [source] = root.findall("./devices/disk/source")
+        assert source.get("pool") == "pool' type='evil" and source.get("volume") == "vol<devices/>&amp;"
+        assert root.find("./devices/disk").get("type") == "volume"
+    finally:
+        _undefine(driver, name)
+
+
+def test_a_name_with_markup_is_one_name(driver):
+    name = f"xmltest-{uuid.uuid4().hex[:8]}</name><name>other"
+    try:
+        try:
+            driver.define_vm(name, 1, 64, [], [])
+        except TargetCreationError:
+            return
+        assert driver.conn.lookupByName(name).name() == name
+    finally:
+        _undefine(driver, name)
+
+
+def test_characters_xml_cannot_hold_are_refused_before_libvirt(driver):
+    with pytest.raises(TargetCreationError, match="XML cannot carry"):
+        driver.define_vm("xmltest-ctl", 1, 64, [], [NetworkHint(name="eth0", network="default\x00x")])
+
+
+def test_snapshot_and_volume_xml_are_trees_too():
+    from include.providers import libvirt_driver
+
+    assert not hasattr(libvirt_driver, "escape")  # saxutils.escape leaves quotes alone: no longer used
+    el = ET.Element("domainsnapshot")
+    libvirt_driver._sub(el, "disk", name="vda' snapshot='external", snapshot="internal")
+    back = ET.fromstring(libvirt_driver._to_xml(el))
+    assert back.find("disk").attrib == {"name": "vda' snapshot='external", "snapshot": "internal"}
