@@ -28,6 +28,8 @@ os.environ.update({
     "VMMIGRATION_STAGING": str(_SESSION_DIR / "staging"),
     # NFS shares of the tests live in temporary folders (docs/security.md: allowed roots)
     "VMMIGRATION_ALLOWED_ROOTS": tempfile.gettempdir(),
+    # every server of the tests (libvirtd over ssh, S3, WebDAV) listens on loopback
+    "VMMIGRATION_ALLOW_LOOPBACK": "true",
 })
 if str(ROOT / "plugins") not in sys.path:
     sys.path.insert(0, str(ROOT / "plugins"))
@@ -79,3 +81,61 @@ def world(libvirt_uri: str, tmp_path: Path):
     w.share.mkdir(parents=True)
     yield w
     teardown(w)
+
+
+_SECRET_SCAN = pytest.StashKey[object]()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep each test's captured output (``dag.test()`` prints its task logs there) as a file for the
+    secret scan, named after the test."""
+    text = "".join(f"=== {report.nodeid} {name}\n{content}\n" for name, content in report.sections if content)
+    if text:
+        import hashlib
+        import re
+
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", report.nodeid)[-120:]
+        tag = hashlib.sha256(report.nodeid.encode()).hexdigest()[:8]
+        folder = _SESSION_DIR / "captured-output"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"{stem}.{tag}.{report.when}.log", "a") as f:
+            f.write(text)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin may clean the base temp folder
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Zero secrets in what the suite produced: every log, XCom, status file and Airflow DB under the session
+    folder and pytest's base temp folder is scanned for the secrets the tests used (tests/secret_scan.py).
+    A hit fails the run. The result is printed by pytest_terminal_summary, just above the final counts."""
+    if session.config.option.collectonly:
+        return
+    from tests import secret_scan, secrets_registry
+
+    roots = [_SESSION_DIR]
+    basetemp = getattr(getattr(session.config, "_tmp_path_factory", None), "_basetemp", None)
+    if basetemp is not None:
+        roots.append(Path(basetemp))
+    result = secret_scan.scan(roots, secrets_registry.secrets(), secrets_registry.inputs())
+    session.config.stash[_SECRET_SCAN] = result
+    if result.hits and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if session.config.pluginmanager.get_plugin("terminalreporter") is None:
+        for line in _secret_scan_lines(result, verbose=False):
+            print(line, file=sys.stderr)
+
+
+def _secret_scan_lines(result, verbose: bool) -> list[str]:
+    lines = [f"SECRET LEAK: {hit}" for hit in result.hits]
+    if result.hits or verbose:
+        lines.append("secret scan roots: " + ", ".join(map(str, result.roots)))
+    return [*lines, result.summary + (" -- the run fails" if result.hits else "")]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    result = config.stash.get(_SECRET_SCAN, None)
+    if result is None:
+        return
+    leaks = bool(result.hits)
+    terminalreporter.section("secret scan", red=leaks, green=not leaks, bold=leaks)
+    for line in _secret_scan_lines(result, verbose=config.option.verbose > 0):
+        terminalreporter.write_line(line, red=leaks)
