@@ -257,18 +257,12 @@ class HttpStorage(StorageBackend):
                 time.sleep(min(2 ** failures, 30))
 
     def delete(self, key: str) -> bool:
+        """The object, its manifest and a partial upload of it (``<key>.part``)."""
         existed = False
-        for k in (key, key + MANIFEST_SUFFIX):
+        for k in (key, key + MANIFEST_SUFFIX, f"{key}.part"):
             resp = self._call("DELETE", k, f"deleting {self.url(k)}")
             existed = existed or resp.status_code in (200, 204)
         return existed
-
-    def delete_prefix(self, prefix: str) -> int:
-        resp = self._call("DELETE", prefix.rstrip("/") + "/", f"deleting {self.url(prefix)}")
-        if resp.status_code == 404:
-            return 0
-        self.check_response(resp, f"deleting {self.url(prefix)}")
-        return 1
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
         resp = self._call("PUT", key + MANIFEST_SUFFIX, f"writing the manifest of {self.url(key)}",

@@ -414,30 +414,20 @@ class S3Storage(StorageBackend):
                 fut.cancel()
 
     def delete(self, key: str) -> bool:
+        """The object, its manifest and any unfinished multipart upload of exactly this key."""
         existed = self.exists(key)
         try:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": key},
                                                                                {"Key": key + MANIFEST_SUFFIX}]})
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+                for up in page.get("Uploads", []):
+                    if up["Key"] == key:  # never another key that merely starts the same way
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=up["UploadId"])
+                        existed = True
         except Exception as err:
             raise translate(err, f"deleting s3://{self.bucket}/{key}") from err
         return existed
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Every object under ``prefix/`` and every unfinished upload there."""
-        count = 0
-        try:
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"):
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if keys:
-                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
-                    count += len(keys)
-            uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/")
-            for up in uploads.get("Uploads", []):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
-        except Exception as err:
-            raise translate(err, f"cleaning s3://{self.bucket}/{prefix}") from err
-        return count
 
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
         try:

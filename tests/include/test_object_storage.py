@@ -67,8 +67,27 @@ def test_s3_multipart_round_trip_in_parallel_ranges(s3):
     assert read_all(backend, "a/disk.qcow2") == data
     backend.put_manifest("a/disk.qcow2", {"sha256": "x"})
     assert backend.get_manifest("a/disk.qcow2") == {"sha256": "x"}
-    assert backend.delete_prefix("a") == 2
-    assert not backend.exists("a/disk.qcow2")
+    write(backend, "a/disk.qcow2.keep", b"another object sharing the prefix")
+    assert backend.delete("a/disk.qcow2") is True
+    assert not backend.exists("a/disk.qcow2") and backend.get_manifest("a/disk.qcow2") is None
+    assert read_all(backend, "a/disk.qcow2.keep") == b"another object sharing the prefix"  # exactly one key
+
+
+def test_s3_delete_aborts_the_unfinished_upload_of_that_key_only(s3):
+    backend = s3_backend(s3)
+    data = payload(24 * MiB)
+    for key in ("u/disk.raw", "u/disk.raw.other"):
+        writer = backend.open_writer(key, len(data))
+        for i in range(0, 17 * MiB, MiB):  # two 8 MiB parts leave, then the "task" dies
+            writer.write(Segment(length=MiB, data=data[i:i + MiB]))
+        writer.abort()
+
+    def uploads():
+        return {u["Key"] for u in backend.client.list_multipart_uploads(Bucket=backend.bucket).get("Uploads", [])}
+
+    assert uploads() == {"u/disk.raw", "u/disk.raw.other"}
+    backend.delete("u/disk.raw")
+    assert uploads() == {"u/disk.raw.other"}
 
 
 def test_s3_interrupted_upload_resumes_from_stored_parts(s3):

@@ -70,7 +70,7 @@ def test_paginated_listings_are_guarded_too(s3, monkeypatch):
     monkeypatch.delenv("VMMIGRATION_ALLOW_LOOPBACK", raising=False)
     backend = _s3_backend(s3)
     with pytest.raises(AddressRefused):
-        backend.delete_prefix("default/x")  # ListObjectsV2 through a paginator
+        backend.delete("default/x")  # HEAD, DeleteObjects, ListMultipartUploads through a paginator
 
 
 # --- credentials never in a storage endpoint ---------------------------------------------------------------
