@@ -1,18 +1,22 @@
-"""One DAG per VMMigration in the spec store (``$VMMIGRATION_STORE``): ``vmmigration__<namespace>__<name>``.
+"""One DAG per VMMigration in the spec store (``$VMMIGRATION_STORE``): ``vmmigration__<namespace>__<name>``
+(shortened with a hash when that passes Airflow's 250 characters, see ``include.store.dag_id_for``).
 
 Parsing reads local YAML only (no network). Each DAG runs the guide's phases in order; the per-disk
 phases run as a task group mapped over the VM's disks, each map index labelled with the disk name.
+One bad spec never takes the others down: ``include.store.dag_entries`` leaves out what cannot become
+a DAG, and vmmigration_store_check.py reports it (the same call) as its import error.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import timedelta
 
 from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
 
 from include.spec import RetryPolicy
-from include.store import SpecStore
+from include.store import SpecStore, dag_entries, retry_settings
 from operators.cleanup import FinalizeMigrationOperator
 from operators.convert import ConvertDiskOperator
 from operators.create import CreateVMOperator
@@ -23,6 +27,7 @@ from operators.transfer import TransferDiskOperator
 from operators.validate import ValidateMigrationOperator
 from operators.validate_target import ValidateTargetOperator
 
+log = logging.getLogger(__name__)
 STORE = SpecStore()
 TASKS_TEST = sys.argv[1:3] == ["tasks", "test"]
 MAX_PARALLEL_DISKS = 4
@@ -33,10 +38,8 @@ def _default_args(policy: RetryPolicy) -> dict:
     from operators.retry import MigrationRetryPolicy
 
     return {
-        "retries": policy.maxAttempts,
-        "retry_delay": timedelta(seconds=policy.backoff_seconds),
+        **retry_settings(policy),
         "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(seconds=policy.max_backoff_seconds),
         "retry_policy": MigrationRetryPolicy(policy.backoff_seconds, policy.max_backoff_seconds),
         "execution_timeout": timedelta(hours=12),
     }
@@ -90,6 +93,10 @@ def build_dag(entry) -> DAG:
 
 
 _wanted = get_parsing_context().dag_id
-for _entry in sorted(STORE.index().migrations.values(), key=lambda e: e.key):
+_entries, _problems = dag_entries(STORE.index())  # the problems are vmmigration_store_check.py's import error
+for _entry in _entries:
     if _wanted is None or _wanted == _entry.dag_id:
-        globals()[_entry.dag_id] = build_dag(_entry)
+        try:
+            globals()[_entry.dag_id] = build_dag(_entry)
+        except Exception:  # noqa: BLE001 - dag_entries checks what a spec can break; this is the last guard
+            log.exception("VMMigration %s from %s: its DAG could not be built", _entry.key, _entry.path)

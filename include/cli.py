@@ -23,43 +23,58 @@ from include.plan import build_plan, describe
 from include.providers import driver_for
 from include.spec import SpecValidationError
 from include.storage import backend_for
-from include.store import SpecStore, index_documents, load_documents
+from include.store import SpecFileError, SpecStore, index_documents, load_documents
 
 
 def _documents(paths: list[Path]) -> list[tuple[Path, list[dict]]]:
+    """Every file's documents; a file that cannot be read safely stops the command, naming the file."""
     out = []
     for path in paths:
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
+        except OSError as err:
+            raise _InputError(f"{path}: not readable: {err.strerror or err}") from None
         for file in files:
-            out.append((file, load_documents(file)))
+            try:
+                out.append((file, load_documents(file)))
+            except SpecFileError as err:
+                raise _InputError(f"{file}: {err}") from None
+            except OSError as err:
+                raise _InputError(f"{file}: not readable: {err.strerror or err}") from None
     return out
 
 
+class _InputError(Exception):
+    """Bad input for a command: printed as ``error: ...`` (exit 2), never as a traceback."""
+
+
 def _load(args: argparse.Namespace):
-    try:
-        docs = _documents([Path(args.file)] + [Path(p) for p in args.inventory])
-    except (OSError, yaml.YAMLError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    docs = _documents([Path(args.file)] + [Path(p) for p in args.inventory])
     index = index_documents(docs)
     mine = {e.key: e for e in index.migrations.values() if e.path == Path(args.file)}
-    if not mine:
-        print(f"error: {args.file} holds no VMMigration document", file=sys.stderr)
-        raise SystemExit(2)
-    return index, mine
+    # what the store would report about this file: a document with a bad metadata.name, a duplicate
+    problems = [p for p in index.problems if p.startswith(f"{Path(args.file)}: ")]
+    if not mine and not problems:
+        raise _InputError(f"{args.file} holds no VMMigration document")
+    return index, mine, problems
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    index, mine = _load(args)
+    index, mine, problems = _load(args)
     inventory = BundleInventory(index.objects)
     failed = 0
+    for problem in problems:
+        failed += 1
+        print(f"error: {problem}")
     for key, entry in mine.items():
-        errors = list(entry.error.errors) if entry.error else []
+        errors = [str(e) for e in entry.error.errors] if entry.error else []
         if entry.migration is not None and (args.inventory or len(index.objects)):
             try:
                 resolve(entry.migration, inventory)
             except SpecValidationError as err:
-                errors += err.errors
+                errors += [str(e) for e in err.errors]
+            except Exception as err:  # noqa: BLE001 - a malformed inventory object is bad input too
+                errors.append(f"inventory: cannot be followed ({type(err).__name__}: {err})")
         if errors:
             failed += 1
             print(f"VMMigration {key}: {len(errors)} error{'s' if len(errors) != 1 else ''}")
@@ -71,9 +86,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    index, mine = _load(args)
+    index, mine, problems = _load(args)
     inventory = BundleInventory(index.objects)
-    status = 0
+    status = 1 if problems else 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
     plans = []
     for key, entry in mine.items():
         try:
@@ -111,7 +128,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     store = SpecStore(args.store) if args.store else SpecStore()
     namespace, _, name = args.name.rpartition("/")
-    status = store.read_json(store.status_path(namespace or "default", name))
+    try:
+        path = store.status_path(namespace or "default", name)
+    except ValueError as err:
+        raise _InputError(f"{args.name}: not NAMESPACE/NAME: {err}") from None
+    try:
+        status = store.read_json(path)
+    except (OSError, ValueError) as err:
+        raise _InputError(f"{path}: not readable: {err}") from None
     if status is None:
         print(f"no status for {namespace or 'default'}/{name} in {store.root}", file=sys.stderr)
         return 1
@@ -137,4 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", help="spec store folder (default: $VMMIGRATION_STORE or var/store)")
     p.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -20,8 +20,27 @@ DISK_FORMATS = ("qcow2", "vmdk", "raw")
 STORAGE_TYPES = ("s3", "http", "nfs")
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+#: Kubernetes' limits: a namespace is a DNS label, an object name a DNS subdomain.
+NAMESPACE_MAX = 63
+NAME_MAX = 253
+#: The longest retryPolicy duration (backoffDuration, maxBackoffDuration) that is accepted.
+MAX_RETRY_DURATION = 24 * 3600
+MAX_ATTEMPTS = 100
+MAX_CPU = 4096
+MAX_MEMORY_MB = 64 * 1024 * 1024  # 64 TiB
+MAX_DISK_GB = 1024 * 1024  # 1 PiB
+# A NIC name, a libvirt/Proxmox bridge: letters, digits and ``_ . : -``; a vSphere port group
+# ("VM Network") may also hold single inner spaces.
+_NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_PORT_GROUP = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.:-]| (?! )){0,63}(?<! )")
+# A libvirt pool, a vSphere datastore ("datastore1", "datastore1 (1)"), a Proxmox storage ("local-lvm").
+_STORAGE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.:()-]| (?! )){0,127}(?<! )")
+_NET_WHAT = "interface or bridge name (letters, digits, '_', '.', ':' and '-', at most 64)"
+_SHOW_MAX = 80
 
 
 @dataclass(frozen=True)
@@ -60,8 +79,36 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if not text or pos != len(text):
-        raise ValueError(f"{text!r} is not a duration such as 30s, 5m or 1h30m")
+        raise ValueError(f"{show(text)} is not a duration such as 30s, 5m or 1h30m")
     return total
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` is not a Kubernetes object name (a DNS-1123 subdomain), or None when it is one."""
+    if not isinstance(value, str):
+        return f"must be a string, got {_type_name(value)}"
+    if len(value) > NAME_MAX:
+        return f"{show(value)} is longer than {NAME_MAX} characters"
+    if not _DNS1123.fullmatch(value):
+        return f"{show(value)} is not a valid name (lowercase letters, digits, '-' and '.')"
+    return None
+
+
+def namespace_problem(value: Any) -> str | None:
+    """Why ``value`` is not a Kubernetes namespace (a DNS-1123 label), or None when it is one."""
+    if not isinstance(value, str):
+        return f"must be a string, got {_type_name(value)}"
+    if len(value) > NAMESPACE_MAX:
+        return f"{show(value)} is longer than {NAMESPACE_MAX} characters"
+    if not _DNS_LABEL.fullmatch(value):
+        return f"{show(value)} is not a valid namespace (lowercase letters, digits and '-')"
+    return None
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, cut to a readable length (error messages quote what they refuse)."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_MAX else f"{text[:_SHOW_MAX - 20]}...{text[-12:]} ({len(str(value))} chars)"
 
 
 def format_duration(seconds: float) -> str:
@@ -191,13 +238,16 @@ class _Reader:
             return {}
         for key in raw:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                close = (difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                         if isinstance(key, str) and len(key) <= 64 else [])
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (known fields: {', '.join(known)})"
-                self.error(f"{path}.{key}" if path else str(key), f"unknown field{hint}")
+                self.error(_key_path(path, key), f"unknown field{hint}")
         return raw
 
     def string(self, raw: dict, key: str, path: str, *, required: bool = False, default: str | None = None,
-               dns: bool = False, enum: tuple[str, ...] | None = None) -> str | None:
+               dns: bool = False, namespace: bool = False, enum: tuple[str, ...] | None = None,
+               pattern: re.Pattern[str] | None = None, what: str = "") -> str | None:
+        """A string field; ``dns``/``namespace`` check Kubernetes' name rules, ``pattern`` any other."""
         value = raw.get(key)
         where = f"{path}.{key}"
         if value is None or value == "":
@@ -208,16 +258,20 @@ class _Reader:
             self.error(where, f"must be a string, got {_type_name(value)}")
             return default
         if enum is not None and value not in enum:
-            close = difflib.get_close_matches(value, enum, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(value, enum, n=1, cutoff=0.5) if len(value) <= 64 else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self.error(where, f"must be one of {', '.join(enum)}, got {value!r}{hint}")
+            self.error(where, f"must be one of {', '.join(enum)}, got {show(value)}{hint}")
             return default
-        if dns and (len(value) > 253 or not _DNS1123.fullmatch(value)):
-            self.error(where, f"{value!r} is not a valid name (lowercase letters, digits, '-' and '.')")
+        problem = namespace_problem(value) if namespace else name_problem(value) if dns else None
+        if problem is None and pattern is not None and not pattern.fullmatch(value):
+            problem = f"{show(value)} is not a valid {what or 'value'}"
+        if problem:
+            self.error(where, problem)
             return default
         return value
 
-    def integer(self, raw: dict, key: str, path: str, *, minimum: int, default: int | None = None) -> int | None:
+    def integer(self, raw: dict, key: str, path: str, *, minimum: int, maximum: int,
+                default: int | None = None) -> int | None:
         value = raw.get(key)
         if value is None:
             return default
@@ -225,7 +279,10 @@ class _Reader:
             self.error(f"{path}.{key}", f"must be an integer, got {_type_name(value)}")
             return default
         if value < minimum:
-            self.error(f"{path}.{key}", f"must be at least {minimum}, got {value}")
+            self.error(f"{path}.{key}", f"must be at least {minimum}, got {_show_int(value)}")
+            return default
+        if value > maximum:
+            self.error(f"{path}.{key}", f"must be at most {maximum}, got {_show_int(value)}")
             return default
         return value
 
@@ -234,23 +291,29 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            self.error(f"{path}.{key}", f"must be true or false, got {value!r}")
+            self.error(f"{path}.{key}", f"must be true or false, got {show(value)}")
             return default
         return value
 
-    def duration(self, raw: dict, key: str, path: str, default: str) -> str:
+    def duration(self, raw: dict, key: str, path: str, default: str, *, maximum: float) -> str:
         value = raw.get(key)
         if value is None:
             return default
+        if not isinstance(value, str):
+            self.error(f"{path}.{key}", f"must be a duration such as 30s, 5m or 1h30m, got {_type_name(value)}")
+            return default
         try:
             seconds = parse_duration(value)
-        except ValueError as err:
-            self.error(f"{path}.{key}", str(err))
+        except ValueError:
+            self.error(f"{path}.{key}", f"{show(value)} is not a duration such as 30s, 5m or 1h30m")
             return default
         if seconds <= 0:
             self.error(f"{path}.{key}", "must be longer than 0s")
             return default
-        return str(value)
+        if seconds > maximum:
+            self.error(f"{path}.{key}", f"{show(value)} is longer than the maximum {format_duration(maximum)}")
+            return default
+        return value
 
     def ref(self, raw: dict, key: str, path: str, default_namespace: str, *, required: bool) -> ObjectRef | None:
         where = f"{path}.{key}"
@@ -260,10 +323,21 @@ class _Reader:
             return None
         body = self.mapping(raw.get(key), where, ("name", "namespace"))
         name = self.string(body, "name", where, required=True, dns=True)
-        namespace = self.string(body, "namespace", where, default=default_namespace, dns=True)
+        namespace = self.string(body, "namespace", where, default=default_namespace, namespace=True)
         if name is None:
             return None
         return ObjectRef(name=name, namespace=namespace or default_namespace)
+
+
+def _key_path(path: str, key: Any) -> str:
+    """The path of a (possibly odd) key: ``spec.foo``, or ``spec['a.b\\n']`` when it is no plain word."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{show(key)}]" if path else f"[{show(key)}]"
+
+
+def _show_int(value: int) -> str:
+    return str(value) if abs(value) < 10**30 else "a number of more than 30 digits"
 
 
 def _type_name(value: Any) -> str:
@@ -287,14 +361,14 @@ def parse_vmmigration(doc: Any) -> VMMigration:
     if not isinstance(doc, dict):
         raise SpecValidationError(r.errors or [FieldError("(document)", "must be a VMMigration object")])
     if top.get("apiVersion") != API_VERSION:
-        r.error("apiVersion", f"must be {API_VERSION}, got {top.get('apiVersion')!r}")
+        r.error("apiVersion", f"must be {API_VERSION}, got {show(top.get('apiVersion'))}")
     if top.get("kind") != KIND:
-        r.error("kind", f"must be {KIND}, got {top.get('kind')!r}")
+        r.error("kind", f"must be {KIND}, got {show(top.get('kind'))}")
     meta_raw = top.get("metadata") if isinstance(top.get("metadata"), dict) else {}
     if not isinstance(top.get("metadata"), dict):
         r.error("metadata", "required")
     name = r.string(meta_raw, "name", "metadata", required=True, dns=True)
-    namespace = r.string(meta_raw, "namespace", "metadata", default="default", dns=True) or "default"
+    namespace = r.string(meta_raw, "namespace", "metadata", default="default", namespace=True) or "default"
     labels = meta_raw.get("labels") or {}
     if not isinstance(labels, dict):
         r.error("metadata.labels", "must be an object")
@@ -308,10 +382,12 @@ def parse_vmmigration(doc: Any) -> VMMigration:
         r.error("spec", "required")
     spec = r.mapping(top.get("spec"), "spec", SPEC_FIELDS)
     source_name = r.string(spec, "sourceName", "spec", required=True, dns=True)
-    source_ns = r.string(spec, "sourceNamespace", "spec", default=namespace, dns=True) or namespace
+    source_ns = r.string(spec, "sourceNamespace", "spec", default=namespace, namespace=True) or namespace
     target_ref = r.ref(spec, "targetProviderRef", "spec", namespace, required=True)
     target_name = r.string(spec, "targetName", "spec", default=source_name, dns=True)
-    storage_hint = r.string(spec, "targetStorageHint", "spec")
+    storage_hint = r.string(spec, "targetStorageHint", "spec", pattern=_STORAGE_NAME,
+                            what="storage name (letters, digits, '_', '.', ':', '-', '(', ')' and inner spaces, "
+                                 "at most 128)")
     disk_format = r.string(spec, "targetDiskFormat", "spec", enum=DISK_FORMATS)
 
     hints: list[NetworkHint] = []
@@ -322,9 +398,10 @@ def parse_vmmigration(doc: Any) -> VMMigration:
     for i, raw_hint in enumerate(raw_hints or []):
         where = f"spec.targetNetworkHints[{i}]"
         body = r.mapping(raw_hint, where, ("name", "network", "bridge"))
-        hint_name = r.string(body, "name", where, required=True)
-        network = r.string(body, "network", where)
-        bridge = r.string(body, "bridge", where)
+        hint_name = r.string(body, "name", where, required=True, pattern=_NET_NAME, what=_NET_WHAT)
+        network = r.string(body, "network", where, pattern=_PORT_GROUP,
+                           what="network name (letters, digits, '_', '.', ':', '-' and inner spaces, at most 64)")
+        bridge = r.string(body, "bridge", where, pattern=_NET_NAME, what=_NET_WHAT)
         if network and bridge:
             r.error(where, "set either network or bridge, not both")
         elif not network and not bridge:
@@ -333,13 +410,13 @@ def parse_vmmigration(doc: Any) -> VMMigration:
             hints.append(NetworkHint(name=hint_name, network=network, bridge=bridge))
     names = [h.name for h in hints]
     for dup in sorted({n for n in names if names.count(n) > 1}):
-        r.error("spec.targetNetworkHints", f"interface name {dup!r} appears more than once")
+        r.error("spec.targetNetworkHints", f"interface name {show(dup)} appears more than once")
 
     res_raw = r.mapping(spec.get("targetResourceHints"), "spec.targetResourceHints", ("cpu", "memory", "disk"))
     resources = ResourceHints(
-        cpu=r.integer(res_raw, "cpu", "spec.targetResourceHints", minimum=1),
-        memory=r.integer(res_raw, "memory", "spec.targetResourceHints", minimum=16),
-        disk=r.integer(res_raw, "disk", "spec.targetResourceHints", minimum=1),
+        cpu=r.integer(res_raw, "cpu", "spec.targetResourceHints", minimum=1, maximum=MAX_CPU),
+        memory=r.integer(res_raw, "memory", "spec.targetResourceHints", minimum=16, maximum=MAX_MEMORY_MB),
+        disk=r.integer(res_raw, "disk", "spec.targetResourceHints", minimum=1, maximum=MAX_DISK_GB),
     )
 
     storage = _parse_storage(r, spec, namespace)
@@ -354,9 +431,12 @@ def parse_vmmigration(doc: Any) -> VMMigration:
     rp_raw = r.mapping(spec.get("retryPolicy"), "spec.retryPolicy",
                        ("maxAttempts", "backoffDuration", "maxBackoffDuration"))
     retry = RetryPolicy(
-        maxAttempts=r.integer(rp_raw, "maxAttempts", "spec.retryPolicy", minimum=0, default=3),
-        backoffDuration=r.duration(rp_raw, "backoffDuration", "spec.retryPolicy", "5m"),
-        maxBackoffDuration=r.duration(rp_raw, "maxBackoffDuration", "spec.retryPolicy", "30m"),
+        maxAttempts=r.integer(rp_raw, "maxAttempts", "spec.retryPolicy", minimum=0, maximum=MAX_ATTEMPTS,
+                              default=3),
+        backoffDuration=r.duration(rp_raw, "backoffDuration", "spec.retryPolicy", "5m",
+                                   maximum=MAX_RETRY_DURATION),
+        maxBackoffDuration=r.duration(rp_raw, "maxBackoffDuration", "spec.retryPolicy", "30m",
+                                      maximum=MAX_RETRY_DURATION),
     )
     if retry.max_backoff_seconds < retry.backoff_seconds:
         r.error("spec.retryPolicy.maxBackoffDuration",
@@ -394,7 +474,7 @@ def _parse_storage(r: _Reader, spec: dict, namespace: str) -> StorageSpec | None
         if not bucket:
             r.error(f"{where}.bucket", "required when type is s3")
         elif not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-            r.error(f"{where}.bucket", f"{bucket!r} is not a valid S3 bucket name")
+            r.error(f"{where}.bucket", f"{show(bucket)} is not a valid S3 bucket name")
         if secret is None and "credentialsSecretRef" not in raw:
             r.error(f"{where}.credentialsSecretRef", "required when type is s3")
         region = region or "us-east-1"
@@ -402,12 +482,12 @@ def _parse_storage(r: _Reader, spec: dict, namespace: str) -> StorageSpec | None
         if not endpoint:
             r.error(f"{where}.endpoint", "required when type is http")
         elif not re.match(r"^https?://[^/\s]+", endpoint):
-            r.error(f"{where}.endpoint", f"{endpoint!r} must be an http:// or https:// URL")
+            r.error(f"{where}.endpoint", f"{show(endpoint)} must be an http:// or https:// URL")
     elif kind == "nfs":
         if not path:
             r.error(f"{where}.path", "required when type is nfs")
-        elif not path.startswith("/"):
-            r.error(f"{where}.path", f"{path!r} must be an absolute path (the share's mount point)")
+        elif not path.startswith("/") or "\x00" in path or "\n" in path:
+            r.error(f"{where}.path", f"{show(path)} must be an absolute path (the share's mount point)")
     if kind is None:
         return None
     for unused, value in (("bucket", bucket if kind != "s3" else None), ("path", path if kind != "nfs" else None)):

@@ -8,34 +8,67 @@ deployment it is a shared volume (docker-compose mounts it). The Kubernetes watc
 folder in sync with the cluster, and the Kubernetes status writer replaces ``FileStatusSink``
 behind the same ``StatusSink`` interface.
 
-State layout, beside the specs::
+State layout, beside the specs: one folder per migration (``SpecStore.state_dir``), so that the
+files of two migrations can never collide whatever their names::
 
-    <store>/status/<namespace>/<name>.json          the VMMigration status (what kubectl shows)
-    <store>/status/<namespace>/<name>.plan.json     the plan written by Validating
-    <store>/status/<namespace>/<name>.disks/<disk>.json   per-disk records of each phase
+    <store>/status/<namespace>/<name>/status.json        the VMMigration status (what kubectl shows)
+    <store>/status/<namespace>/<name>/plan.json          the plan written by Validating
+    <store>/status/<namespace>/<name>/run.json           facts that outlive a run (the snapshot it made)
+    <store>/status/<namespace>/<name>/disks/<disk>.json  per-disk records of each phase
+
+Other modules keep more files in that folder (the ownership ledger, ``ledger.json``).
+
+Reading the store is safe by construction: a spec file that is not UTF-8, not YAML, uses anchors or
+aliases, repeats a key, nests too deep or is too big becomes a problem naming the file (and the line and
+key), never an exception; so does a VMMigration whose ``metadata.name``/``namespace`` break
+Kubernetes' rules. ``dag_entries`` splits the index into the migrations that get a DAG and the problems
+that ``dags/vmmigration_store_check.py`` reports as its import error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
-from include.spec import KIND, SpecValidationError, VMMigration, parse_vmmigration
+from include.spec import (
+    KIND,
+    RetryPolicy,
+    SpecValidationError,
+    VMMigration,
+    name_problem,
+    namespace_problem,
+    parse_vmmigration,
+    show,
+)
 
 log = logging.getLogger(__name__)
 
 STORE_ENV = "VMMIGRATION_STORE"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+#: Airflow's limits: a dag_id has at most 250 characters of ``[A-Za-z0-9_.-]``, a tag at most 100.
+DAG_ID_MAX = 250
+DAG_TAG_MAX = 100
+DAG_ID_PREFIX = "vmmigration__"
+_DAG_ID_CHARS = re.compile(r"[A-Za-z0-9_.-]+")
+_DNS_CHARS = re.compile(r"[a-z0-9.-]+")
+_HASH_LEN = 16
+#: A spec file larger than this is refused unread; YAML nested deeper than this is refused.
+MAX_SPEC_FILE_BYTES = 8 * 1024 * 1024
+MAX_YAML_DEPTH = 64
 
 
 def default_store_path() -> Path:
@@ -47,7 +80,21 @@ def default_store_path() -> Path:
 
 
 def dag_id_for(namespace: str, name: str) -> str:
-    return f"vmmigration__{namespace}__{name}"
+    """The DAG id of a migration: ``vmmigration__<namespace>__<name>`` when that fits Airflow's 250
+    characters, else ``vmmigration__<namespace>__<start of name>__<hash>``.
+
+    The hash (16 hex digits of the sha256 of ``namespace/name``) keeps shortened ids unique and
+    stable; a shortened id never equals a full one, since Kubernetes names hold no ``_``. Characters a
+    DAG id cannot hold (only in names that are refused anyway) are replaced and force the hashed form.
+    """
+    full = f"{DAG_ID_PREFIX}{namespace}__{name}"
+    if len(full) <= DAG_ID_MAX and _DNS_CHARS.fullmatch(namespace) and _DNS_CHARS.fullmatch(name):
+        return full
+    digest = hashlib.sha256(f"{namespace}/{name}".encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LEN]
+    ns_part = re.sub(r"[^a-z0-9.-]", "-", namespace)[:63]
+    keep = DAG_ID_MAX - len(DAG_ID_PREFIX) - len(ns_part) - 4 - _HASH_LEN
+    name_part = re.sub(r"[^a-z0-9.-]", "-", name)[:keep]
+    return f"{DAG_ID_PREFIX}{ns_part}__{name_part}__{digest}"
 
 
 @dataclass
@@ -77,10 +124,166 @@ class StoreIndex:
     problems: list[str] = field(default_factory=list)
 
 
+class SpecFileError(ValueError):
+    """A spec file that cannot be read safely; the message says why (and where), without the path."""
+
+
+class _UniqueKeyLoader(_Loader):  # type: ignore[misc, valid-type]
+    """The C-backed safe loader, refusing a mapping that holds the same key twice (even as ``1``/``0x1``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(None, None, f"expected a mapping, found {node.id}",
+                                                    node.start_mark)
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not allowed",
+                                                        key_node.start_mark)
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in mapping
+            except TypeError as err:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        "found an unhashable key", key_node.start_mark) from err
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key)}",
+                                                        key_node.start_mark)
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:map", _UniqueKeyLoader.construct_yaml_map)
+
+
+def _yaml_path(parts: list[Any]) -> str:
+    """``spec.targetNetworkHints[0].name`` from its keys and indexes (cut when it gets long)."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z0-9_-]{1,64}", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{show(part)}]"
+    return out if len(out) <= 200 else f"{out[:90]}...{out[-90:]}"
+
+
+def _check_events(text: str) -> None:
+    """Refuse what a YAML file must not hold before anything is built from it, with the C parser's
+    events (cheap, flat, never expanded): anchors and aliases (a 1 KB alias bomb expands to gigabytes),
+    merge keys, keys that are not plain scalars, a key repeated in one mapping (the last one would
+    silently win: ``deleteSource`` flipped) and nesting deeper than ``MAX_YAML_DEPTH``.
+
+    :raises SpecFileError: naming the line and the key path.
+    """
+    # one frame per open collection: [keys seen (None for a sequence), current key or next index,
+    # whether the next node is a key (mappings)]; the path is only worked out for an error message
+    stack: list[list[Any]] = []
+    scalar, map_start, seq_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
+
+    def where(top: bool = True) -> str:
+        return _yaml_path([f[1] - 1 if f[0] is None else f[1] for f in (stack if top else stack[:-1])])
+
+    def fail(event: Any, message: str) -> SpecFileError:
+        return SpecFileError(f"line {event.start_mark.line + 1}: {message}")
+
+    for event in yaml.parse(text, Loader=_Loader):
+        cls = type(event)
+        if cls is yaml.MappingEndEvent or cls is yaml.SequenceEndEvent:
+            stack.pop()
+            continue
+        if cls is not scalar and cls is not map_start and cls is not seq_start:
+            if cls is yaml.AliasEvent:
+                raise fail(event, f"YAML aliases (*{event.anchor}) are not allowed")
+            continue
+        if event.anchor is not None:
+            raise fail(event, f"YAML anchors (&{event.anchor}) are not allowed")
+        if stack:
+            frame = stack[-1]
+            if frame[0] is None:  # a sequence item
+                frame[1] += 1
+            elif frame[2]:  # a mapping key
+                if cls is not scalar:
+                    what = "list" if cls is seq_start else "mapping"
+                    raise fail(event, f"a mapping key must be a plain value, not a {what} "
+                                      f"(in {where(top=False) or 'the document'})")
+                key = event.value
+                if key == "<<" and event.implicit[0]:
+                    frame[1] = key
+                    raise fail(event, f"merge keys (<<) are not allowed ({where()})")
+                if key in frame[0]:
+                    frame[1] = key
+                    raise fail(event, f"duplicate key {show(key)} ({where()}); each key may appear only once")
+                frame[0].add(key)
+                frame[1], frame[2] = key, False
+                continue
+            else:  # a mapping value
+                frame[2] = True
+        if cls is not scalar:
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise fail(event, f"nested deeper than {MAX_YAML_DEPTH} levels ({where()})")
+            stack.append([set(), None, True] if cls is map_start else [None, 0, False])
+
+
+def read_spec_text(path: Path) -> str:
+    """The text of a spec file: at most ``MAX_SPEC_FILE_BYTES``, strict UTF-8.
+
+    :raises OSError: when the file cannot be read.
+    :raises SpecFileError: when it is too big or not UTF-8.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_SPEC_FILE_BYTES + 1)
+    if len(data) > MAX_SPEC_FILE_BYTES:
+        raise SpecFileError(f"larger than {MAX_SPEC_FILE_BYTES // (1024 * 1024)} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise SpecFileError(f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line})") from None
+
+
+def parse_documents(text: str) -> list[dict[str, Any]]:
+    """All mapping documents of a (multi-document) YAML text, refusing anchors, aliases and repeated keys.
+
+    :raises SpecFileError: with the reason, the line and (for a repeated key) the key's path.
+    """
+    try:
+        _check_events(text)
+        docs = list(yaml.load_all(text, Loader=_UniqueKeyLoader))
+    except SpecFileError:
+        raise
+    except yaml.YAMLError as err:
+        raise SpecFileError(f"not readable YAML: {_one_line(err)}") from None
+    except (ValueError, TypeError, RecursionError, OverflowError) as err:
+        # e.g. an integer of more than 4300 digits, a timestamp out of range
+        raise SpecFileError(f"not readable YAML: {_one_line(err)}") from None
+    return [d for d in docs if isinstance(d, dict)]
+
+
 def load_documents(path: Path) -> list[dict[str, Any]]:
-    """All mapping documents of a (multi-document) YAML file."""
-    with open(path, encoding="utf-8") as fh:
-        return [d for d in yaml.load_all(fh, Loader=_Loader) if isinstance(d, dict)]
+    """All mapping documents of a (multi-document) YAML file.
+
+    :raises OSError: when the file cannot be read.
+    :raises SpecFileError: when it is not safe YAML (see ``read_spec_text`` and ``parse_documents``).
+    """
+    return parse_documents(read_spec_text(path))
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _metadata_problem(kind: Any, namespace: Any, name: Any) -> str | None:
+    what = kind if isinstance(kind, str) and re.fullmatch(r"[A-Za-z0-9]{1,63}", kind) else "document"
+    problem = name_problem(name)
+    if problem:
+        return f"a {what} whose metadata.name {problem} was ignored"
+    problem = namespace_problem(namespace)
+    if problem:
+        return f"{what} {name}: metadata.namespace {problem}; it was ignored"
+    return None
 
 
 def index_documents(docs_by_file: list[tuple[Path, list[dict[str, Any]]]]) -> StoreIndex:
@@ -90,12 +293,19 @@ def index_documents(docs_by_file: list[tuple[Path, list[dict[str, Any]]]]) -> St
             kind = doc.get("kind")
             meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
             name = meta.get("name")
-            namespace = meta.get("namespace") or "default"
-            if not isinstance(name, str) or not name:
-                index.problems.append(f"{path}: a {kind or 'document'} without metadata.name was ignored")
+            namespace = meta.get("namespace")
+            if namespace is None or namespace == "":
+                namespace = "default"
+            if name is None or name == "":
+                what = kind if isinstance(kind, str) and re.fullmatch(r"[A-Za-z0-9]{1,63}", kind) else "document"
+                index.problems.append(f"{path}: a {what} without metadata.name was ignored")
+                continue
+            problem = _metadata_problem(kind, namespace, name)
+            if problem:
+                index.problems.append(f"{path}: {problem}")
                 continue
             if kind == KIND:
-                entry = SpecEntry(namespace=str(namespace), name=name, path=path, doc=doc)
+                entry = SpecEntry(namespace=namespace, name=name, path=path, doc=doc)
                 try:
                     entry.migration = parse_vmmigration(doc)
                 except SpecValidationError as err:
@@ -106,8 +316,55 @@ def index_documents(docs_by_file: list[tuple[Path, list[dict[str, Any]]]]) -> St
                     continue
                 index.migrations[entry.key] = entry
             elif isinstance(kind, str):
-                index.objects[(kind, str(namespace), name)] = doc
+                index.objects[(kind, namespace, name)] = doc
     return index
+
+
+def retry_settings(policy: RetryPolicy) -> dict[str, Any]:
+    """``retryPolicy`` as the Airflow task arguments it becomes (the delays as ``timedelta``).
+
+    :raises ValueError: when a delay does not fit a ``timedelta`` (spec validation bounds them; this
+        guards a ``RetryPolicy`` built by hand).
+    """
+    try:
+        return {"retries": int(policy.maxAttempts),
+                "retry_delay": timedelta(seconds=policy.backoff_seconds),
+                "max_retry_delay": timedelta(seconds=policy.max_backoff_seconds)}
+    except (OverflowError, ValueError, TypeError) as err:
+        raise ValueError(f"spec.retryPolicy: {err}") from err
+
+
+def dag_entries(index: StoreIndex) -> tuple[list[SpecEntry], list[str]]:
+    """The migrations that get a DAG (sorted by key) and every problem of the store.
+
+    Both DAG files call this, so they agree: ``vmmigrations.py`` builds the entries,
+    ``vmmigration_store_check.py`` raises the problems as its import error. An entry that could not
+    become a valid DAG (its id, its tags, its retry delays) is a problem instead of an entry.
+    A VMMigration whose spec is invalid does get a DAG: its Validating task fails naming the fields.
+    """
+    entries: list[SpecEntry] = []
+    problems = list(index.problems)
+    seen: dict[str, SpecEntry] = {}
+    for entry in sorted(index.migrations.values(), key=lambda e: e.key):
+        dag_id = entry.dag_id
+        reason = None
+        if len(dag_id) > DAG_ID_MAX or not _DAG_ID_CHARS.fullmatch(dag_id):
+            reason = f"its DAG id {show(dag_id)} is not a valid Airflow DAG id"
+        elif len(f"namespace:{entry.namespace}") > DAG_TAG_MAX:
+            reason = f"its namespace tag is longer than {DAG_TAG_MAX} characters"
+        elif dag_id in seen:
+            reason = f"its DAG id {dag_id} is also the DAG id of {seen[dag_id].key} ({seen[dag_id].path})"
+        else:
+            try:
+                retry_settings(entry.migration.spec.retryPolicy if entry.migration else RetryPolicy())
+            except ValueError as err:
+                reason = str(err)
+        if reason:
+            problems.append(f"{entry.path}: VMMigration {entry.key} has no DAG: {reason}")
+            continue
+        seen[dag_id] = entry
+        entries.append(entry)
+    return entries, problems
 
 
 class SpecStore:
@@ -131,8 +388,10 @@ class SpecStore:
         for path in self.spec_files():
             try:
                 files.append((path, load_documents(path)))
-            except (OSError, yaml.YAMLError) as err:
-                problems.append(f"{path}: not readable YAML: {err}")
+            except SpecFileError as err:
+                problems.append(f"{path}: {err}")
+            except OSError as err:
+                problems.append(f"{path}: not readable: {err.strerror or err}")
         index = index_documents(files)
         index.problems[:0] = problems
         return index
@@ -145,16 +404,32 @@ class SpecStore:
         return index.migrations[key]
 
     # -- state ---------------------------------------------------------------------------------
+    def state_dir(self, namespace: str, name: str) -> Path:
+        """The folder that holds every state file of one migration (``status/<namespace>/<name>/``).
+
+        :raises ValueError: when ``namespace``/``name`` are not Kubernetes names (a path like ``../x``
+            must never reach the file system).
+        """
+        problem = namespace_problem(namespace)
+        if problem:
+            raise ValueError(f"namespace {problem}")
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"name {problem}")
+        return self.status_dir / namespace / name
+
     def status_path(self, namespace: str, name: str) -> Path:
-        return self.status_dir / namespace / f"{name}.json"
+        return self.state_dir(namespace, name) / "status.json"
 
     def plan_path(self, namespace: str, name: str) -> Path:
-        return self.status_dir / namespace / f"{name}.plan.json"
+        return self.state_dir(namespace, name) / "plan.json"
 
     def _disks_dir(self, namespace: str, name: str) -> Path:
-        return self.status_dir / namespace / f"{name}.disks"
+        return self.state_dir(namespace, name) / "disks"
 
     def disk_record_path(self, namespace: str, name: str, disk: str) -> Path:
+        if not disk or disk in (".", "..") or any(c in disk for c in "/\\\x00\n"):
+            raise ValueError(f"disk name {show(disk)} cannot name a file")
         return self._disks_dir(namespace, name) / f"{disk}.json"
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
@@ -188,7 +463,7 @@ class SpecStore:
         return record
 
     def run_record_path(self, namespace: str, name: str) -> Path:
-        return self.status_dir / namespace / f"{name}.run.json"
+        return self.state_dir(namespace, name) / "run.json"
 
     def update_run_record(self, namespace: str, name: str, **values: Any) -> dict[str, Any]:
         """Facts about what this migration made that must outlive a run (the snapshot it created)."""

@@ -400,7 +400,7 @@ PATH_ERRORS = [
     ({"sourceName": "My_VM"},
      ["spec.sourceName: 'My_VM' is not a valid name (lowercase letters, digits, '-' and '.')"]),
     ({"sourceNamespace": "Bad NS"},
-     ["spec.sourceNamespace: 'Bad NS' is not a valid name (lowercase letters, digits, '-' and '.')"]),
+     ["spec.sourceNamespace: 'Bad NS' is not a valid namespace (lowercase letters, digits and '-')"]),
     ({"targetName": "-vm"}, ["spec.targetName: '-vm' is not a valid name (lowercase letters, digits, '-' and '.')"]),
     ({"targetProviderRef": None}, ["spec.targetProviderRef: required"]),
     ({"targetProviderRef": {"namespace": "x"}}, ["spec.targetProviderRef.name: required"]),

