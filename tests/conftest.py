@@ -117,6 +117,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         roots.append(Path(basetemp))
     result = secret_scan.scan(roots, secrets_registry.secrets(), secrets_registry.inputs())
     session.config.stash[_SECRET_SCAN] = result
+    listing = os.environ.get("VMMIG_SECRET_SCAN_LIST")  # optional: where to write what was scanned
+    if listing:
+        Path(listing).write_text("".join([*(f"scanned {p}\n" for p in result.scanned),
+                                          *(f"excluded {p}\n" for p in result.excluded)]))
     if result.hits and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if session.config.pluginmanager.get_plugin("terminalreporter") is None:

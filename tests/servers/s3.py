@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import secrets_registry
+
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 INSTALL_HINT = "run `bash scripts/install_servers.sh` (it builds versitygw into the cache) or set $VERSITYGW"
@@ -301,4 +303,6 @@ def start_s3_server(workdir: Path, *, region: str = "us-east-1", port: int | Non
         binary=binary,
         log_file=workdir / "versitygw.log",
     )
+    secrets_registry.register(server.access_key, "S3 test server access key")
+    secrets_registry.register(server.secret_key, "S3 test server secret key")
     return server.start()

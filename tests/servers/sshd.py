@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import secrets_registry
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -49,6 +51,9 @@ def start_ssh_server(workdir: Path) -> SshServer:
     for key in (host_key, client_key):
         if not key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    for key, what in ((host_key, "sshd test server host key"), (client_key, "SSH test client private key")):
+        secrets_registry.register(key.read_text(), what)
+        secrets_registry.register_input(key)
     (workdir / "authorized_keys").write_text((workdir / "clientkey.pub").read_text())
     port = _free_port()
     config = workdir / "sshd_config"

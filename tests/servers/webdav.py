@@ -49,6 +49,7 @@ from typing import Any
 
 import requests
 
+from tests import secrets_registry
 from tests.servers.s3 import ServerStartError, _free_port, _port_refuses, _tail
 
 START_TIMEOUT = 15.0
@@ -198,6 +199,8 @@ def make_tls_files(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path
     cert_file.write_bytes(cert.public_bytes(pem) + ca_cert.public_bytes(pem))
     key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     key_file.chmod(0o600)
+    secrets_registry.register(key_file.read_text(), "WebDAV test server TLS private key")
+    secrets_registry.register_input(key_file)
     return ca_file, cert_file, key_file
 
 
@@ -390,6 +393,8 @@ def start_webdav_server(
     )
     conf_file = workdir / "nginx.conf"
     conf_file.write_text(conf)
+    secrets_registry.register(token, "WebDAV test server bearer token")
+    secrets_registry.register_input(conf_file)  # holds the token by design
 
     server = WebDavServer(
         url=f"{'https' if tls else 'http'}://127.0.0.1:{port}/disks/",
