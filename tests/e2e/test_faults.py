@@ -50,7 +50,7 @@ def sshd(tmp_path):
 
 # -- 1. SIGKILL of the task process in a real worker ------------------------------------------------------
 def test_task_process_sigkilled_mid_transfer_is_retried_and_resumes(tmp_path, store, world, s3):
-    created = create_source_vm(world, vda_mib=1024, data_scale=8)  # ~770 MB of data in vda
+    created = create_source_vm(world, vda_mib=1024, data_scale=4)  # ~390 MB of data in vda: seconds to upload
     before = ft.source_fingerprint(world)
     name = "sigkill"
     write_store(store, f"{name}.yaml", ft.s3_documents(world, name, s3, retry={"maxAttempts": 3,
@@ -110,7 +110,7 @@ def libvirtd_back(libvirt_uri):
 def test_libvirtd_restarted_during_import(airflow_db, store, world, sshd, libvirtd_back, tmp_path, monkeypatch):
     monkeypatch.setenv("VMMIGRATION_ALLOWED_ROOTS", str(tmp_path))
     monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")  # the "remote" target is sshd on 127.0.0.1
-    created = create_source_vm(world, vda_mib=1024, data_scale=8)  # ~770 MB to stream into vda's volume
+    created = create_source_vm(world, vda_mib=1024, data_scale=4)  # ~390 MB to stream into vda's volume
     before = ft.source_fingerprint(world)
     name = "lvrestart"
     docs = store_documents(world, name=name, target_format="raw",
@@ -231,8 +231,8 @@ def test_two_migrations_racing_for_one_target_name(tmp_path, store, world, secon
     monkeypatch.setenv("VMMIGRATION_ALLOWED_ROOTS", str(tmp_path))
     a, b = world, second_world
     # two different sources (different sizes, so different content), one target provider, pool and name
-    created = {"race-a": create_source_vm(a), "race-b": create_source_vm(b, vda_mib=320, vdb_mib=160,
-                                                                          data_scale=1.5)}
+    created = {"race-a": create_source_vm(a, vda_mib=128, vdb_mib=64, data_scale=0.5),
+               "race-b": create_source_vm(b, vda_mib=160, vdb_mib=80, data_scale=0.75)}
     before = {"race-a": ft.source_fingerprint(a), "race-b": ft.source_fingerprint(b)}
     target_name = f"{a.prefix}-contested"
     common = {"targetName": target_name, "targetStorageHint": a.target_pool,
@@ -246,9 +246,9 @@ def test_two_migrations_racing_for_one_target_name(tmp_path, store, world, secon
         for name in ("race-a", "race-b"):
             stack.wait_for_dag(f"vmmigration__default__{name}")
         runs = {name: stack.trigger(f"vmmigration__default__{name}") for name in ("race-a", "race-b")}
-        statuses = {name: ft.wait_status(store, name, ft.finished, timeout=240, interval=0.5) for name in runs}
-        run_states = {name: ft.wait_run_state(stack, f"vmmigration__default__{name}", run, timeout=60)
+        run_states = {name: ft.wait_run_state(stack, f"vmmigration__default__{name}", run, timeout=240)
                       for name, run in runs.items()}
+        statuses = {name: ft.wait_status(store, name, ft.finished, timeout=10) for name in runs}
         task_info = {name: stack.task_states(f"vmmigration__default__{name}", run) for name, run in runs.items()}
     finally:
         stack.stop()
