@@ -404,7 +404,7 @@ def parse_vmmigration(doc: Any) -> VMMigration:
         bridge = r.string(body, "bridge", where, pattern=_NET_NAME, what=_NET_WHAT)
         if network and bridge:
             r.error(where, "set either network or bridge, not both")
-        elif not network and not bridge:
+        elif body.get("network") in (None, "") and body.get("bridge") in (None, ""):
             r.error(where, "needs a network (vSphere) or a bridge (libvirt, Proxmox)")
         if hint_name:
             hints.append(NetworkHint(name=hint_name, network=network, bridge=bridge))

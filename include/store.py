@@ -279,10 +279,10 @@ def _metadata_problem(kind: Any, namespace: Any, name: Any) -> str | None:
     what = kind if isinstance(kind, str) and re.fullmatch(r"[A-Za-z0-9]{1,63}", kind) else "document"
     problem = name_problem(name)
     if problem:
-        return f"a {what} whose metadata.name {problem} was ignored"
+        return f"a {what} was ignored: metadata.name {problem}"
     problem = namespace_problem(namespace)
     if problem:
-        return f"{what} {name}: metadata.namespace {problem}; it was ignored"
+        return f"{what} {name} was ignored: metadata.namespace {problem}"
     return None
 
 

@@ -98,3 +98,62 @@ def test_finalize_waits_for_every_task(store):
     # and directly on every per-disk leaf and phase, not only through validate_target
     direct = set(finalize.upstream_task_ids)
     assert {"validate_target", "create_vm", "disk.import_disk", "validate_migration", "snapshot_vm"} <= direct
+
+
+def _spec_text(name: str, namespace: str = "default", **spec) -> str:
+    body = {"sourceName": "src-vm", "targetProviderRef": {"name": "kvm-target"},
+            "storage": {"type": "nfs", "path": "/mnt/share"}, **spec}
+    return yaml.safe_dump({"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "VMMigration",
+                           "metadata": {"name": name, "namespace": namespace}, "spec": body}, sort_keys=False)
+
+
+def test_one_bad_spec_never_takes_the_others_down(store):
+    """Each of these used to make vmmigrations.py fail to import, and every migration's DAG disappeared."""
+    from include.store import dag_id_for
+
+    _write_specs(store, 1)
+    (store / "slash.yaml").write_text(_spec_text("web/x"))
+    (store / "newline.yaml").write_text(_spec_text("web\nx"))
+    (store / "long-name.yaml").write_text(_spec_text("n" * 253))  # valid: 253 is Kubernetes' limit
+    (store / "long-namespace.yaml").write_text(_spec_text("mig", namespace="s" * 95))
+    (store / "huge-backoff.yaml").write_text(_spec_text("huge", retryPolicy={"backoffDuration": "99999999999h"}))
+    (store / "latin1.yaml").write_bytes(_spec_text("latin", targetName="café").replace("\\xE9", "é")
+                                        .encode("latin-1"))
+    (store / "bomb.yaml").write_text("x: &a [1, 2]\ny: [*a, *a]\n" + _spec_text("bomb"))
+    (store / "flip.yaml").write_text(_spec_text("flip", cleanupPolicy={"deleteSource": False})
+                                     + "    deleteSource: true\n")
+    bag = _bag()
+    errors = {Path(k).name: v for k, v in bag.import_errors.items()}
+    assert set(errors) == {"vmmigration_store_check.py"}, errors
+    report = errors["vmmigration_store_check.py"]
+    for expected in (f"{store / 'slash.yaml'}: a VMMigration was ignored: metadata.name 'web/x' is not a valid name",
+                     f"{store / 'newline.yaml'}: a VMMigration was ignored: metadata.name 'web\\nx' is not a valid",
+                     f"{store / 'long-namespace.yaml'}: VMMigration mig was ignored: metadata.namespace '{'s' * 59}",
+                     f"{store / 'latin1.yaml'}: not UTF-8 text (byte 0xe9 on line",
+                     f"{store / 'bomb.yaml'}: line 1: YAML anchors (&a) are not allowed",
+                     f"{store / 'flip.yaml'}: line 15: duplicate key 'deleteSource' (spec.cleanupPolicy.deleteSource)"):
+        assert expected in report, (expected, report)
+    assert "vmmigration__default__vm-000" in bag.dags  # the good migration keeps its DAG
+    long_id = dag_id_for("default", "n" * 253)
+    assert len(long_id) <= 250 and long_id in bag.dags
+    # an out-of-range duration is a spec error: the DAG exists (guide defaults) and Validating names the field
+    huge = bag.dags["vmmigration__default__huge"]
+    assert huge.get_task("disk.transfer_disk").retry_delay.total_seconds() == 300
+    from include.store import SpecStore
+
+    entry = SpecStore(store).entry("default", "huge")
+    assert [str(e) for e in entry.error.errors] == [
+        "spec.retryPolicy.backoffDuration: '99999999999h' is longer than the maximum 24h"]
+
+
+def test_store_check_and_the_factory_agree(store):
+    from include.store import SpecStore, dag_entries
+
+    _write_specs(store, 2)
+    (store / "slash.yaml").write_text(_spec_text("web/x"))
+    (store / "dup.yaml").write_text((store / "vm-000.yaml").read_text())
+    entries, problems = dag_entries(SpecStore(store).index())
+    bag = _bag()
+    assert {d for d in bag.dags if d.startswith("vmmigration__")} == {e.dag_id for e in entries}
+    report = next(iter(bag.import_errors.values()))
+    assert all(p in report for p in problems) and len(problems) == 2

@@ -656,3 +656,90 @@ def test_spec_validation_error_crosses_a_process_boundary():
         with pytest.raises(SpecValidationError) as info:
             future.result(timeout=30)
     assert [str(e) for e in info.value.errors] == ["spec.storage.bucket: required when type is s3"]
+
+
+# -- safe by construction: bounded values, names that are names --------------------------------------
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("backoffDuration", "99999999999h", "spec.retryPolicy.backoffDuration: '99999999999h' is longer than the "
+                                        "maximum 24h"),
+    ("maxBackoffDuration", "24h1s", "spec.retryPolicy.maxBackoffDuration: '24h1s' is longer than the maximum 24h"),
+    ("backoffDuration", "9" * 400 + "h", "spec.retryPolicy.backoffDuration: '" + "9" * 59 + "...9999999999h' "
+                                         "(401 chars) is longer than the maximum 24h"),
+    ("backoffDuration", 5, "spec.retryPolicy.backoffDuration: must be a duration such as 30s, 5m or 1h30m, "
+                           "got an integer"),
+])
+def test_retry_durations_are_bounded(key, value, expected):
+    assert errors_of(minimal(retryPolicy={key: value})) == [expected]
+
+
+def test_retry_durations_up_to_a_day_are_fine():
+    policy = parse_vmmigration(minimal(retryPolicy={"backoffDuration": "24h", "maxBackoffDuration": "24h"}))
+    assert policy.spec.retryPolicy.max_backoff_seconds == 86400
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"retryPolicy": {"maxAttempts": 101}}, "spec.retryPolicy.maxAttempts: must be at most 100, got 101"),
+    ({"targetResourceHints": {"cpu": 10**40}},
+     "spec.targetResourceHints.cpu: must be at most 4096, got a number of more than 30 digits"),
+    ({"targetResourceHints": {"memory": 2**60}}, f"spec.targetResourceHints.memory: must be at most "
+                                                 f"{64 * 1024 * 1024}, got {2**60}"),
+])
+def test_numbers_are_bounded(overrides, expected):
+    assert errors_of(minimal(**overrides)) == [expected]
+
+
+@pytest.mark.parametrize(("hint", "path"), [
+    ({"name": "eth0", "network": "VM Network' portgroup='evil"}, "spec.targetNetworkHints[0].network"),
+    ({"name": "eth0", "network": "a  b"}, "spec.targetNetworkHints[0].network"),
+    ({"name": "eth0", "bridge": "br 0"}, "spec.targetNetworkHints[0].bridge"),
+    ({"name": "eth0", "bridge": 'virbr0"/><x a="'}, "spec.targetNetworkHints[0].bridge"),
+    ({"name": "eth0", "bridge": "b" * 65}, "spec.targetNetworkHints[0].bridge"),
+    ({"name": "<eth0>", "bridge": "virbr0"}, "spec.targetNetworkHints[0].name"),
+    ({"name": "eth\n0", "bridge": "virbr0"}, "spec.targetNetworkHints[0].name"),
+])
+def test_network_hint_values_must_be_names(hint, path):
+    errors = errors_of(minimal(targetNetworkHints=[hint]))
+    assert len(errors) == 1 and errors[0].startswith(f"{path}: "), errors
+    assert "\n" not in errors[0]
+
+
+@pytest.mark.parametrize("hint", [{"name": "eth0", "network": "VM Network"}, {"name": "eth0", "bridge": "vmbr0"},
+                                  {"name": "net0", "bridge": "br-storage.10"}, {"name": "eth0:1", "bridge": "ovs_br"}])
+def test_usual_network_names_are_fine(hint):
+    assert parse_vmmigration(minimal(targetNetworkHints=[hint])).spec.targetNetworkHints[0].name == hint["name"]
+
+
+@pytest.mark.parametrize("pool", ["default", "datastore1", "datastore1 (1)", "local-lvm", "ceph_pool.ssd", "pve:x"])
+def test_usual_storage_names_are_fine(pool):
+    assert parse_vmmigration(minimal(targetStorageHint=pool)).spec.targetStorageHint == pool
+
+
+@pytest.mark.parametrize("pool", ["../etc", "a/b", "x'y", "pool<", " lead", "trail ", "two  spaces", "p" * 129,
+                                  "new\nline"])
+def test_odd_storage_names_are_refused(pool):
+    errors = errors_of(minimal(targetStorageHint=pool))
+    assert len(errors) == 1 and errors[0].startswith("spec.targetStorageHint: "), errors
+
+
+@pytest.mark.parametrize(("meta", "expected"), [
+    ({"name": "mig", "namespace": "n" * 64}, f"metadata.namespace: '{'n' * 64}' is longer than 63 characters"),
+    ({"name": "mig", "namespace": "dotted.ns"}, "metadata.namespace: 'dotted.ns' is not a valid namespace "
+                                                "(lowercase letters, digits and '-')"),
+    ({"name": "n" * 254}, "metadata.name: '" + "n" * 59 + "..." + "n" * 11 + "' (254 chars) is longer than 253 "
+                          "characters"),
+])
+def test_metadata_follows_kubernetes_limits(meta, expected):
+    doc = minimal()
+    doc["metadata"] = meta
+    assert errors_of(doc) == [expected]
+
+
+def test_odd_unknown_keys_are_quoted_in_the_path():
+    doc = minimal()
+    doc["spec"]["bad\nkey"] = 1
+    doc["spec"][7] = 2
+    doc["spec"]["k" * 500] = 3
+    errors = errors_of(doc)
+    assert [e.split(": ")[0] for e in errors] == ["spec['bad\\nkey']", "spec[7]", f"spec['{'k' * 59}...{'k' * 11}' "
+                                                                                  f"(500 chars)]"]
