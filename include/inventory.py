@@ -101,6 +101,9 @@ class Resolved:
 def decode_secret(doc: dict[str, Any], where: str) -> Credentials:
     """Secret ``data`` (base64) and ``stringData`` (plain) merged, as the API server would."""
     values: dict[str, str] = {}
+    for part in ("data", "stringData"):
+        if not isinstance(doc.get(part) or {}, dict):
+            raise SpecValidationError([FieldError(where, f"Secret {part} must be an object of strings")])
     for key, raw in (doc.get("data") or {}).items():
         try:
             values[str(key)] = base64.b64decode(str(raw), validate=True).decode("utf-8")
@@ -117,6 +120,8 @@ def _provider(inventory: Inventory, namespace: str, name: str, where: str) -> Pr
     if doc is None:
         raise SpecValidationError([FieldError(where, f"Provider {namespace}/{name} not found")])
     spec = doc.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise SpecValidationError([FieldError(where, f"Provider {namespace}/{name}: spec must be an object")])
     ptype = spec.get("type")
     endpoint = spec.get("endpoint")
     errors = []
@@ -146,7 +151,7 @@ def _provider(inventory: Inventory, namespace: str, name: str, where: str) -> Pr
     if errors:
         raise SpecValidationError(errors)
     credentials = None
-    secret_ref = spec.get("credentialSecretRef") or {}
+    secret_ref = spec.get("credentialSecretRef") if isinstance(spec.get("credentialSecretRef"), dict) else {}
     if secret_ref.get("name"):
         secret_ns = secret_ref.get("namespace") or namespace
         if secret_ns != namespace:
@@ -187,8 +192,8 @@ def resolve(migration: VMMigration, inventory: Inventory) -> Resolved:
             errors.append(FieldError("spec.sourceName",
                                      f"VirtualMachine {spec.sourceNamespace}/{spec.sourceName} not found"))
     if vm is not None:
-        vm_spec = vm.get("spec") or {}
-        ref = vm_spec.get("providerRef") or {}
+        vm_spec = vm.get("spec") if isinstance(vm.get("spec"), dict) else {}
+        ref = vm_spec.get("providerRef") if isinstance(vm_spec.get("providerRef"), dict) else {}
         if not ref.get("name"):
             errors.append(FieldError("spec.sourceName", f"VirtualMachine {spec.sourceNamespace}/{spec.sourceName} "
                                                         f"has no spec.providerRef.name"))
@@ -204,7 +209,7 @@ def resolve(migration: VMMigration, inventory: Inventory) -> Resolved:
             else:
                 try:
                     provider = _provider(inventory, provider_ns, ref["name"], "spec.sourceName")
-                    status = vm.get("status") or {}
+                    status = vm.get("status") if isinstance(vm.get("status"), dict) else {}
                     source = SourceVM(name=spec.sourceName, namespace=spec.sourceNamespace,
                                       provider_vm_id=str(status.get("id") or spec.sourceName), provider=provider)
                 except SpecValidationError as err:

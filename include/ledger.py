@@ -68,9 +68,7 @@ class Ledger:
 
     @classmethod
     def of(cls, store: SpecStore, namespace: str, name: str) -> Ledger:
-        state = getattr(store, "state_dir", None)
-        folder = state(namespace, name) if state else store.status_dir / namespace / name
-        return cls(folder / "ledger.json")
+        return cls(store.state_dir(namespace, name) / "ledger.json")
 
     # -- reading --------------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:

@@ -190,7 +190,7 @@ def collect_store_secrets(roots: Iterable[Path], inputs: set[Path] | None = None
             if path.stat().st_size > MAX_BYTES:
                 continue
             docs = list(yaml.load_all(path.read_text(errors="replace"), Loader=_Loader))  # noqa: S506 - safe loader
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: a 5000-digit int, a bad date
             continue
         if _is_manifest(docs):
             manifests.add(path)

@@ -290,3 +290,20 @@ def test_provider_info_repr_hides_credentials():
                         credentials=Credentials({"password": PROVIDER_PASSWORD}, "n/s"))
     assert PROVIDER_PASSWORD not in repr(info)
     assert "credentials" not in repr(info)
+
+
+@pytest.mark.parametrize(("kind", "name", "field", "value"), [
+    ("Provider", "kvm-target", "spec", ["a", "list"]),
+    ("VirtualMachine", "ubuntu-server", "spec", "text"),
+    ("VirtualMachine", "ubuntu-server", "status", 5),
+    ("Secret", "s3-creds", "data", ["x"]),
+])
+def test_objects_of_the_wrong_shape_are_errors_not_tracebacks(kind, name, field, value):
+    docs = copy.deepcopy(bundle())
+    for doc in docs:
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            doc[field] = value
+    try:
+        resolve(parse_vmmigration(migration_doc()), inventory_of(docs))
+    except SpecValidationError as err:
+        assert all(e.path.startswith("spec.") for e in err.errors)
