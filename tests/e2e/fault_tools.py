@@ -167,6 +167,38 @@ def start_stack(home: Path, extra_env: dict[str, str] | None = None) -> AirflowS
     return stack
 
 
+class BackgroundStack:
+    """``start_stack`` in a thread, so that a test prepares its disks while Airflow starts.
+
+    ``get()`` waits for it (raising what the start raised); ``stop()`` stops it whenever it got."""
+
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
+        import threading
+
+        self._result: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(home, extra_env), daemon=True)
+        self._thread.start()
+
+    def _run(self, home: Path, extra_env: dict[str, str] | None) -> None:
+        try:
+            self._result["stack"] = start_stack(home, extra_env)
+        except BaseException as err:  # noqa: BLE001 - re-raised by get()
+            self._result["error"] = err
+
+    def get(self, timeout: float = 180.0) -> AirflowStack:
+        self._thread.join(timeout)
+        if "error" in self._result:
+            raise self._result["error"]
+        if "stack" not in self._result:
+            raise TimeoutError(f"Airflow did not start in {timeout:.0f}s")
+        return self._result["stack"]
+
+    def stop(self) -> None:
+        self._thread.join(180)
+        if "stack" in self._result:
+            self._result["stack"].stop()
+
+
 def task_instance(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:
     run = urllib.parse.quote(run_id, safe="")
     path = f"/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}"

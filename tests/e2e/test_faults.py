@@ -50,18 +50,19 @@ def sshd(tmp_path):
 
 # -- 1. SIGKILL of the task process in a real worker ------------------------------------------------------
 def test_task_process_sigkilled_mid_transfer_is_retried_and_resumes(tmp_path, store, world, s3):
-    created = create_source_vm(world, vda_mib=1024, data_scale=4)  # ~390 MB of data in vda: seconds to upload
-    before = ft.source_fingerprint(world)
-    name = "sigkill"
-    write_store(store, f"{name}.yaml", ft.s3_documents(world, name, s3, retry={"maxAttempts": 3,
-                                                                               "backoffDuration": "1s"}))
-    dag_id = f"vmmigration__default__{name}"
-    stack = ft.start_stack(tmp_path / "airflow", {
+    background = ft.BackgroundStack(tmp_path / "airflow", {
         # the supervisor reports a dead child at once; these only bound the worst case
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
     })
     try:
+        created = create_source_vm(world, vda_mib=1024, data_scale=4)  # ~390 MB of data in vda: seconds to upload
+        before = ft.source_fingerprint(world)
+        name = "sigkill"
+        write_store(store, f"{name}.yaml", ft.s3_documents(world, name, s3, retry={"maxAttempts": 3,
+                                                                                   "backoffDuration": "1s"}))
+        dag_id = f"vmmigration__default__{name}"
+        stack = background.get()
         stack.wait_for_dag(dag_id)
         run_id = stack.trigger(dag_id)
         caught = ft.wait_status(store, name, ft.in_progress("Transferring", "vda", min_fraction=0.1), timeout=120,
@@ -85,7 +86,7 @@ def test_task_process_sigkilled_mid_transfer_is_retried_and_resumes(tmp_path, st
         ti = ft.task_instance(stack, dag_id, run_id, "disk.transfer_disk", 0)
         assert ti["state"] == "success" and ti["try_number"] >= 2, ti  # Airflow retried the killed try
     finally:
-        stack.stop()
+        background.stop()
     record = SpecStore(store).disk_record("default", name, "vda")
     # the retry kept the parts uploaded before the kill
     assert record["resumedBytes"] > 0, (record, killed_at)
@@ -227,9 +228,11 @@ def second_world(libvirt_uri, tmp_path):
     teardown(w)
 
 
-def test_two_migrations_racing_for_one_target_name(tmp_path, store, world, second_world, monkeypatch):
+def test_two_migrations_racing_for_one_target_name(tmp_path, store, world, second_world, monkeypatch, request):
     monkeypatch.setenv("VMMIGRATION_ALLOWED_ROOTS", str(tmp_path))
     a, b = world, second_world
+    background = ft.BackgroundStack(tmp_path / "airflow")  # starts while the sources are written
+    request.addfinalizer(background.stop)
     # two different sources (different sizes, so different content), one target provider, pool and name
     created = {"race-a": create_source_vm(a, vda_mib=128, vdb_mib=64, data_scale=0.5),
                "race-b": create_source_vm(b, vda_mib=160, vdb_mib=80, data_scale=0.75)}
@@ -241,7 +244,7 @@ def test_two_migrations_racing_for_one_target_name(tmp_path, store, world, secon
     write_store(store, "race-a.yaml", store_documents(a, name="race-a", extra_spec=dict(common)))
     write_store(store, "race-b.yaml", store_documents(b, name="race-b", extra_spec={
         **common, "storage": {"type": "nfs", "path": str(b.share), "endpoint": "nfs.local"}}))
-    stack = ft.start_stack(tmp_path / "airflow")
+    stack = background.get()
     try:
         for name in ("race-a", "race-b"):
             stack.wait_for_dag(f"vmmigration__default__{name}")
