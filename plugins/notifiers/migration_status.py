@@ -42,7 +42,9 @@ class MigrationStatusNotifier(BaseNotifier):
             err = context.get("exception") or RuntimeError("task failed (no exception recorded)")
             cause = err.__cause__ if err.__cause__ is not None and "AirflowFailException" in type(err).__name__ \
                 else err
-            retrying = str(getattr(ti, "state", "")).endswith("up_for_retry")
+            # the state is a TaskInstanceState in the task runner, whose str() is "TaskInstanceState.UP_FOR_RETRY"
+            state = getattr(ti, "state", None)
+            retrying = str(getattr(state, "value", state) or "").lower().endswith("up_for_retry")
             ctx = MigrationContext(namespace=self.namespace, name=self.migration_name,
                                    store=SpecStore(self.store_path) if self.store_path else SpecStore(),
                                    logger=self.log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from include.errors import ChecksumError, NotFound, StorageAuthError
@@ -36,8 +37,13 @@ def _notify(tmp_path, state: str, err: BaseException) -> dict:
     return FileStatusSink(SpecStore(tmp_path)).get("default", "n")
 
 
-def test_a_retry_notes_the_attempt_without_failing_the_migration(tmp_path):
-    status = _notify(tmp_path, "up_for_retry", ChecksumError("disk vda: sha256 mismatch"))
+@pytest.mark.parametrize("state", ["up_for_retry", "TaskInstanceState.UP_FOR_RETRY"])
+def test_a_retry_notes_the_attempt_without_failing_the_migration(tmp_path, state):
+    from airflow.utils.state import TaskInstanceState
+
+    # in the task runner the state is the enum itself, whose str() is "TaskInstanceState.UP_FOR_RETRY"
+    value = TaskInstanceState.UP_FOR_RETRY if state.startswith("TaskInstanceState") else state
+    status = _notify(tmp_path, value, ChecksumError("disk vda: sha256 mismatch"))
     assert status["phase"] != "Failed"
     cond = next(c for c in status["conditions"] if c["type"] == "Converting")
     assert cond["reason"] == "Retrying" and "attempt 1/3" in cond["message"]
