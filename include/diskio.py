@@ -225,6 +225,26 @@ def image_info(path: str | os.PathLike[str], fmt: str | None = None) -> dict[str
     return json.loads(_run([*args, str(path)]).stdout)
 
 
+class UnsafeImage(QemuImgError):  # noqa: N818 - reads as what it is
+    """An image that would make qemu-img open files other than itself."""
+
+
+def ensure_standalone(path: str | os.PathLike[str], fmt: str) -> None:
+    """Refuse an image that would make qemu-img open another file: a backing file, an external data file,
+    or any protocol but a plain file (a crafted qcow2 naming ``/etc/shadow`` or ``nbd://...`` as its
+    backing file would otherwise copy that into the target). Checked right before each use."""
+    info = image_info(path, fmt)
+    for node in (info, *(info.get("children") or [])):
+        if not isinstance(node, dict):
+            continue
+        backing = node.get("backing-filename") or node.get("full-backing-filename")
+        if backing:
+            raise UnsafeImage(f"{path} has a backing file ({backing}); refusing to follow it")
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file"):
+        raise UnsafeImage(f"{path} names an external data file ({data['data-file']}); refusing to follow it")
+
+
 def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[str], dst_fmt: str,
             progress: Callable[[float], None] | None = None, *, into_existing: bool = False,
             vmdk_subformat: str = "monolithicSparse") -> None:
@@ -233,6 +253,7 @@ def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[st
     ``into_existing`` writes into a freshly created, all-zero image (``-n --target-is-zero``), such as a
     target volume just made by the hypervisor.
     """
+    ensure_standalone(src, src_fmt)
     args = [qemu_img_path(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt]
     if into_existing:
         args += ["-n", "--target-is-zero"]
@@ -262,6 +283,7 @@ def convert(src: str | os.PathLike[str], src_fmt: str, dst: str | os.PathLike[st
 
 def guest_extents(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
     """``qemu-img map``: where each guest range of an image lives in its file (or that it reads as zeros)."""
+    ensure_standalone(path, fmt)
     return json.loads(_run(["map", "--output=json", "-U", "-f", fmt, str(path)]).stdout)
 
 

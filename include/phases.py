@@ -39,9 +39,10 @@ from include.errors import (
     StorageError,
     TargetCreationError,
     TargetValidationError,
+    UnsupportedDiskFormat,
 )
 from include.inventory import BundleInventory, ProviderInfo, Resolved, resolve
-from include.ledger import Ledger
+from include.ledger import Entry, Ledger
 from include.plan import build_plan, describe, pin_of, staging_root, storage_scope
 from include.providers import driver_for
 from include.providers.base import DiskInfo, HypervisorDriver, TargetDisk
@@ -152,6 +153,10 @@ class MigrationContext:
                 raise
             ref, credentials = None, None
         spec = StorageSpec(**{**self.plan["storage"]["spec"], "credentialsSecretRef": ref})
+        from_secret = credentials.first("endpoint") if credentials is not None else None
+        if (from_secret or spec.endpoint) != self.plan["storage"].get("effectiveEndpoint", spec.endpoint):
+            raise PlanChanged("the storage Secret now names another endpoint than the one validated; nothing is "
+                              "sent there", field="spec.storage.credentialsSecretRef")
         return self.storage_factory(spec, credentials)
 
     def check_pinned(self) -> None:
@@ -159,7 +164,14 @@ class MigrationContext:
         was = self.plan.get("pin")
         if not was:  # a plan made by hand (tests, tools): nothing to compare with
             return
-        now = pin_of(self.resolved)
+        try:
+            now = pin_of(self.resolved)
+        except KeyError as err:  # the VMMigration is gone from the store
+            raise PlanChanged(f"the VMMigration was removed from the spec store after Validating ({err})",
+                              field="metadata.name") from None
+        except SpecValidationError as err:
+            raise PlanChanged(f"the spec or an object it refers to changed since Validating and no longer "
+                              f"validates: {failure_message(err)}", field=err.errors[0].path) from None
         changed = sorted(k for k in set(now) | set(was) if now.get(k) != was.get(k))
         if changed:
             raise PlanChanged(
@@ -177,7 +189,7 @@ class MigrationContext:
 
     @property
     def scope_storage(self) -> str:
-        return storage_scope(self.plan["storage"]["spec"])
+        return storage_scope(self.plan["storage"])
 
     @property
     def staging(self) -> Path:
@@ -313,14 +325,15 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     plan = build_plan(resolved, vm, target_storage=pool)
     for d in plan["disks"]:
         key = ctx.target.volume_key(pool, d["targetVolume"])
-        if key is not None and not ctx.ledger.owns("volume", target_scope, key=key):
+        if key is not None and _own_volume_entry(ctx, pool, d["targetVolume"], key, scope=target_scope) is None \
+                and _adoptable_intent(ctx, pool, d["targetVolume"], scope=target_scope) is None:
             raise Conflict(f"volume {d['targetVolume']!r} already exists in {pool} and was not created by this "
                            f"migration", field="spec.targetName")
     ctx.logger.info("storage %s", ctx.storage.check())
     for d in plan["disks"]:
         key = d["objectKey"]
         if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
-                not ctx.ledger.owns("object", storage_scope(plan["storage"]["spec"]), key=key):
+                not ctx.ledger.owns("object", storage_scope(plan["storage"]), key=key):
             raise Conflict(f"{ctx.storage.location(key)} already exists in the intermediate storage and was not "
                            f"written by this migration; it is never overwritten", field="spec.storage")
     ctx.store.save_plan(ctx.namespace, ctx.name, plan)
@@ -394,7 +407,10 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         return {"disk": disk, "staged": False}
     local = _local_source_path(ctx, info)
     if d["transitFormat"] == "raw" and local is not None:
-        extents = diskio.guest_extents(local, d["sourceFormat"])
+        try:
+            extents = diskio.guest_extents(local, d["sourceFormat"])
+        except diskio.UnsafeImage as err:
+            raise UnsupportedDiskFormat(f"disk {disk}: {err}", field="spec.sourceName") from err
         if diskio.readable_in_place(extents):
             # Transferring reads the guest data straight from the file through its map: no staging copy
             data = sum(int(e["length"]) for e in extents if e.get("data") and not e.get("zero"))
@@ -489,6 +505,11 @@ def _convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt:
         subformat = "streamOptimized" if ctx.plan["target"]["type"] == "vsphere" else "monolithicSparse"
         diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing, vmdk_subformat=subformat,
                        progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
+    except diskio.UnsafeImage as err:
+        if not into_existing:
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+        raise UnsupportedDiskFormat(f"disk {disk}: {err}") from err
     except diskio.QemuImgError as err:
         if not into_existing:
             with contextlib.suppress(FileNotFoundError):
@@ -530,12 +551,6 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     key = d["objectKey"]
     hasher = hashlib.sha256()
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
-    written = 0  # logical bytes (holes included): what the sha256 covers
-    stored = 0  # bytes actually sent
-    codec = ctx.plan["storage"].get("compression")
-    compressor = Compressor() if codec == "zstd" else None
-    holes = ctx.storage.supports_holes and compressor is None
-    extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
     before = _stat_key(watched)
     if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
             not ctx.ledger.owns("object", ctx.scope_storage, key=key):
@@ -544,6 +559,42 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     # recorded before the first byte goes out: a half-written upload (a part file, a multipart upload)
     # is this migration's to resume or remove
     ctx.ledger.record("object", ctx.scope_storage, state="creating", key=key)
+    try:
+        digest, written, stored, resumed = _upload(ctx, disk, key, source, total, rec, watched, before, hasher, tracker)
+    finally:
+        # folders made on the share are ours whether the upload went through or not
+        for folder in getattr(ctx.storage, "created_dirs", ()):
+            ctx.ledger.record("dir", ctx.scope_storage, key=folder)
+    ctx.ledger.record("object", ctx.scope_storage, key=key)
+    ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written, sentBytes=stored,
+               resumedBytes=resumed)
+    if rec.get("exportPath"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rec["exportPath"])
+
+    def mutate(s: dict[str, Any]) -> None:
+        entry = st.disk_entry(s, disk)
+        entry["sha256"] = digest
+        entry["transitBytes"] = written
+        entry["sentBytes"] = stored
+
+    ctx.update_status(mutate)
+    finish(ctx, Phase.TRANSFERRING, f"Disk {disk} stored at {ctx.storage.location(key)} "
+                                    f"({written} bytes, sha256 {digest[:12]}...)", disk=disk)
+    return {"disk": disk, "sha256": digest, "bytes": written}
+
+
+def _upload(ctx: MigrationContext, disk: str, key: str, source: Iterator[Segment], total: int, rec: dict[str, Any],
+            watched: Path | None, before: tuple[int, int] | None, hasher: Any,
+            tracker: ProgressTracker) -> tuple[str, int, int, int]:
+    """Stream ``source`` into the object ``key``; returns (sha256, logical bytes, bytes sent, bytes resumed)."""
+    d = ctx.disk_plan(disk)
+    written = 0  # logical bytes (holes included): what the sha256 covers
+    stored = 0  # bytes actually sent
+    codec = ctx.plan["storage"].get("compression")
+    compressor = Compressor() if codec == "zstd" else None
+    holes = ctx.storage.supports_holes and compressor is None
+    extents: list[list[int]] = []  # where the stored data goes, when the backend cannot keep holes
     # size the upload by the larger of the allocated and the file size (allocation may be compressed)
     with ctx.storage.open_writer(key, size_hint=max(rec.get("exportBytes") or 0, total)) as writer:
         # reading (prefetch thread), hashing (here) and uploading (the backend's part threads) overlap
@@ -585,25 +636,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                                    "extents": None if holes else extents, "compression": codec,
                                    "format": d["transitFormat"],
                                    "virtualSize": d["sizeBytes"], "migration": ctx.plan["migration"]})
-    for folder in getattr(ctx.storage, "created_dirs", ()):
-        ctx.ledger.record("dir", ctx.scope_storage, key=folder)
-    ctx.ledger.record("object", ctx.scope_storage, key=key)
-    ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written, sentBytes=stored,
-               resumedBytes=resumed)
-    if rec.get("exportPath"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(rec["exportPath"])
-
-    def mutate(s: dict[str, Any]) -> None:
-        entry = st.disk_entry(s, disk)
-        entry["sha256"] = digest
-        entry["transitBytes"] = written
-        entry["sentBytes"] = stored
-
-    ctx.update_status(mutate)
-    finish(ctx, Phase.TRANSFERRING, f"Disk {disk} stored at {ctx.storage.location(key)} "
-                                    f"({written} bytes, sha256 {digest[:12]}...)", disk=disk)
-    return {"disk": disk, "sha256": digest, "bytes": written}
+    return digest, written, stored, resumed
 
 
 def _source_file_size(ctx: MigrationContext, info: DiskInfo) -> int:
@@ -728,31 +761,73 @@ def _fresh_target_volume(ctx: MigrationContext, disk: str) -> str | None:
     d = ctx.disk_plan(disk)
     pool, volume = d["targetStorage"], d["targetVolume"]
     _remove_own_volume(ctx, pool, volume, conflict_if_foreign=True)
+    # an intent first: a retry after a crash between the create and the record below recognises the volume
+    intent = ctx.ledger.record("volume", ctx.scope_target, state="creating", pool=pool, volume=volume)
     try:
-        key = ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
+        ctx.target.create_volume(pool, volume, d["targetFormat"], d["sizeBytes"])
     except TargetCreationError:
+        ctx.ledger.forget(intent)
         if ctx.target.volume_key(pool, volume) is not None:  # created by someone else in between
             raise Conflict(f"volume {volume!r} appeared in {pool} while this migration was about to create it; it "
                            f"was not created by this migration and is left alone", field="spec.targetName") from None
         raise
-    ctx.ledger.record("volume", ctx.scope_target, pool=pool, volume=volume, key=key)
+    key = ctx.target.volume_key(pool, volume)
+    owner = f"{ctx.namespace}/{ctx.name} {ctx.ledger.run()} {intent.at!r}"
+    if ctx.target.mark_volume(pool, volume, owner):
+        ctx.ledger.record("volume", ctx.scope_target, pool=pool, volume=volume, key=key, owner=owner)
+    else:
+        ctx.ledger.record("volume", ctx.scope_target, pool=pool, volume=volume, key=key)
+    ctx.ledger.forget(intent)
     return ctx.target.local_volume_path(pool, volume)
 
 
 def _remove_own_volume(ctx: MigrationContext, pool: str, volume: str, *, conflict_if_foreign: bool) -> bool:
-    """Delete the volume when this migration created it (the ledger holds its key)."""
+    """Delete the volume when this migration created it (the ledger holds its identity)."""
     key = ctx.target.volume_key(pool, volume)
     if key is None:
         return False
-    entry = ctx.ledger.find("volume", ctx.scope_target, pool=pool, volume=volume, key=key)
+    entry = _own_volume_entry(ctx, pool, volume, key)
+    if entry is None:
+        entry = _adoptable_intent(ctx, pool, volume)
     if entry is None:
         if conflict_if_foreign:
             raise Conflict(f"volume {volume!r} already exists in {pool} and was not created by this migration; it "
                            f"is never overwritten or deleted", field="spec.targetName")
         return False
-    removed = ctx.target.delete_volume(pool, volume, key=key)
+    removed = ctx.target.delete_volume(pool, volume, key=key, owner=entry.ident.get("owner"))
     ctx.ledger.forget(entry)
     return removed
+
+
+def _own_volume_entry(ctx: MigrationContext, pool: str, volume: str, key: str, scope: str | None = None
+                      ) -> Entry | None:
+    """The ledger entry of this volume, if the volume there now is the one it records (same key, and the
+    same owner tag where one was written: a volume deleted and made again by someone else has none)."""
+    scope = scope or ctx.scope_target
+    for entry in ctx.ledger.entries("volume"):
+        if entry.state == "creating" or not entry.matches("volume", scope, pool=pool, volume=volume, key=key):
+            continue
+        if entry.ident.get("owner") and ctx.target.volume_owner(pool, volume) != entry.ident["owner"]:
+            continue
+        return entry
+    return None
+
+
+def _adoptable_intent(ctx: MigrationContext, pool: str, volume: str, scope: str | None = None) -> Entry | None:
+    """A "creating" entry of this volume that the volume does not predate: this migration died between
+    creating the volume and recording it."""
+    created = ctx.target.volume_created_at(pool, volume)
+    if created is None:
+        return None  # no time to compare with: never adopted
+    for entry in ctx.ledger.entries("volume"):
+        if entry.state == "creating" and entry.scope == (scope or ctx.scope_target) and "key" not in entry.ident \
+                and entry.ident.get("pool") == pool and entry.ident.get("volume") == volume \
+                and created >= entry.at - 1.0:
+            ctx.logger.info("volume %s/%s was created by an earlier try of this migration that died before "
+                            "recording it (intent at %.3f, changed at %.3f): it is ours", pool, volume, entry.at,
+                            created)
+            return entry
+    return None
 
 
 def _local_target_volume(ctx: MigrationContext, disk: str) -> str | None:
@@ -854,16 +929,21 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     if missing:
         raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
                                f"without them")
+    owner = f"{ctx.namespace}/{ctx.name}"
     vm_id = ctx.target.vm_id(tgt["vm"])
     if vm_id is not None:
         entry = ctx.ledger.find("vm", ctx.scope_target, id=vm_id)
-        if entry is None:
+        tag = ctx.target.vm_owner(vm_id)
+        if entry is None and (tag or "").split(" ")[0] != owner:
             raise Conflict(f"a VM named {tgt['vm']!r} already exists on the target and was not created by this "
                            f"migration", field="spec.targetName")
-        ctx.target.delete_vm(vm_id)  # our own half-made VM from a failed try
-        ctx.ledger.forget(entry)
+        # our own half-made VM from a failed try (recorded, or tagged by a try that died before recording it)
+        ctx.target.delete_vm(vm_id)
+        if entry is not None:
+            ctx.ledger.forget(entry)
     try:
-        ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks)
+        ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks,
+                             owner=f"{owner} {ctx.ledger.run()}")
     except TargetCreationError:
         if ctx.target.vm_id(tgt["vm"]) is not None:
             raise Conflict(f"a VM named {tgt['vm']!r} appeared on the target while this migration was creating it",
@@ -1013,7 +1093,14 @@ def _rollback_target(ctx: MigrationContext) -> list[str]:
             continue
         pool, volume = entry.ident["pool"], entry.ident["volume"]
         with _logged(ctx, f"removing target volume {volume}"):
-            if ctx.target.delete_volume(pool, volume, key=entry.ident["key"]):
+            if "key" not in entry.ident:  # an intent: the volume is ours only if it was created after it
+                key = ctx.target.volume_key(pool, volume)
+                if key is not None and _adoptable_intent(ctx, pool, volume) == entry \
+                        and ctx.target.delete_volume(pool, volume, key=key):
+                    removed.append(f"target volume {pool}/{volume}")
+                ctx.ledger.forget(entry)
+                continue
+            if ctx.target.delete_volume(pool, volume, key=entry.ident["key"], owner=entry.ident.get("owner")):
                 removed.append(f"target volume {pool}/{volume}")
             ctx.ledger.forget(entry)
     return removed

@@ -33,10 +33,13 @@ def staging_root() -> Path:
     return Path(os.environ.get(STAGING_ENV) or tempfile.gettempdir())
 
 
-def storage_scope(storage: dict[str, Any]) -> str:
-    """Where intermediate objects live, as the ledger names it: type plus bucket, endpoint or path."""
-    where = {"s3": lambda: f"{storage.get('endpoint') or 'aws'}/{storage.get('bucket')}",
-             "http": lambda: str(storage.get("endpoint")),
+def storage_scope(plan_storage: dict[str, Any]) -> str:
+    """Where intermediate objects live, as the ledger names it: type plus bucket, endpoint or path
+    (``plan_storage`` is the plan's ``storage`` block)."""
+    storage = plan_storage["spec"]
+    endpoint = plan_storage.get("effectiveEndpoint") or storage.get("endpoint")
+    where = {"s3": lambda: f"{endpoint or 'aws'}/{storage.get('bucket')}",
+             "http": lambda: str(endpoint),
              "nfs": lambda: str(storage.get("path"))}[storage["type"]]()
     return f"{storage['type']}:{where}"
 
@@ -45,17 +48,29 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def effective_storage_endpoint(resolved: Resolved) -> str | None:
+    """The storage endpoint the backends will use: an S3 Secret's ``endpoint`` key wins over the spec's."""
+    creds = resolved.storage_credentials
+    from_secret = creds.first("endpoint") if creds is not None else None
+    return from_secret or resolved.migration.spec.storage.endpoint
+
+
 def pin_of(resolved: Resolved) -> dict[str, str]:
-    """What a run is pinned to: digests of the spec, both providers' type and endpoint, and the
-    storage block. Phases after Validating compare them with the plan's (a mid-run edit fails the run)."""
+    """What a run is pinned to: digests of the spec (and the annotations the engine reads), both
+    providers' type and endpoint, and where the storage is (its block, plus the endpoint and proxy a
+    Secret may set). Phases after Validating compare them with the plan's (a mid-run edit fails the run)."""
+    from include.compression import ANNOTATION
+
     migration = resolved.migration
     spec = migration.to_dict()["spec"]
+    creds = resolved.storage_credentials
     return {
-        "spec": _digest({"spec": spec, "annotations": migration.annotations}),
+        "spec": _digest({"spec": spec, "annotations": {ANNOTATION: migration.annotations.get(ANNOTATION)}}),
         "source": _digest([resolved.source.provider.ref, resolved.source.provider.type,
                            resolved.source.provider.endpoint, resolved.source.provider_vm_id]),
         "target": _digest([resolved.target.ref, resolved.target.type, resolved.target.endpoint]),
-        "storage": _digest(spec["storage"]),
+        "storage": _digest([spec["storage"], effective_storage_endpoint(resolved),
+                            creds.first("proxy") if creds is not None else None]),
     }
 
 
@@ -142,7 +157,9 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
                     # the storage block as validated (no credentials: those stay in the Secret)
                     "spec": {"type": spec.storage.type, "bucket": spec.storage.bucket,
                              "endpoint": spec.storage.endpoint, "region": spec.storage.region,
-                             "path": spec.storage.path}},
+                             "path": spec.storage.path},
+                    # where the objects really go (a Secret may set the endpoint): the ledger's scope
+                    "effectiveEndpoint": effective_storage_endpoint(resolved)},
         "pin": pin_of(resolved),
         "snapshot": {"name": snapshot_name(migration.name),
                      "disks": [d.name for d in vm.disks] if all(d.format == "qcow2" for d in vm.disks) else []},

@@ -27,8 +27,8 @@ from include.errors import InvalidMigration, StorageError
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _trusted_owner(st: os.stat_result) -> bool:
-    return st.st_uid in (os.geteuid(), 0)
+def _trusted_owner(st: os.stat_result, trusted: set[int] | None = None) -> bool:
+    return st.st_uid in (os.geteuid(), 0) or st.st_uid in (trusted or ())
 
 
 def is_private_dir(path: Path) -> bool:
@@ -106,6 +106,9 @@ class Walker:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.created: list[str] = []
+        #: owners besides us and root that count as ours: the owner our own mkdir produced (an NFS export
+        #: with root_squash maps the engine's root to another uid)
+        self.trusted: set[int] = set()
 
     def open_root(self) -> int:
         try:
@@ -119,10 +122,12 @@ class Walker:
         fd = self.open_root()
         try:
             for i, part in enumerate(parts):
+                made = False
                 if create:
                     try:
                         os.mkdir(part, 0o700, dir_fd=fd)
                         self.created.append("/".join(parts[:i + 1]))
+                        made = True
                     except FileExistsError:
                         pass
                 try:
@@ -136,7 +141,9 @@ class Walker:
                 os.close(fd)
                 fd = nfd
                 st = os.fstat(fd)
-                if not _trusted_owner(st) or st.st_mode & 0o022:
+                if made:
+                    self.trusted.add(st.st_uid)
+                if not _trusted_owner(st, self.trusted) or st.st_mode & 0o022:
                     raise StorageError(f"{self.root.joinpath(*parts[:i + 1])} belongs to uid {st.st_uid} or is "
                                        f"writable by others; refusing to write below it", field="spec.storage.path")
             return fd
@@ -155,11 +162,12 @@ class Walker:
             os.close(fd)
 
 
-def open_file(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
+def open_file(dir_fd: int, name: str, flags: int, mode: int = 0o600, *, trusted: set[int] | None = None) -> int:
     """``openat`` without following a symlink; a file that is not ours (owner, links) is refused."""
     fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or not _trusted_owner(st) or st.st_nlink > 1:
+    made = flags & os.O_CREAT and flags & os.O_EXCL  # just created by us, whatever uid the share gave it
+    if not stat.S_ISREG(st.st_mode) or not (made or _trusted_owner(st, trusted)) or st.st_nlink > 1:
         os.close(fd)
         raise StorageError(f"{name} is not a plain file of this engine (another owner or a hard link); refusing "
                            f"to use it")

@@ -111,13 +111,30 @@ class HypervisorDriver(abc.ABC):
         """The volume's unique key on the hypervisor (libvirt: its path), or None when it does not exist."""
 
     @abc.abstractmethod
-    def delete_volume(self, storage: str, volume: str, *, key: str) -> bool:
+    def delete_volume(self, storage: str, volume: str, *, key: str, owner: str | None = None) -> bool:
         """Delete the volume, only if it is still the one identified by ``key`` (as recorded in the
-        ledger when it was created); returns whether it was deleted."""
+        ledger when it was created) and, when ``owner`` is given, still carries that owner tag; returns
+        whether it was deleted."""
+
+    def volume_created_at(self, storage: str, volume: str) -> float | None:
+        """A time the volume's creation cannot be later than (None when unknown)."""
+        return None
+
+    def mark_volume(self, storage: str, volume: str, owner: str) -> bool:
+        """Tag the volume with its owner where the hypervisor can keep one; returns whether it did."""
+        return False
+
+    def volume_owner(self, storage: str, volume: str) -> str | None:
+        return None
 
     @abc.abstractmethod
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
-                  networks: Sequence[NetworkHint]) -> None: ...
+                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> None:
+        """Define the VM; ``owner`` (``<namespace>/<name> <run>``) is kept in the VM's metadata."""
+
+    def vm_owner(self, vm_id: str) -> str | None:
+        """The ``owner`` tag the VM was defined with, if the hypervisor keeps one."""
+        return None
 
     @abc.abstractmethod
     def describe_vm(self, name: str) -> dict[str, Any]:

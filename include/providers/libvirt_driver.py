@@ -25,6 +25,10 @@ from include.spec import NetworkHint
 log = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = ("qcow2", "raw", "vmdk")
+#: the XML namespace of the owner tag the engine writes into the domains it defines
+OWNER_NS = "urn:virtrigaud:vmmigration:owner"
+#: the extended attribute that tags the volume files the engine creates on this host
+OWNER_XATTR = "user.vmmigration.owner"
 
 
 def _libvirt():
@@ -366,7 +370,39 @@ class LibvirtDriver(HypervisorDriver):
         except NotFound:
             return None
 
-    def delete_volume(self, storage: str, volume: str, *, key: str) -> bool:
+    def volume_created_at(self, storage: str, volume: str) -> float | None:
+        """When the volume's file last changed status (its ctime): never earlier than its creation."""
+        try:
+            vol = self._volume(storage, volume)
+        except NotFound:
+            return None
+        ctime = ET.fromstring(vol.XMLDesc(0)).findtext("./target/timestamps/ctime")
+        try:
+            return float(ctime) if ctime else None
+        except ValueError:
+            return None
+
+    def mark_volume(self, storage: str, volume: str, owner: str) -> bool:
+        """Tag the volume's file with its owner (an extended attribute), when the file is on this host."""
+        path = self.local_volume_path(storage, volume)
+        if path is None:
+            return False
+        try:
+            os.setxattr(path, OWNER_XATTR, owner.encode(), follow_symlinks=False)
+        except OSError:
+            return False  # a filesystem without user xattrs: the key alone identifies it
+        return True
+
+    def volume_owner(self, storage: str, volume: str) -> str | None:
+        path = self.local_volume_path(storage, volume)
+        if path is None:
+            return None
+        try:
+            return os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode()
+        except OSError:
+            return None
+
+    def delete_volume(self, storage: str, volume: str, *, key: str, owner: str | None = None) -> bool:
         try:
             vol = self._volume(storage, volume)
         except NotFound:
@@ -375,15 +411,22 @@ class LibvirtDriver(HypervisorDriver):
             log.warning("volume %s/%s is not the one this migration created (key %s, recorded %s): kept",
                         storage, volume, vol.key(), key)
             return False
+        if owner is not None and self.volume_owner(storage, volume) != owner:
+            log.warning("volume %s/%s does not carry this migration's owner tag (it was made again by someone "
+                        "else): kept", storage, volume)
+            return False
         vol.delete(0)
         return True
 
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
-                  networks: Sequence[NetworkHint]) -> None:
+                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> None:
         libvirt = _libvirt()
         # built as a tree, never by formatting strings: a quote or "<" in a value stays in that value
         root = ET.Element("domain", type="kvm")
         _sub(root, "name", text=name)
+        if owner:
+            # who defined it: lets a retry recognise its own VM if it died before recording it
+            ET.SubElement(_sub(root, "metadata"), f"{{{OWNER_NS}}}owner").text = owner
         _sub(root, "memory", text=str(int(memory_mib)), unit="MiB")
         _sub(root, "vcpu", text=str(int(vcpus)))
         os_el = _sub(root, "os")
@@ -420,6 +463,18 @@ class LibvirtDriver(HypervisorDriver):
         return {"name": info.name, "vcpus": info.vcpus, "memory_mib": info.memory_mib,
                 "disks": [d.to_dict() for d in info.disks], "interfaces": list(info.interfaces),
                 "running": info.running}
+
+    def vm_owner(self, vm_id: str) -> str | None:
+        """The owner tag ``define_vm`` wrote into the VM's metadata, if any."""
+        libvirt = _libvirt()
+        dom = self._domain_by_id(vm_id)
+        if dom is None:
+            return None
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, OWNER_NS, 0)
+        except libvirt.libvirtError:
+            return None
+        return (ET.fromstring(xml).text or "").strip() or None
 
     def vm_id(self, name: str) -> str | None:
         try:
@@ -463,8 +518,11 @@ class LibvirtDriver(HypervisorDriver):
             for src in root.findall("./devices/disk/source"):
                 path = src.get("file") or src.get("dev")
                 if src.get("pool") and src.get("volume"):
-                    with contextlib.suppress(Exception):
+                    try:
                         path = self._volume(src.get("pool"), src.get("volume")).path()
+                    except NotFound as err:  # fail closed: a use that cannot be resolved keeps every volume
+                        raise HypervisorError(f"deleteSource: cannot tell which file VM {dom.name()} uses for "
+                                              f"{src.get('pool')}/{src.get('volume')}; nothing deleted") from err
                 if path:
                     used[os.path.realpath(path)] = dom.name()
         return used

@@ -77,13 +77,13 @@ class _FileWriter(ObjectWriter):
     A full share removes the part at once and fails naming the path.
     """
 
-    def __init__(self, dir_fd: int, name: str, where: Path) -> None:
+    def __init__(self, dir_fd: int, name: str, where: Path, trusted: set[int] | None = None) -> None:
         self.dir_fd = os.dup(dir_fd)
         self.name = name
         self.tmp = f".{name}.part"
         self.where = where
         try:
-            fd = safefs.open_file(self.dir_fd, self.tmp, os.O_RDWR)
+            fd = safefs.open_file(self.dir_fd, self.tmp, os.O_RDWR, trusted=trusted)
             existing = True
         except FileNotFoundError:
             fd = safefs.open_file(self.dir_fd, self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
@@ -211,12 +211,12 @@ class NfsStorage(StorageBackend):
             if size_hint > free:
                 raise StorageError(f"no space on the share for {self.location(key)}: {free} bytes free, "
                                    f"{size_hint} needed")
-            return _FileWriter(fd, name, Path(self.location(key)).parent)
+            return _FileWriter(fd, name, Path(self.location(key)).parent, self.walker.trusted)
 
     def _open(self, key: str) -> int:
         try:
             with self.walker.parent(key) as (fd, name):
-                return safefs.open_file(fd, name, os.O_RDONLY)
+                return safefs.open_file(fd, name, os.O_RDONLY, trusted=self.walker.trusted)
         except FileNotFoundError:
             raise StorageError(f"{self.location(key)} is missing from the share") from None
         except OSError as err:
@@ -280,7 +280,7 @@ class NfsStorage(StorageBackend):
     def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, indent=2).encode()
         with self.walker.parent(key + MANIFEST_SUFFIX, create=True) as (fd, name):
-            writer = _FileWriter(fd, name, Path(self.location(key)).parent)
+            writer = _FileWriter(fd, name, Path(self.location(key)).parent, self.walker.trusted)
         try:
             writer.write(Segment(length=len(data), data=data))
             writer.commit()

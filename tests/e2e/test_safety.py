@@ -391,3 +391,133 @@ def test_with_the_grant_the_cross_namespace_migration_runs(airflow_db, store, wo
     dagrun = run_migration("vmmigration__default__scenario1")
     assert str(dagrun.state) == "success", task_states(dagrun)
     assert_target_matches_source(world, "qcow2")
+
+
+# -- identities strong enough, crashes between create and record, pinned storage endpoints --------------------
+
+def _virsh(world, *args: str) -> None:
+    subprocess.run(["virsh", "-q", "-c", world.uri, *args], check=True, capture_output=True)
+
+
+def test_a_volume_deleted_and_made_again_by_someone_else_under_the_same_path_is_kept(store, world):
+    """The ledger holds a volume's identity (its key and creation time), not a name or a path."""
+    import time
+
+    create_source_vm(world)
+    write_store(store, "again.yaml", store_documents(world, name="again", target_format="qcow2"))
+    ctx = ctx_for(store, "again")
+    run_phases(ctx, until="import_disk:vda")
+    ours = f"{world.vm_name}-migrated-vda.qcow2"
+    _virsh(world, "vol-delete", "--pool", world.target_pool, ours)
+    time.sleep(0.05)
+    _virsh(world, "vol-create-as", world.target_pool, ours, "1M", "--format", "qcow2")  # somebody else's now
+    phases.finalize(ctx_for(store, "again"), succeeded=False, failure="test")
+    assert ours in volumes(world, world.target_pool)
+
+
+def test_a_volume_made_by_a_try_that_died_before_recording_it_is_recognised(store, world):
+    """The state a SIGKILL between creating the target volume and recording it leaves (the window is a few
+    instructions wide, so the state is made directly: the intent entry, then the volume): the retry adopts
+    the volume as its own instead of failing with a Conflict for ever, and a rollback removes it."""
+    create_source_vm(world)
+    write_store(store, "died.yaml", store_documents(world, name="died", target_format="qcow2"))
+    ctx = ctx_for(store, "died")
+    run_phases(ctx, until="convert_disk:vda")
+    volume = f"{world.vm_name}-migrated-vda.qcow2"
+    ctx.ledger.record("volume", ctx.scope_target, state="creating", pool=world.target_pool, volume=volume)
+    _virsh(world, "vol-create-as", world.target_pool, volume, "1M", "--format", "qcow2")
+    phases.import_disk(ctx_for(store, "died"), "vda")  # adopts it, writes it anew
+    assert volume in volumes(world, world.target_pool)
+    phases.finalize(ctx_for(store, "died"), succeeded=False, failure="test")
+    assert volume not in volumes(world, world.target_pool)
+
+
+def test_a_vm_defined_by_a_try_that_died_before_recording_it_is_recognised(store, world):
+    """Same for the target VM: define_vm tags it with the migration; a retry finds its tag and takes it over.
+    A VM of that name without the tag stays a Conflict."""
+    from include.providers.base import TargetDisk
+
+    create_source_vm(world)
+    write_store(store, "diedvm.yaml", store_documents(world, name="diedvm", target_format="qcow2"))
+    ctx = ctx_for(store, "diedvm")
+    run_phases(ctx, until="import_disk:vdb")
+    tgt = ctx.plan["target"]
+    disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
+                        capacity=d["targetCapacity"]) for d in ctx.plan["disks"]]
+    ctx.target.define_vm(tgt["vm"], 1, 128, disks, [], owner=f"default/diedvm {ctx.ledger.run()}")
+    phases.create_vm(ctx_for(store, "diedvm"))
+    phases.validate_target(ctx_for(store, "diedvm"))  # the VM defined by the plan, not the one the dead try left
+    phases.finalize(ctx_for(store, "diedvm"), succeeded=False, failure="test")
+    assert tgt["vm"] not in domains(world)
+    # an untagged VM of that name is somebody else's
+    conn = world.conn()
+    try:
+        conn.defineXML(f"<domain type='kvm'><name>{tgt['vm']}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+                       f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
+    finally:
+        conn.close()
+    try:
+        with pytest.raises(Conflict, match="already exists"):
+            phases.validate(ctx_for(store, "diedvm"))
+        phases.finalize(ctx_for(store, "diedvm"), succeeded=False, failure="test")
+        assert tgt["vm"] in domains(world)
+    finally:
+        _virsh(world, "undefine", tgt["vm"])
+
+
+def test_a_staging_folder_another_user_made_first_is_refused(store, world, shared_folder, monkeypatch):
+    create_source_vm(world, vdb_format="raw")
+    base = shared_folder / "staging"
+    _as_nobody("mkdir", "-m", "0777", str(base))
+    monkeypatch.setenv("VMMIGRATION_STAGING", str(base))
+    write_store(store, "base.yaml", store_documents(world, name="base", target_format="qcow2"))
+    ctx = ctx_for(store, "base")
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    with pytest.raises(InvalidMigration, match="belongs to uid 65534, not to this engine"):
+        phases.export_disk(ctx, "vdb")  # raw -> qcow2: needs staging
+    assert list(base.iterdir()) == []
+
+
+def test_a_hard_link_in_place_of_a_staged_file_is_refused(store, world, monkeypatch, tmp_path):
+    create_source_vm(world, vdb_format="raw")
+    monkeypatch.setenv("VMMIGRATION_STAGING", str(tmp_path / "staging"))
+    write_store(store, "hl.yaml", store_documents(world, name="hl", target_format="qcow2"))
+    ctx = ctx_for(store, "hl")
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    phases.export_disk(ctx, "vdb")
+    staged = Path(ctx.disk_record("vdb")["exportPath"])
+    os.link(staged, tmp_path / "elsewhere")
+    with pytest.raises(InvalidMigration, match="a hard link"):
+        phases.transfer_disk(ctx_for(store, "hl"), "vdb")
+
+
+def test_a_storage_secret_pointing_elsewhere_mid_run_stops_the_run(store, world, tmp_path, monkeypatch):
+    """An S3 Secret's endpoint wins over the spec's: editing it after Validating must not redirect uploads
+    or the cleanup's deletes."""
+    from tests.servers.s3 import start_s3_server
+
+    monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")
+    server = start_s3_server(tmp_path / "s3")
+    try:
+        server.create_bucket("vm-migrations")
+        create_source_vm(world)
+        docs = store_documents(world, name="redir", target_format="qcow2", extra_spec={
+            "storage": {"type": "s3", "bucket": "vm-migrations", "endpoint": server.endpoint,
+                        "credentialsSecretRef": {"name": "redir-s3"}}})
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redir-s3", "namespace": "default"},
+                  "stringData": {"accessKey": server.access_key, "secretKey": server.secret_key}}
+        path = write_store(store, "redir.yaml", [*docs, secret])
+        ctx = ctx_for(store, "redir")
+        phases.validate(ctx)
+        phases.snapshot(ctx)
+        phases.export_disk(ctx, "vda")
+        secret["stringData"]["endpoint"] = "http://127.0.0.2:9"
+        write_store(store, path.name, [*docs, secret])
+        with pytest.raises(PlanChanged, match="the storage changed since Validating"):
+            phases.transfer_disk(ctx_for(store, "redir"), "vda")
+        result = phases.finalize(ctx_for(store, "redir"), succeeded=False, failure="test")
+        assert not any("intermediate" in item for item in result["removed"])  # nothing sent to the new endpoint
+    finally:
+        server.stop()

@@ -368,7 +368,7 @@ def test_qemu_img_errors_carry_stderr(tmp_path):
     missing = tmp_path / "missing.qcow2"
     with pytest.raises(QemuImgError, match=r"qemu-img info failed \(1\): .*No such file"):
         diskio.image_info(missing)
-    with pytest.raises(QemuImgError, match="qemu-img convert qcow2 -> raw failed: .*No such file"):
+    with pytest.raises(QemuImgError, match="qemu-img (convert qcow2 -> raw|info) failed.*: .*No such file"):
         diskio.convert(missing, "qcow2", tmp_path / "out.raw", "raw")
     not_qcow2 = tmp_path / "plain.raw"
     not_qcow2.write_bytes(b"\0" * 4096)
@@ -390,3 +390,27 @@ def test_ensure_free_space(tmp_path):
     assert folder.is_dir()
     with pytest.raises(OSError, match="not enough space in .*Monitor Disk Space"):
         diskio.ensure_free_space(folder, 2**62)
+
+
+def test_an_image_with_a_backing_or_data_file_is_never_opened_through(tmp_path):
+    """A crafted qcow2 naming a host file as its backing file would copy that file into the target."""
+    import subprocess
+
+    from include.diskio import UnsafeImage, convert, ensure_standalone, guest_extents
+
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"TOPSECRET".ljust(65536, b"\0"))
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(evil)], check=True)
+    external = tmp_path / "external.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on",
+                    str(external), "64K"], check=True)
+    for image in (evil, external):
+        with pytest.raises(UnsafeImage, match="refusing to follow it"):
+            ensure_standalone(image, "qcow2")
+        with pytest.raises(UnsafeImage):
+            guest_extents(image, "qcow2")
+        with pytest.raises(UnsafeImage):
+            convert(image, "qcow2", tmp_path / "out.raw", "raw")
+        assert not (tmp_path / "out.raw").exists()
+    ensure_standalone(secret, "raw")  # a plain image is fine

@@ -100,7 +100,8 @@ def test_plan_header():
                               "networks": []}
     assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web", "compression": None,
                                "spec": {"type": "nfs", "bucket": None, "endpoint": plan["storage"]["spec"]["endpoint"],
-                                        "region": None, "path": plan["storage"]["spec"]["path"]}}
+                                        "region": None, "path": plan["storage"]["spec"]["path"]},
+                               "effectiveEndpoint": plan["storage"]["spec"]["endpoint"]}
     assert set(plan["pin"]) == {"spec", "source", "target", "storage"}
     assert plan["phases"] == ["Validating", "Snapshotting", "Exporting", "Transferring", "Converting", "Importing",
                               "Creating", "ValidatingTarget", "Ready"]
