@@ -299,9 +299,11 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     spec = migration.spec
     run = ctx.ledger.new_run()
     target_scope = f"{resolved.target.type}:{resolved.target.endpoint}"
-    # Of two migrations validated at the same instant with one target name, exactly one gets the claim.
-    NameClaims.of(ctx.store).acquire(target_scope, spec.targetName, migration.key, run)
-    ctx.ledger.record("claim", target_scope, name=spec.targetName)
+    # Of two migrations validated at the same instant with one target name, exactly one gets the claim;
+    # it is taken on the hypervisor's own identity, so two endpoints of one host share their names.
+    claim_scope = f"{resolved.target.type}:{ctx.target.identity()}"
+    NameClaims.of(ctx.store).acquire(claim_scope, spec.targetName, migration.key, run)
+    ctx.ledger.record("claim", claim_scope, name=spec.targetName)
     ctx.logger.info("source %s", ctx.source.check())
     try:
         vm = ctx.source.get_vm(resolved.source.provider_vm_id)

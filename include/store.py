@@ -286,6 +286,31 @@ def _metadata_problem(kind: Any, namespace: Any, name: Any) -> str | None:
     return None
 
 
+#: folders of the store that are not namespace folders
+RESERVED_FOLDERS = frozenset({"status", "claims"})
+
+
+def _namespace_folder_documents(path: Path, docs: list[dict[str, Any]], problems: list[str]) -> list[dict[str, Any]]:
+    """The documents of a file in a namespace folder, each in that namespace; others are problems."""
+    folder = path.parent.name
+    if namespace_problem(folder):
+        problems.append(f"{path}: the folder {folder!r} is not a namespace name ({namespace_problem(folder)}); "
+                        f"its files were ignored")
+        return []
+    kept = []
+    for doc in docs:
+        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else None
+        declared = meta.get("namespace") if meta else None
+        if declared in (None, ""):
+            doc = {**doc, "metadata": {**(meta or {}), "namespace": folder}}
+        elif declared != folder:
+            problems.append(f"{path}: a {doc.get('kind') or 'document'} of namespace {show(declared)} in the folder "
+                            f"of namespace {folder} was ignored: a namespace folder holds only its own objects")
+            continue
+        kept.append(doc)
+    return kept
+
+
 def index_documents(docs_by_file: list[tuple[Path, list[dict[str, Any]]]]) -> StoreIndex:
     index = StoreIndex()
     for path, docs in docs_by_file:
@@ -378,20 +403,34 @@ class SpecStore:
         return self.root / "status"
 
     def spec_files(self) -> list[Path]:
+        """The YAML files of the store: those at its top (the operator's) and those in namespace folders
+        (``<store>/<namespace>/*.yaml``, each writable by one team; see :meth:`index`)."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        found = [p for p in self.root.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()]
+        for folder in self.root.iterdir():
+            if folder.is_dir() and not folder.is_symlink() and folder.name not in RESERVED_FOLDERS:
+                found += [p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()]
+        return sorted(found)
 
     def index(self) -> StoreIndex:
+        """Every object of the store. A file in a namespace folder holds objects of that namespace only
+        (one without ``metadata.namespace`` is put there): a team given write access to its folder cannot
+        write a ReferenceGrant, Secret or Provider of another namespace. Files at the top are the operator's."""
         files: list[tuple[Path, list[dict[str, Any]]]] = []
         problems: list[str] = []
         for path in self.spec_files():
             try:
-                files.append((path, load_documents(path)))
+                docs = load_documents(path)
             except SpecFileError as err:
                 problems.append(f"{path}: {err}")
+                continue
             except OSError as err:
                 problems.append(f"{path}: not readable: {err.strerror or err}")
+                continue
+            if path.parent != self.root:
+                docs = _namespace_folder_documents(path, docs, problems)
+            files.append((path, docs))
         index = index_documents(files)
         index.problems[:0] = problems
         return index

@@ -58,6 +58,10 @@ class HypervisorDriver(abc.ABC):
     #: the formats it can attach to a VM
     attachable_formats: Sequence[str] = ("qcow2", "raw")
 
+    def identity(self) -> str:
+        """What names this hypervisor whatever endpoint reaches it (target name claims are taken on it)."""
+        return type(self).__name__
+
     @abc.abstractmethod
     def check(self) -> str:
         """Connect and return a one-line description (version); raise if unreachable."""

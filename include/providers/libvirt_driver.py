@@ -131,6 +131,11 @@ class LibvirtDriver(HypervisorDriver):
                 log.debug("closing libvirt connection failed", exc_info=True)
             del self.__dict__["conn"]
 
+    def identity(self) -> str:
+        """The host's UUID from libvirt's capabilities: the same hypervisor whatever URI reaches it."""
+        uuid = ET.fromstring(self.conn.getCapabilities()).findtext("./host/uuid")
+        return f"host-uuid:{uuid}" if uuid else self.uri.split("?", 1)[0]
+
     def check(self) -> str:
         version = self.conn.getLibVersion()
         return f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at {self.uri}"

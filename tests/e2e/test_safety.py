@@ -521,3 +521,21 @@ def test_a_storage_secret_pointing_elsewhere_mid_run_stops_the_run(store, world,
         assert not any("intermediate" in item for item in result["removed"])  # nothing sent to the new endpoint
     finally:
         server.stop()
+
+
+def test_two_endpoints_of_one_hypervisor_share_one_claim(store, world):
+    """qemu:///system and qemu+unix:///system reach the same libvirtd: the claim is taken on the host's UUID."""
+    create_source_vm(world)
+    first = store_documents(world, name="viasystem", target_format="qcow2")
+    second = store_documents(world, name="viaunix", target_format="qcow2")[0]
+    second["spec"]["targetProviderRef"] = {"name": f"{world.prefix}-unix-target", "namespace": "default"}
+    alt = {"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "Provider",
+           "metadata": {"name": f"{world.prefix}-unix-target", "namespace": "default"},
+           "spec": {"type": "libvirt", "endpoint": "qemu+unix:///system"}}
+    write_store(store, "viasystem.yaml", first)
+    write_store(store, "viaunix.yaml", [second, alt])
+    phases.validate(ctx_for(store, "viasystem"))
+    with pytest.raises(Conflict, match="is claimed by migration default/viasystem"):
+        phases.validate(ctx_for(store, "viaunix"))
+    for name in ("viaunix", "viasystem"):
+        phases.finalize(ctx_for(store, name), succeeded=False, failure="test")
