@@ -83,26 +83,24 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def name_problem(value: Any) -> str | None:
-    """Why ``value`` is not a Kubernetes object name (a DNS-1123 subdomain), or None when it is one."""
+def _dns_problem(value: Any, limit: int, pattern: re.Pattern[str], what: str) -> str | None:
     if not isinstance(value, str):
         return f"must be a string, got {_type_name(value)}"
-    if len(value) > NAME_MAX:
-        return f"{show(value)} is longer than {NAME_MAX} characters"
-    if not _DNS1123.fullmatch(value):
-        return f"{show(value)} is not a valid name (lowercase letters, digits, '-' and '.')"
+    if len(value) > limit:
+        return f"{show(value)} is longer than {limit} characters"
+    if not pattern.fullmatch(value):
+        return f"{show(value)} is not a valid {what}"
     return None
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` is not a Kubernetes object name (a DNS-1123 subdomain), or None when it is one."""
+    return _dns_problem(value, NAME_MAX, _DNS1123, "name (lowercase letters, digits, '-' and '.')")
 
 
 def namespace_problem(value: Any) -> str | None:
     """Why ``value`` is not a Kubernetes namespace (a DNS-1123 label), or None when it is one."""
-    if not isinstance(value, str):
-        return f"must be a string, got {_type_name(value)}"
-    if len(value) > NAMESPACE_MAX:
-        return f"{show(value)} is longer than {NAMESPACE_MAX} characters"
-    if not _DNS_LABEL.fullmatch(value):
-        return f"{show(value)} is not a valid namespace (lowercase letters, digits and '-')"
-    return None
+    return _dns_problem(value, NAMESPACE_MAX, _DNS_LABEL, "namespace (lowercase letters, digits and '-')")
 
 
 def show(value: Any) -> str:

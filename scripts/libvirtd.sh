@@ -10,7 +10,8 @@ if virsh -c qemu:///system version >/dev/null 2>&1; then exit 0; fi
 logdir="${VMMIG_CACHE:-$HOME/.cache/vmmigration}/logs"; mkdir -p "$logdir"
 pgrep -x virtlogd >/dev/null || setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null &
 pgrep -x libvirtd >/dev/null || setsid nohup /usr/sbin/libvirtd >"$logdir/libvirtd.log" 2>&1 < /dev/null &
-for _ in $(seq 1 100); do
+# a loaded host (or a restart right after a stop) can take several seconds to answer
+for _ in $(seq 1 600); do
   virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
   sleep 0.1
 done

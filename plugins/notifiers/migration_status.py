@@ -21,16 +21,21 @@ class MigrationStatusNotifier(BaseNotifier):
     :param namespace: the VMMigration's namespace (templated)
     :param migration_name: the VMMigration's name (templated)
     :param phase: the phase the task runs (templated)
+    :param final: True as an ``on_failure_callback``, False as an ``on_retry_callback`` (Airflow calls the
+        one that applies, also for a task whose process was killed, where the callback runs elsewhere and
+        the task instance's state may not say it yet); None: judge by the task instance's state
     """
 
     template_fields: Sequence[str] = ("namespace", "migration_name", "phase")
 
-    def __init__(self, *, namespace: str, migration_name: str, phase: str, store_path: str | None = None) -> None:
+    def __init__(self, *, namespace: str, migration_name: str, phase: str, store_path: str | None = None,
+                 final: bool | None = None) -> None:
         super().__init__()
         self.namespace = namespace
         self.migration_name = migration_name
         self.phase = phase
         self.store_path = store_path
+        self.final = final
 
     def notify(self, context: Context) -> None:
         from include.phases import MigrationContext, record_failure
@@ -42,9 +47,12 @@ class MigrationStatusNotifier(BaseNotifier):
             err = context.get("exception") or RuntimeError("task failed (no exception recorded)")
             cause = err.__cause__ if err.__cause__ is not None and "AirflowFailException" in type(err).__name__ \
                 else err
-            # the state is a TaskInstanceState in the task runner, whose str() is "TaskInstanceState.UP_FOR_RETRY"
-            state = getattr(ti, "state", None)
-            retrying = str(getattr(state, "value", state) or "").lower().endswith("up_for_retry")
+            if self.final is not None:  # attached as on_failure_callback (final) or on_retry_callback
+                retrying = not self.final
+            else:
+                # the state is a TaskInstanceState in the task runner: str() is "TaskInstanceState.UP_FOR_RETRY"
+                state = getattr(ti, "state", None)
+                retrying = str(getattr(state, "value", state) or "").lower().endswith("up_for_retry")
             ctx = MigrationContext(namespace=self.namespace, name=self.migration_name,
                                    store=SpecStore(self.store_path) if self.store_path else SpecStore(),
                                    logger=self.log)

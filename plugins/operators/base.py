@@ -31,10 +31,10 @@ class MigrationPhaseOperator(BaseOperator):
     def __init__(self, *, namespace: str, migration_name: str, store_path: str | None = None, **kwargs: Any) -> None:
         from notifiers.migration_status import MigrationStatusNotifier
 
-        notifier = MigrationStatusNotifier(namespace=namespace, migration_name=migration_name,
-                                           phase=self.phase.value, store_path=store_path)
-        kwargs.setdefault("on_failure_callback", [notifier])
-        kwargs.setdefault("on_retry_callback", [notifier])
+        common = {"namespace": namespace, "migration_name": migration_name, "phase": self.phase.value,
+                  "store_path": store_path}
+        kwargs.setdefault("on_failure_callback", [MigrationStatusNotifier(**common, final=True)])
+        kwargs.setdefault("on_retry_callback", [MigrationStatusNotifier(**common, final=False)])
         super().__init__(**kwargs)
         self.namespace = namespace
         self.migration_name = migration_name

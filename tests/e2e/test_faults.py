@@ -25,20 +25,10 @@ from include.demo import DemoWorld, create_source_vm, store_documents, teardown,
 from include.store import SpecStore
 from tests.e2e import fault_tools as ft
 from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
-from tests.servers.s3 import start_s3_server
 from tests.servers.sshd import start_ssh_server
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")
-    server = start_s3_server(tmp_path / "s3")
-    server.create_bucket("vm-migrations")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

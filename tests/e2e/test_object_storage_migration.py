@@ -15,19 +15,9 @@ from include.errors import ChecksumError
 from include.status import Phase
 from include.store import FileStatusSink, SpecStore
 from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
-from tests.servers.s3 import start_s3_server
 from tests.servers.webdav import start_webdav_server
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")
-    server = start_s3_server(tmp_path / "s3")
-    server.create_bucket("vm-migrations")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

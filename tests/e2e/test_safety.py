@@ -287,14 +287,20 @@ def shared_folder():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_part_symlink_planted_by_another_user_is_never_written_through(store, world, shared_folder):
-    """Before: a `.part` symlink planted on the share made the engine, as root, overwrite the file it named."""
+def _on_shared_folder(store: Path, world, shared_folder: Path, name: str) -> Path:
+    """A migration whose NFS share is ``shared_folder``; returns a file there that must never change."""
     create_source_vm(world)
-    docs = store_documents(world, name="planted", target_format="qcow2")
+    docs = store_documents(world, name=name, target_format="qcow2")
     docs[0]["spec"]["storage"]["path"] = str(shared_folder)
-    write_store(store, "planted.yaml", docs)
+    write_store(store, f"{name}.yaml", docs)
     victim = shared_folder / "victim"
     victim.write_text("precious")
+    return victim
+
+
+def test_a_part_symlink_planted_by_another_user_is_never_written_through(store, world, shared_folder):
+    """Before: a `.part` symlink planted on the share made the engine, as root, overwrite the file it named."""
+    victim = _on_shared_folder(store, world, shared_folder, "planted")
     _as_nobody("mkdir", "-m", "0777", str(shared_folder / "default"))
     _as_nobody("mkdir", "-m", "0777", str(shared_folder / "default" / "planted"))
     _as_nobody("ln", "-s", str(victim), str(shared_folder / "default" / "planted" / ".vda.qcow2.part"))
@@ -310,12 +316,7 @@ def test_a_part_symlink_planted_by_another_user_is_never_written_through(store, 
 
 def test_a_part_symlink_in_our_own_folder_is_refused(store, world, shared_folder):
     """Even in a folder the engine owns, a symlink in place of the part file is never followed."""
-    create_source_vm(world)
-    docs = store_documents(world, name="planted2", target_format="qcow2")
-    docs[0]["spec"]["storage"]["path"] = str(shared_folder)
-    write_store(store, "planted2.yaml", docs)
-    victim = shared_folder / "victim"
-    victim.write_text("precious")
+    victim = _on_shared_folder(store, world, shared_folder, "planted2")
     (shared_folder / "default" / "planted2").mkdir(parents=True, mode=0o700)
     os.chmod(shared_folder / "default", 0o700)
     (shared_folder / "default" / "planted2" / ".vda.qcow2.part").symlink_to(victim)

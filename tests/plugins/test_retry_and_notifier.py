@@ -49,6 +49,18 @@ def test_a_retry_notes_the_attempt_without_failing_the_migration(tmp_path, state
     assert cond["reason"] == "Retrying" and "attempt 1/3" in cond["message"]
 
 
+def test_the_callback_it_is_attached_as_decides_over_the_state(tmp_path):
+    """A killed task's callback runs outside the task, where the state may still read "running"."""
+    from notifiers.migration_status import MigrationStatusNotifier
+
+    common = {"namespace": "default", "migration_name": "k", "phase": "Transferring", "store_path": str(tmp_path)}
+    ctx = {"ti": SimpleNamespace(state="running", try_number=1, max_tries=2), "exception": None}
+    MigrationStatusNotifier(**common, final=False).notify(ctx)
+    assert FileStatusSink(SpecStore(tmp_path)).get("default", "k")["phase"] != "Failed"
+    MigrationStatusNotifier(**common, final=True).notify(ctx)
+    assert FileStatusSink(SpecStore(tmp_path)).get("default", "k")["phase"] == "Failed"
+
+
 def test_a_final_failure_marks_failed_with_the_cause(tmp_path):
     wrapped = AirflowFailException("wrapper")
     wrapped.__cause__ = StorageAuthError("Storage authentication failed: head bucket: 403")
