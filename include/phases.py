@@ -365,7 +365,9 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     vm = ctx.plan["source"]["vm"]
     ident = {"vm": ctx.plan["source"].get("vmId"), "name": snap["name"]}
     existed = ctx.source.has_snapshot(vm, snap["name"])
-    covered = ctx.source.create_snapshot(vm, snap["name"], disks)
+    # a snapshot that appears between this check and the create makes the create fail (and the retry
+    # finds it existing, not ours): it is never recorded as made by this migration
+    covered = ctx.source.create_snapshot(vm, snap["name"], disks, exists_ok=existed)
     if covered and not existed:
         # only a snapshot this migration made is ever deleted by it
         ctx.ledger.record("snapshot", ctx.scope_source, **ident)

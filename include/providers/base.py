@@ -80,8 +80,10 @@ class HypervisorDriver(abc.ABC):
     def default_storage(self) -> str: ...
 
     @abc.abstractmethod
-    def create_snapshot(self, vm: str, snapshot: str, disks: Sequence[DiskInfo]) -> list[str]:
-        """Snapshot what can be snapshotted; returns the names of the disks it covers."""
+    def create_snapshot(self, vm: str, snapshot: str, disks: Sequence[DiskInfo], *,
+                        exists_ok: bool = False) -> list[str]:
+        """Snapshot what can be snapshotted; returns the names of the disks it covers. Fails when a
+        snapshot of that name exists, unless ``exists_ok`` (then it is used as it is)."""
 
     @abc.abstractmethod
     def delete_snapshot(self, vm: str, snapshot: str) -> bool: ...

@@ -209,22 +209,26 @@ class LibvirtDriver(HypervisorDriver):
         return DiskInfo(name=name, format=fmt, capacity=int(capacity), allocation=int(allocation),
                         path=vol.path(), pool=vol.storagePoolLookupByVolume().name(), volume=vol.name(), bus=bus)
 
-    def create_snapshot(self, vm: str, snapshot: str, disks: Sequence[DiskInfo]) -> list[str]:
+    def create_snapshot(self, vm: str, snapshot: str, disks: Sequence[DiskInfo], *,
+                        exists_ok: bool = False) -> list[str]:
         """Internal snapshot of a shut-off VM whose disks are all qcow2; returns the disks covered.
 
         libvirt only takes an internal snapshot when every disk can hold one, so a VM with a raw disk
-        gets none (and the pipeline relies on the VM staying shut off, which Exporting re-checks).
+        gets none (and the pipeline relies on the VM staying shut off, which Exporting re-checks). A
+        snapshot of that name that exists already is used only with ``exists_ok``; otherwise libvirt's
+        create fails on it, so one made by someone else in between is never taken for a new one.
         """
         libvirt = _libvirt()
         dom = self._domain(vm)
         if not disks or any(d.format != "qcow2" for d in disks):
             return []
         covered = [d.name for d in disks]
-        try:
-            dom.snapshotLookupByName(snapshot)
-            return covered  # a retry after the snapshot was made
-        except libvirt.libvirtError:
-            pass
+        if exists_ok:
+            try:
+                dom.snapshotLookupByName(snapshot)
+                return covered
+            except libvirt.libvirtError:
+                pass
         root = ET.Element("domainsnapshot")
         _sub(root, "name", text=snapshot)
         _sub(root, "description", text="taken by the VM migration engine before export")

@@ -12,6 +12,7 @@ intact in every case:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -273,3 +274,40 @@ def test_two_migrations_racing_for_one_target_name(tmp_path, store, world, secon
     # neither source was touched
     ft.assert_source_intact(a, before["race-a"], created["race-a"])
     ft.assert_source_intact(b, before["race-b"], created["race-b"])
+
+
+# -- 3b. staging runs out of space, in the middle of a conversion ------------------------------------------------
+def test_staging_out_of_space_mid_conversion_fails_naming_disk_and_path(store, world, tmp_path, monkeypatch):
+    """A real tmpfs as the staging space, sized so that the up-front check passes (it holds the disk's
+    allocated bytes) but qemu-img's qcow2 output, a little larger with its metadata, does not fit: the
+    conversion hits ENOSPC half way. The error names the disk and the path, the partial file is removed,
+    and the source is intact."""
+    from include import phases
+    from include.errors import StorageError
+
+    create_source_vm(world, vdb_format="raw")  # raw -> qcow2: converted into staging before upload
+    vdb = world.root / "pools" / "src" / f"{world.vm_name}-vdb.raw"
+    before = hashlib.sha256(vdb.read_bytes()).hexdigest()
+    allocated = vdb.stat().st_blocks * 512
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o700)
+    size = (allocated + 64 * 1024 + 4095) // 4096 * 4096 + 16 * 4096  # room for the folder, not for the image
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(staging)], check=True)
+    try:
+        monkeypatch.setenv("VMMIGRATION_STAGING", str(staging))
+        write_store(store, "fullstage.yaml", store_documents(world, name="fullstage", target_format="qcow2"))
+        ctx = phases.MigrationContext("default", "fullstage", store=SpecStore(store))
+        phases.validate(ctx)
+        phases.snapshot(ctx)
+        with pytest.raises(StorageError) as info:
+            phases.export_disk(ctx, "vdb")
+        message = str(info.value)
+        assert "disk vdb" in message and str(staging) in message and "no space left writing" in message, message
+        assert [p for p in staging.rglob("*") if p.is_file()] == []  # the partial image is gone
+        phases.finalize(phases.MigrationContext("default", "fullstage", store=SpecStore(store)), succeeded=False,
+                        failure=message)
+        assert list(staging.iterdir()) == []  # and the private staging folder with it
+    finally:
+        if subprocess.run(["umount", str(staging)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(staging)], check=False)
+    assert hashlib.sha256(vdb.read_bytes()).hexdigest() == before

@@ -540,3 +540,26 @@ def test_two_endpoints_of_one_hypervisor_share_one_claim(store, world):
         phases.validate(ctx_for(store, "viaunix"))
     for name in ("viaunix", "viasystem"):
         phases.finalize(ctx_for(store, name), succeeded=False, failure="test")
+
+
+def test_a_snapshot_of_the_migrations_name_made_by_someone_else_is_never_deleted(store, world):
+    """An existing snapshot is used, but not recorded as ours; and a create that meets one (made between the
+    check and the create) fails instead of taking it over."""
+    from include.errors import HypervisorError
+
+    create_source_vm(world)
+    write_store(store, "snapfoe.yaml", store_documents(world, name="snapfoe", target_format="qcow2"))
+    _virsh(world, "snapshot-create-as", world.vm_name, "vmmigration-snapfoe", "made by the VM's owner")
+    ctx = ctx_for(store, "snapfoe")
+    run_phases(ctx)
+    phases.finalize(ctx_for(store, "snapfoe"), succeeded=True)  # deleteSnapshot: true
+    conn = world.conn()
+    try:
+        dom = conn.lookupByName(world.vm_name)
+        assert "vmmigration-snapfoe" in dom.snapshotListNames(0)
+        disks = [ctx.disk_info(d) for d in DISKS]
+        with pytest.raises(HypervisorError, match="snapshot vmmigration-snapfoe of .* failed"):
+            ctx.source.create_snapshot(world.vm_name, "vmmigration-snapfoe", disks)
+        dom.snapshotLookupByName("vmmigration-snapfoe").delete(0)
+    finally:
+        conn.close()
