@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 from include.store import SpecStore, atomic_write_json, locked
 
 #: the kinds of things the engine creates
-KINDS = ("volume", "vm", "snapshot", "object", "file", "dir", "claim")
+KINDS = ("volume", "vm", "snapshot", "object", "dir", "claim")
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,3 @@ class Ledger:
                     raw["state"] = "deleted"
 
         self._mutate(mutate)
-
-    def __iter__(self) -> Iterator[Entry]:
-        return iter(self.entries())

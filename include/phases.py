@@ -54,6 +54,7 @@ from include.store import FileStatusSink, SpecStore, StatusSink, locked
 
 log = logging.getLogger(__name__)
 
+
 def host_scope() -> str:
     """The ledger's scope for files and folders on this worker's own host (staging)."""
     return f"host:{socket.gethostname()}"
@@ -302,8 +303,9 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     # Of two migrations validated at the same instant with one target name, exactly one gets the claim;
     # it is taken on the hypervisor's own identity, so two endpoints of one host share their names.
     claim_scope = f"{resolved.target.type}:{ctx.target.identity()}"
-    NameClaims.of(ctx.store).acquire(claim_scope, spec.targetName, migration.key, run)
+    # recorded first: a crash right after acquiring never strands the claim (release checks the holder)
     ctx.ledger.record("claim", claim_scope, name=spec.targetName)
+    NameClaims.of(ctx.store).acquire(claim_scope, spec.targetName, migration.key, run)
     ctx.logger.info("source %s", ctx.source.check())
     try:
         vm = ctx.source.get_vm(resolved.source.provider_vm_id)
@@ -333,11 +335,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
                            f"migration", field="spec.targetName")
     ctx.logger.info("storage %s", ctx.storage.check())
     for d in plan["disks"]:
-        key = d["objectKey"]
-        if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
-                not ctx.ledger.owns("object", storage_scope(plan["storage"]), key=key):
-            raise Conflict(f"{ctx.storage.location(key)} already exists in the intermediate storage and was not "
-                           f"written by this migration; it is never overwritten", field="spec.storage")
+        _ensure_object_key_free(ctx, d["objectKey"], storage_scope(plan["storage"]))
     ctx.store.save_plan(ctx.namespace, ctx.name, plan)
     ctx.__dict__["plan"] = plan
     ctx.logger.info("plan:\n%s", describe(plan, ctx.storage.location(plan["storage"]["prefix"])))
@@ -385,6 +383,14 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     ctx.update_status(lambda s: s.__setitem__("snapshot", snap["name"] if covered else None))
     finish(ctx, Phase.SNAPSHOTTING, message)
     return {"snapshot": snap["name"] if covered else None, "disks": covered}
+
+
+def _ensure_object_key_free(ctx: MigrationContext, key: str, scope: str) -> None:
+    """Conflict when the object (or its manifest) exists and this migration did not write it."""
+    if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
+            not ctx.ledger.owns("object", scope, key=key):
+        raise Conflict(f"{ctx.storage.location(key)} already exists in the intermediate storage and was not "
+                       f"written by this migration; it is never overwritten", field="spec.storage")
 
 
 def _ensure_same_source(ctx: MigrationContext) -> None:
@@ -456,10 +462,10 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
 
 
 def _ensure_space(folder: Path, needed: int, disk: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise StorageError(f"disk {disk}: not enough space in {folder}: {needed} bytes needed, {free} free "
-                           f"(see 'Monitor Disk Space' in the user guide)")
+    try:
+        diskio.ensure_free_space(folder, needed)
+    except OSError as err:
+        raise StorageError(f"disk {disk}: {err}") from err
 
 
 @contextlib.contextmanager
@@ -556,10 +562,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     hasher = hashlib.sha256()
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
     before = _stat_key(watched)
-    if (ctx.storage.exists(key) or ctx.storage.exists(key + MANIFEST_SUFFIX)) and \
-            not ctx.ledger.owns("object", ctx.scope_storage, key=key):
-        raise Conflict(f"{ctx.storage.location(key)} appeared in the intermediate storage and was not written by "
-                       f"this migration; it is never overwritten", field="spec.storage")
+    _ensure_object_key_free(ctx, key, ctx.scope_storage)
     # recorded before the first byte goes out: a half-written upload (a part file, a multipart upload)
     # is this migration's to resume or remove
     ctx.ledger.record("object", ctx.scope_storage, state="creating", key=key)
@@ -567,7 +570,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         digest, written, stored, resumed = _upload(ctx, disk, key, source, total, rec, watched, before, hasher, tracker)
     finally:
         # folders made on the share are ours whether the upload went through or not
-        for folder in getattr(ctx.storage, "created_dirs", ()):
+        for folder in ctx.storage.created_dirs:
             ctx.ledger.record("dir", ctx.scope_storage, key=folder)
     ctx.ledger.record("object", ctx.scope_storage, key=key)
     ctx.record(disk, objectKey=key, transitSha256=digest, transitBytes=written, sentBytes=stored,
@@ -933,21 +936,13 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     if missing:
         raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
                                f"without them")
-    owner = f"{ctx.namespace}/{ctx.name}"
     vm_id = ctx.target.vm_id(tgt["vm"])
-    if vm_id is not None:
-        entry = ctx.ledger.find("vm", ctx.scope_target, id=vm_id)
-        tag = ctx.target.vm_owner(vm_id)
-        if entry is None and (tag or "").split(" ")[0] != owner:
-            raise Conflict(f"a VM named {tgt['vm']!r} already exists on the target and was not created by this "
+    # our own half-made VM from a failed try of this run goes; anybody else's is a conflict
+    if vm_id is not None and _remove_own_vm(ctx, vm_id) is None:
+        raise Conflict(f"a VM named {tgt['vm']!r} already exists on the target and was not created by this "
                            f"migration", field="spec.targetName")
-        # our own half-made VM from a failed try (recorded, or tagged by a try that died before recording it)
-        ctx.target.delete_vm(vm_id)
-        if entry is not None:
-            ctx.ledger.forget(entry)
     try:
-        ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks,
-                             owner=f"{owner} {ctx.ledger.run()}")
+        ctx.target.define_vm(tgt["vm"], tgt["vcpus"], tgt["memoryMiB"], disks, networks, owner=_vm_owner_tag(ctx))
     except TargetCreationError:
         if ctx.target.vm_id(tgt["vm"]) is not None:
             raise Conflict(f"a VM named {tgt['vm']!r} appeared on the target while this migration was creating it",
@@ -959,6 +954,23 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     finish(ctx, Phase.CREATING, f"VM {tgt['vm']} defined on {tgt['provider']} with {tgt['vcpus']} vCPU, "
                                 f"{tgt['memoryMiB']} MiB and {len(disks)} disks")
     return {"vm": tgt["vm"], "id": vm_id}
+
+
+def _vm_owner_tag(ctx: MigrationContext) -> str:
+    """What ``define_vm`` writes into the VM: this migration and this run (a later run never takes it)."""
+    return f"{ctx.namespace}/{ctx.name} {ctx.ledger.run()}"
+
+
+def _remove_own_vm(ctx: MigrationContext, vm_id: str) -> bool | None:
+    """Delete the target VM with this id if this migration made it: recorded in the ledger, or tagged by a
+    try of this run that died before recording it. None when it is not ours, else whether it was deleted."""
+    entry = ctx.ledger.find("vm", ctx.scope_target, id=vm_id)
+    if entry is None and ctx.target.vm_owner(vm_id) != _vm_owner_tag(ctx):
+        return None
+    deleted = ctx.target.delete_vm(vm_id)
+    if entry is not None:
+        ctx.ledger.forget(entry)
+    return deleted
 
 
 def validate_target(ctx: MigrationContext) -> dict[str, Any]:
@@ -1085,13 +1097,13 @@ def _release_claims(ctx: MigrationContext, done: list[str]) -> None:
 def _rollback_target(ctx: MigrationContext) -> list[str]:
     """Remove the VM and volumes this migration created on the target (ledger entries only)."""
     removed = []
-    for entry in ctx.ledger.entries("vm"):
-        if entry.scope != ctx.scope_target:
-            continue
-        with _logged(ctx, f"removing the half-created target VM {entry.ident.get('name')}"):
-            if ctx.target.delete_vm(entry.ident["id"]):
-                removed.append(f"target VM {entry.ident.get('name')} ({entry.ident['id']})")
-            ctx.ledger.forget(entry)
+    name = ctx.plan["target"]["vm"]
+    with _logged(ctx, f"removing the half-created target VM {name}"):
+        ids = {e.ident["id"] for e in ctx.ledger.entries("vm") if e.scope == ctx.scope_target}
+        ids.add(ctx.target.vm_id(name))  # also one tagged by a try of this run that died before recording it
+        for vm_id in sorted(i for i in ids if i):
+            if _remove_own_vm(ctx, vm_id):
+                removed.append(f"target VM {name} ({vm_id})")
     for entry in ctx.ledger.entries("volume"):
         if entry.scope != ctx.scope_target:
             continue

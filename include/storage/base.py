@@ -81,6 +81,11 @@ class StorageBackend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections and worker threads."""
 
+    @property
+    def created_dirs(self) -> list[str]:
+        """Folders (keys) the backend made while writing, for the ledger; none where there are no folders."""
+        return []
+
     def remove_empty_dir(self, key: str) -> bool:
         """Remove the folder ``key`` if the backend has folders and it is empty (never its content)."""
         return False

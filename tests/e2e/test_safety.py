@@ -563,3 +563,28 @@ def test_a_snapshot_of_the_migrations_name_made_by_someone_else_is_never_deleted
         dom.snapshotLookupByName("vmmigration-snapfoe").delete(0)
     finally:
         conn.close()
+
+
+def test_rollback_removes_a_vm_this_run_tagged_but_never_one_of_another_run(store, world):
+    """A try that died right after define_vm leaves a VM tagged with this run: the rollback removes it. A VM
+    tagged by an earlier run of the same migration (a migrated VM handed over) is never touched."""
+    from include.providers.base import TargetDisk
+
+    create_source_vm(world)
+    write_store(store, "tagged.yaml", store_documents(world, name="tagged", target_format="qcow2"))
+    ctx = ctx_for(store, "tagged")
+    run_phases(ctx, until="import_disk:vdb")
+    tgt = ctx.plan["target"]
+    disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
+                        capacity=d["targetCapacity"]) for d in ctx.plan["disks"]]
+    ctx.target.define_vm(tgt["vm"], 1, 128, disks, [], owner="default/tagged some-earlier-run")
+    with pytest.raises(Conflict, match="already exists on the target and was not created by this migration"):
+        phases.create_vm(ctx_for(store, "tagged"))
+    phases.finalize(ctx_for(store, "tagged"), succeeded=False, failure="test")
+    assert tgt["vm"] in domains(world)  # another run's VM: kept
+    _virsh(world, "undefine", tgt["vm"])
+    ctx = ctx_for(store, "tagged")
+    run_phases(ctx, until="import_disk:vdb")
+    ctx.target.define_vm(tgt["vm"], 1, 128, disks, [], owner=f"default/tagged {ctx.ledger.run()}")
+    phases.finalize(ctx_for(store, "tagged"), succeeded=False, failure="test")
+    assert tgt["vm"] not in domains(world)  # this run's, never recorded: removed
