@@ -15,6 +15,8 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
 
+from include import registry
+from include.inventory import BundleInventory, provider_types
 from include.spec import RetryPolicy
 from include.store import SpecStore, dag_entries, retry_settings
 from operators.cleanup import FinalizeMigrationOperator
@@ -45,10 +47,14 @@ def _default_args(policy: RetryPolicy) -> dict:
     }
 
 
-def build_dag(entry) -> DAG:
+def build_dag(entry, inventory=None) -> DAG:
     ns, name = entry.namespace, entry.name
     policy = entry.migration.spec.retryPolicy if entry.migration else RetryPolicy()
-    transfer_pool = f"{entry.migration.spec.storage.type if entry.migration else 'nfs'}_transfer"
+    # every task waits in the pool of the hypervisor or storage it works on (include.registry)
+    source_type, target_type = (provider_types(entry.migration, inventory)
+                                if entry.migration and inventory is not None else (None, None))
+    source_pool, target_pool = registry.provider_pool(source_type), registry.provider_pool(target_type)
+    transfer_pool = registry.storage_pool(entry.migration.spec.storage.type if entry.migration else None)
     common = {"namespace": ns, "migration_name": name}
     with DAG(
         dag_id=entry.dag_id,
@@ -61,7 +67,7 @@ def build_dag(entry) -> DAG:
                f"`python -m include status {ns}/{name}`.",
     ) as dag:
         validate = ValidateMigrationOperator(task_id="validate_migration", **common)
-        snapshot = SnapshotVMOperator(task_id="snapshot_vm", pool="libvirt_io", **common)
+        snapshot = SnapshotVMOperator(task_id="snapshot_vm", pool=source_pool, **common)
 
         @task(task_id="list_disks", retries=0)
         def list_disks(namespace: str, migration_name: str) -> list[str]:
@@ -71,10 +77,10 @@ def build_dag(entry) -> DAG:
         @task_group(group_id="disk")
         def per_disk(disk_name: str) -> None:
             kw = {**common, "disk_name": disk_name, "max_active_tis_per_dagrun": MAX_PARALLEL_DISKS}
-            (ExportDiskOperator(task_id="export_disk", pool="libvirt_io", **kw)
+            (ExportDiskOperator(task_id="export_disk", pool=source_pool, **kw)
              >> TransferDiskOperator(task_id="transfer_disk", pool=transfer_pool, **kw)
              >> ConvertDiskOperator(task_id="convert_disk", pool="default_pool", **kw)
-             >> ImportDiskOperator(task_id="import_disk", pool="libvirt_io", **kw))
+             >> ImportDiskOperator(task_id="import_disk", pool=target_pool, **kw))
 
         # The disks come from the plan Validating saved, through list_disks. `airflow tasks test` runs
         # one task in a temporary run that has no upstream XCom, so there (and only there: a scheduler
@@ -82,7 +88,7 @@ def build_dag(entry) -> DAG:
         disk_list = list_disks(ns, name)
         planned = STORE.planned_disk_names(ns, name) if TASKS_TEST else None
         disks = per_disk.expand(disk_name=planned if planned else disk_list)
-        create = CreateVMOperator(task_id="create_vm", pool="libvirt_io", **common)
+        create = CreateVMOperator(task_id="create_vm", pool=target_pool, **common)
         check = ValidateTargetOperator(task_id="validate_target", **common)
         finish = FinalizeMigrationOperator(task_id="finalize_migration", outlets=[Asset("migrated_vms")], retries=0,
                                            **common)
@@ -93,10 +99,12 @@ def build_dag(entry) -> DAG:
 
 
 _wanted = get_parsing_context().dag_id
-_entries, _problems = dag_entries(STORE.index())  # the problems are vmmigration_store_check.py's import error
+_index = STORE.index()
+_entries, _problems = dag_entries(_index)  # the problems are vmmigration_store_check.py's import error
+_inventory = BundleInventory(_index.objects)
 for _entry in _entries:
     if _wanted is None or _wanted == _entry.dag_id:
         try:
-            globals()[_entry.dag_id] = build_dag(_entry)
+            globals()[_entry.dag_id] = build_dag(_entry, _inventory)
         except Exception:  # noqa: BLE001 - dag_entries checks what a spec can break; this is the last guard
             log.exception("VMMigration %s from %s: its DAG could not be built", _entry.key, _entry.path)

@@ -30,10 +30,6 @@ class QemuImgError(RuntimeError):
     """qemu-img failed; the message carries its stderr."""
 
 
-class ChecksumMismatch(RuntimeError):
-    """Data read back does not hash to what was recorded when it was written."""
-
-
 @dataclass(frozen=True)
 class Segment:
     """A run of a stream: ``data`` bytes, or (``data is None``) a hole of ``length`` zero bytes."""

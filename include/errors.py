@@ -1,8 +1,9 @@
 """Domain errors of the migration engine (no Airflow imports).
 
-Each error says whether retrying can help (``permanent``) and which condition reason the status
-records (the guide's troubleshooting section names them). Operators turn permanent errors into
-``AirflowFailException`` so that Airflow does not retry them.
+This is the engine's one error hierarchy (the Airflow hooks raise these too). Each error says whether
+retrying can help (``permanent``) and which condition reason the status records (the guide's
+troubleshooting section names them). Operators turn permanent errors into ``AirflowFailException``
+so that Airflow does not retry them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class Conflict(InvalidMigration):
     migration has claimed the same target name."""
 
     reason = "Conflict"
+
+
+class ConfigurationError(InvalidMigration):
+    """An Airflow connection or setting the engine reads is missing or contradicts itself (permanent: a
+    retry would only read the same settings again)."""
+
+    reason = "ConfigurationError"
 
 
 class UnsupportedDiskFormat(InvalidMigration):

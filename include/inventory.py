@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from include.registry import KNOWN_PROVIDER_TYPES as PROVIDER_TYPES
+from include.registry import supported_provider_types
 from include.spec import FieldError, SpecValidationError, VMMigration
-
-PROVIDER_TYPES = ("libvirt", "vsphere", "proxmox", "qemu", "firecracker")
-SUPPORTED_PROVIDER_TYPES = ("libvirt",)
 
 
 class Inventory(Protocol):
@@ -128,10 +127,10 @@ def _provider(inventory: Inventory, namespace: str, name: str, where: str) -> Pr
     if ptype not in PROVIDER_TYPES:
         errors.append(FieldError(where, f"Provider {namespace}/{name} has type {ptype!r}, "
                                         f"expected one of {', '.join(PROVIDER_TYPES)}"))
-    elif ptype not in SUPPORTED_PROVIDER_TYPES:
+    elif ptype not in supported_provider_types():
         errors.append(FieldError(where, f"Provider {namespace}/{name} is of type {ptype}, which this "
                                         f"engine does not support yet (supported: "
-                                        f"{', '.join(SUPPORTED_PROVIDER_TYPES)})"))
+                                        f"{', '.join(supported_provider_types())})"))
     if not isinstance(endpoint, str) or not endpoint:
         errors.append(FieldError(where, f"Provider {namespace}/{name} has no spec.endpoint"))
     elif not errors:
@@ -245,3 +244,21 @@ def resolve(migration: VMMigration, inventory: Inventory) -> Resolved:
         raise SpecValidationError(errors)
     assert source is not None and target is not None
     return Resolved(migration=migration, source=source, target=target, storage_credentials=storage_credentials)
+
+
+def provider_types(migration: VMMigration, inventory: Inventory) -> tuple[str | None, str | None]:
+    """The source and target Providers' ``spec.type``, followed by name only (no grant, no Secret): what
+    the DAG factory needs at parse time to put each task in its hypervisor's pool. None where a reference
+    does not resolve; Validating reports why."""
+    def ptype(namespace: str, name: str | None) -> str | None:
+        doc = inventory.get("Provider", namespace, name) if name else None
+        spec = doc.get("spec") if isinstance(doc, dict) else None
+        value = spec.get("type") if isinstance(spec, dict) else None
+        return value if isinstance(value, str) else None
+
+    spec = migration.spec
+    vm = inventory.get("VirtualMachine", spec.sourceNamespace, spec.sourceName) or {}
+    vm_spec = vm.get("spec") if isinstance(vm.get("spec"), dict) else {}
+    ref = vm_spec.get("providerRef") if isinstance(vm_spec.get("providerRef"), dict) else {}
+    source = ptype(ref.get("namespace") or spec.sourceNamespace, ref.get("name"))
+    return source, ptype(spec.targetProviderRef.namespace, spec.targetProviderRef.name)

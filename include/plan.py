@@ -16,8 +16,8 @@ from typing import Any
 from include.compression import codec_from
 from include.errors import InvalidMigration
 from include.inventory import Resolved
-from include.providers import native_format
 from include.providers.base import VMInfo
+from include.registry import native_format
 from include.status import Phase, human_bytes
 from include.store import dag_id_for
 

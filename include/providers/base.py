@@ -53,11 +53,6 @@ class TargetDisk:
 class HypervisorDriver(abc.ABC):
     """A hypervisor as the pipeline needs it. Methods raise ``include.errors`` exceptions."""
 
-    #: the disk format this hypervisor uses when targetDiskFormat is not set
-    native_format = "qcow2"
-    #: the formats it can attach to a VM
-    attachable_formats: Sequence[str] = ("qcow2", "raw")
-
     def identity(self) -> str:
         """What names this hypervisor whatever endpoint reaches it (target name claims are taken on it)."""
         return type(self).__name__

@@ -97,9 +97,6 @@ def connection_uri(endpoint: str, credentials: Mapping[str, str] | None) -> tupl
 
 
 class LibvirtDriver(HypervisorDriver):
-    native_format = "qcow2"
-    attachable_formats = ("qcow2", "raw", "vmdk")
-
     def __init__(self, uri: str, *, credentials: Mapping[str, str] | None = None) -> None:
         self.uri = uri
         self._credentials = credentials

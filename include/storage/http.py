@@ -332,3 +332,10 @@ def _target_checking_adapter(policy: Any) -> Any:
             return super().send(request, *args, **kwargs)
 
     return TargetCheckingAdapter()
+
+
+def from_spec(storage, credentials=None):
+    """The backend of a spec's ``storage`` block of type http, with the bearer token from its Secret."""
+    from include.storage import address_guard
+
+    return http_from(storage, credentials, guard=address_guard())

@@ -297,3 +297,8 @@ class NfsStorage(StorageBackend):
             raise
         with os.fdopen(fd, "rb") as fh:
             return json.loads(fh.read())
+
+
+def from_spec(storage, credentials=None) -> NfsStorage:
+    """The backend of a spec's ``storage`` block of type nfs (no credentials: the share is mounted)."""
+    return NfsStorage(storage.path or "", storage.endpoint)

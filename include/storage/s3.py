@@ -451,3 +451,11 @@ class S3Storage(StorageBackend):
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def from_spec(storage, credentials=None) -> S3Storage:
+    """The backend of a spec's ``storage`` block of type s3, with keys from its Secret."""
+    from include.storage import address_guard
+
+    settings = settings_from(storage, credentials)
+    return S3Storage(boto3_client(settings), settings.bucket, endpoint=settings.endpoint_url, guard=address_guard())

@@ -1,8 +1,13 @@
-"""Which hook serves a resolved Provider or a storage block: the pipeline's drivers come from here."""
+"""The pipeline's drivers and storage backends, built through their Airflow hooks.
+
+Which hook serves which type is read from ``include.registry``: a provider type names its hook class
+(``get_conn`` of a driver-building hook takes the resolved Provider's endpoint and Secret), a storage
+type names one of the functions below.
+"""
 
 from __future__ import annotations
 
-from include.errors import InvalidMigration
+from include import registry
 from include.inventory import Credentials, ProviderInfo
 from include.providers.base import HypervisorDriver
 from include.spec import StorageSpec
@@ -12,33 +17,36 @@ from include.storage.base import StorageBackend
 
 def driver_from_hook(provider: ProviderInfo) -> HypervisorDriver:
     """The hypervisor driver of ``provider``, built through its Airflow hook."""
-    if provider.type in ("libvirt", "qemu"):
-        from hooks.libvirt_hook import LibvirtHook
-
-        return LibvirtHook(uri=provider.endpoint, credentials=provider.credentials).get_conn()
-    raise InvalidMigration(f"provider type {provider.type!r} is not supported yet", field="spec.targetProviderRef")
+    hook = registry.provider(provider.type).hook_class()
+    return hook(uri=provider.endpoint, credentials=provider.credentials).driver
 
 
 def storage_from_hook(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:
     """The intermediate storage of a spec's ``storage`` block, built through its Airflow hook."""
-    if storage.type == "nfs":
-        from hooks.nfs_hook import NfsStorageHook
+    return registry.storage(storage.type).load_hook_backend()(storage, credentials)
 
-        return NfsStorageHook(path=storage.path, endpoint=storage.endpoint).get_conn()
-    if storage.type == "s3":
-        from hooks.s3_storage_hook import MigrationS3Hook
-        from include.storage.s3 import S3Storage, settings_from
 
-        settings = settings_from(storage, credentials)
-        return S3Storage(MigrationS3Hook(settings=settings).get_conn(), settings.bucket,
-                         endpoint=settings.endpoint_url, guard=address_guard())
-    if storage.type == "http":
-        from airflow.sdk.log import mask_secret
+def nfs_backend(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:
+    from hooks.nfs_hook import NfsStorageHook
 
-        from include.storage.http import bearer_token, http_from
+    return NfsStorageHook(path=storage.path, endpoint=storage.endpoint).get_conn()
 
-        token = bearer_token(credentials)
-        if token:
-            mask_secret(token)
-        return http_from(storage, credentials, guard=address_guard())
-    raise InvalidMigration(f"storage type {storage.type!r} is not supported", field="spec.storage.type")
+
+def s3_backend(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:
+    from hooks.s3_storage_hook import MigrationS3Hook
+    from include.storage.s3 import S3Storage, settings_from
+
+    settings = settings_from(storage, credentials)
+    return S3Storage(MigrationS3Hook(settings=settings).get_conn(), settings.bucket,
+                     endpoint=settings.endpoint_url, guard=address_guard())
+
+
+def http_backend(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:
+    from airflow.sdk.log import mask_secret
+
+    from include.storage.http import bearer_token, http_from
+
+    token = bearer_token(credentials)
+    if token:
+        mask_secret(token)
+    return http_from(storage, credentials, guard=address_guard())

@@ -7,7 +7,7 @@ from functools import cached_property
 
 from airflow.sdk import BaseHook
 
-from hooks.exceptions import HypervisorApiError, ResourceConflict
+from include.errors import ConfigurationError
 from include.providers.libvirt_driver import LibvirtDriver
 
 
@@ -42,10 +42,10 @@ class LibvirtHook(BaseHook):
         conn = self.get_connection(self.libvirt_conn_id)
         from_extra = conn.extra_dejson.get("uri")
         if from_extra and conn.host and from_extra != conn.host:
-            raise ResourceConflict(f"connection {self.libvirt_conn_id} sets both host and extra.uri")
+            raise ConfigurationError(f"connection {self.libvirt_conn_id} sets both host and extra.uri")
         uri = from_extra or conn.host
         if not uri:
-            raise HypervisorApiError(f"connection {self.libvirt_conn_id} has no libvirt URI (host or extra.uri)")
+            raise ConfigurationError(f"connection {self.libvirt_conn_id} has no libvirt URI (host or extra.uri)")
         return uri
 
     @cached_property

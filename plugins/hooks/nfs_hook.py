@@ -6,7 +6,7 @@ from functools import cached_property
 
 from airflow.sdk import BaseHook
 
-from hooks.exceptions import StorageBackendError
+from include.errors import ConfigurationError
 from include.storage.nfs import NfsStorage
 
 
@@ -38,7 +38,7 @@ class NfsStorageHook(BaseHook):
             conn = self.get_connection(self.nfs_conn_id)
             path = conn.extra_dejson.get("path")
         if not path:
-            raise StorageBackendError(f"no NFS path: set spec.storage.path or {self.nfs_conn_id}'s extra.path")
+            raise ConfigurationError(f"no NFS path: set spec.storage.path or {self.nfs_conn_id}'s extra.path")
         return NfsStorage(path, self.endpoint)
 
     def get_conn(self) -> NfsStorage:

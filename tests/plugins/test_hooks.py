@@ -21,13 +21,34 @@ def test_libvirt_hook_reads_its_uri_from_an_env_connection(libvirt_uri, monkeypa
 
 
 def test_libvirt_hook_refuses_conflicting_settings(monkeypatch):
-    from hooks.exceptions import ResourceConflict
     from hooks.libvirt_hook import LibvirtHook
+    from include.errors import ConfigurationError
 
     monkeypatch.setenv("AIRFLOW_CONN_LIBVIRT_DEFAULT", json.dumps(
         {"conn_type": "libvirt", "host": "qemu:///system", "extra": {"uri": "qemu+ssh://h/system"}}))
-    with pytest.raises(ResourceConflict):
+    with pytest.raises(ConfigurationError):
         _ = LibvirtHook().uri
+
+
+def test_a_hook_configuration_error_fails_the_task_without_retrying(monkeypatch, tmp_path):
+    """A connection without a URI is not retried for half an hour: the operator fails the task at once."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from hooks.libvirt_hook import LibvirtHook
+    from include.status import Phase
+    from operators.base import MigrationPhaseOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_LIBVIRT_DEFAULT", json.dumps({"conn_type": "libvirt"}))
+
+    class Probe(MigrationPhaseOperator):
+        phase = Phase.VALIDATING
+
+        def run_phase(self, ctx, context):
+            return LibvirtHook().uri
+
+    op = Probe(task_id="probe", namespace="ns", migration_name="m", store_path=str(tmp_path))
+    with pytest.raises(AirflowFailException, match="no libvirt URI"):
+        op.execute({})
 
 
 @pytest.fixture

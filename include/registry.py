@@ -1,0 +1,162 @@
+"""The one list of hypervisor (provider) types and storage types the engine knows.
+
+Everything that depends on a type reads it from here: the inventory (which Provider types are
+supported), the driver and backend factories (command line and pipeline), the Airflow hooks, the
+connection types, a hypervisor's native disk format, and the Airflow pools the DAG factory puts
+each task in (``config/pools.json`` is checked against :func:`pools`). Adding a hypervisor is one
+adapter package plus one :class:`ProviderType` line below; adding a storage backend, one
+:class:`StorageType` line.
+
+Entries name their code by dotted path and import it only when used, so reading the registry at
+DAG-parse time costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from include.errors import InvalidMigration
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class ProviderType:
+    """A hypervisor type (a Provider's ``spec.type``)."""
+
+    name: str
+    #: ``module:Class`` of the driver (an ``include.providers.base.HypervisorDriver``)
+    driver: str
+    #: ``module:Class`` of its Airflow hook (importable only where Airflow is)
+    hook: str
+    #: the Airflow connection type of that hook
+    connection_type: str
+    #: the disk format used when ``targetDiskFormat`` is not set
+    native_format: str
+    #: other ``spec.type`` values served by the same adapter
+    aliases: tuple[str, ...] = ()
+    #: the Airflow pool throttling work on hypervisors of this type (snapshots, exports, imports, VMs)
+    pool_slots: int = 4
+
+    @property
+    def pool(self) -> str:
+        return f"{self.name}_io"
+
+    @property
+    def pool_description(self) -> str:
+        return f"{self.name.capitalize()} work at once: snapshots, disk export and import streams, VM creation"
+
+    def driver_class(self) -> Any:
+        return _load(self.driver)
+
+    def hook_class(self) -> Any:
+        return _load(self.hook)
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """An intermediate storage type (``spec.storage.type``)."""
+
+    name: str
+    #: ``module:function`` building the backend from a StorageSpec and its Secret (command line, tests)
+    backend: str
+    #: ``module:function`` building it through the Airflow hook (the pipeline)
+    hook_backend: str
+    title: str
+    pool_slots: int = 4
+
+    @property
+    def pool(self) -> str:
+        return f"{self.name}_transfer"
+
+    def load_backend(self) -> Any:
+        return _load(self.backend)
+
+    def load_hook_backend(self) -> Any:
+        return _load(self.hook_backend)
+
+    @property
+    def pool_description(self) -> str:
+        return f"Disk uploads and downloads to and from {self.title} intermediate storage at once"
+
+
+PROVIDERS: tuple[ProviderType, ...] = (
+    ProviderType("libvirt", driver="include.providers.libvirt_driver:LibvirtDriver",
+                 hook="hooks.libvirt_hook:LibvirtHook", connection_type="libvirt", native_format="qcow2",
+                 aliases=("qemu",)),
+)
+
+STORAGES: tuple[StorageType, ...] = (
+    StorageType("nfs", backend="include.storage.nfs:from_spec", hook_backend="hooks.factories:nfs_backend",
+                title="NFS"),
+    StorageType("s3", backend="include.storage.s3:from_spec", hook_backend="hooks.factories:s3_backend",
+                title="S3"),
+    StorageType("http", backend="include.storage.http:from_spec",
+                hook_backend="hooks.factories:http_backend", title="HTTP"),
+)
+
+#: Provider types the guide and the VirtRigaud CRDs name; the ones without an entry above are refused
+#: in Validating as "not supported yet".
+KNOWN_PROVIDER_TYPES = ("libvirt", "vsphere", "proxmox", "qemu", "firecracker")
+
+
+def supported_provider_types() -> tuple[str, ...]:
+    return tuple(p.name for p in PROVIDERS)
+
+
+def supported_storage_types() -> tuple[str, ...]:
+    return tuple(s.name for s in STORAGES)
+
+
+def provider(type_name: str, *, field: str = "spec.targetProviderRef") -> ProviderType:
+    for entry in PROVIDERS:
+        if type_name == entry.name or type_name in entry.aliases:
+            return entry
+    raise InvalidMigration(f"provider type {type_name!r} is not supported yet (supported: "
+                           f"{', '.join(supported_provider_types())})", field=field)
+
+
+def storage(type_name: str) -> StorageType:
+    for entry in STORAGES:
+        if type_name == entry.name:
+            return entry
+    raise InvalidMigration(f"storage type {type_name!r} is not supported (supported: "
+                           f"{', '.join(supported_storage_types())})", field="spec.storage.type")
+
+
+def native_format(type_name: str) -> str:
+    """The native disk format of a provider type (qcow2 for a type without an adapter yet)."""
+    for entry in PROVIDERS:
+        if type_name == entry.name or type_name in entry.aliases:
+            return entry.native_format
+    return "qcow2"
+
+
+def pools() -> dict[str, dict[str, Any]]:
+    """Every Airflow pool the DAGs use, as ``airflow pools import`` reads it (``config/pools.json``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in PROVIDERS:
+        out[p.pool] = {"slots": p.pool_slots, "description": p.pool_description, "include_deferred": False}
+    for s in STORAGES:
+        out[s.pool] = {"slots": s.pool_slots, "description": s.pool_description, "include_deferred": False}
+    return out
+
+
+def provider_pool(type_name: str | None) -> str:
+    """The pool of a provider type; Airflow's ``default_pool`` for an unknown one (it fails in Validating)."""
+    for entry in PROVIDERS:
+        if type_name == entry.name or type_name in entry.aliases:
+            return entry.pool
+    return "default_pool"
+
+
+def storage_pool(type_name: str | None) -> str:
+    for entry in STORAGES:
+        if type_name == entry.name:
+            return entry.pool
+    return "default_pool"
