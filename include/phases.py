@@ -375,8 +375,8 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     if covered:
         message = f"Snapshot {snap['name']} of {', '.join(covered)} created"
     else:
-        message = ("No snapshot: libvirt takes one only when every disk is qcow2; the VM is shut off, so its "
-                   "disks are stable, and Exporting checks that it stays off")
+        message = ("No snapshot: the source hypervisor cannot snapshot these disks (libvirt: only when every disk is "
+                   "qcow2); the VM is shut off, so its disks are stable, and Exporting checks that it stays off")
     for d in disks:
         if d.name not in covered:
             ctx.logger.warning("disk %s (%s) is not covered by the snapshot", d.name, d.format)
@@ -498,12 +498,9 @@ def _ensure_source_off(ctx: MigrationContext) -> None:
 
 
 def _local_source_path(ctx: MigrationContext, info: DiskInfo) -> Path | None:
-    """The disk's file when the source libvirt runs on this host (qemu:///...), for qemu-img to read."""
-    from include.providers.libvirt_driver import is_local_uri
-
-    if is_local_uri(ctx.plan["source"]["endpoint"]) and os.path.exists(info.path):
-        return Path(info.path)
-    return None
+    """The disk's file when the source hypervisor keeps it on this host, for qemu-img to read."""
+    path = ctx.source.local_disk_path(info)
+    return Path(path) if path else None
 
 
 def _convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt: str, dst: Path, dst_fmt: str,
@@ -512,7 +509,7 @@ def _convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt:
     tracker = ctx.progress(phase, disk, total, f"converting {src_fmt}->{dst_fmt}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        subformat = "streamOptimized" if ctx.plan["target"]["type"] == "vsphere" else "monolithicSparse"
+        subformat = ctx.target.vmdk_subformat
         diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing, vmdk_subformat=subformat,
                        progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
     except diskio.UnsafeImage as err:
@@ -553,7 +550,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         elif local is not None:  # on this host the (shut-off) disk's file is read directly
             source = diskio.file_segments(local, chunk=READ_CHUNK)
             total = _source_file_size(ctx, info)
-        else:  # elsewhere through libvirt's stream API
+        else:  # elsewhere through the driver's stream
             source = ctx.source.read_disk(info)
             total = _source_file_size(ctx, info)
         if local is not None:
@@ -992,9 +989,9 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
             problems.append(f"disk {d['name']} format {got['format']} != {d['targetFormat']}")
         if got["capacity"] != d["targetCapacity"]:
             problems.append(f"disk {d['name']} size {got['capacity']} != {d['targetCapacity']}")
-        from include.providers.libvirt_driver import is_local_uri
-
-        if is_local_uri(tgt["endpoint"]) and os.path.exists(got["path"]):
+        info = DiskInfo(name=d["name"], format=got["format"], capacity=got["capacity"], allocation=0,
+                        path=got["path"])
+        if ctx.target.local_disk_path(info):
             try:
                 diskio.check(got["path"], got["format"])
             except diskio.QemuImgError as err:

@@ -16,8 +16,8 @@ from typing import Any
 from include.compression import codec_from
 from include.errors import InvalidMigration
 from include.inventory import Resolved
-from include.providers.base import VMInfo
-from include.registry import native_format
+from include.providers.base import HypervisorDriver, VMInfo
+from include.registry import native_format, provider
 from include.status import Phase, human_bytes
 from include.store import dag_id_for
 
@@ -93,10 +93,21 @@ def choose_formats(source_fmt: str, target_fmt: str) -> tuple[str, str]:
     return source_fmt, "target"
 
 
+def _driver_class(type_name: str) -> type[HypervisorDriver]:
+    """The driver class of a provider type; the generic one for a type without an adapter (the inventory
+    refuses those before a plan is made; tools may still plan with them)."""
+    try:
+        return provider(type_name).driver_class()
+    except InvalidMigration:
+        return HypervisorDriver
+
+
 def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[str, Any]:
     migration = resolved.migration
     spec = migration.spec
     target_format = spec.targetDiskFormat or native_format(resolved.target.type)
+    # naming and snapshot capability belong to the hypervisors (their driver classes, no connection)
+    target_driver, source_driver = _driver_class(resolved.target.type), _driver_class(resolved.source.provider.type)
     prefix = f"{migration.namespace}/{migration.name}"
     hints = spec.targetResourceHints
     disks = []
@@ -124,7 +135,7 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
             "targetFormat": target_format,
             "objectKey": f"{prefix}/{disk.name}.{transit}",
             "targetStorage": target_storage,
-            "targetVolume": f"{spec.targetName}-{disk.name}.{target_format}",
+            "targetVolume": target_driver.target_volume_name(spec.targetName, disk.name, target_format),
             "targetCapacity": capacity,
         })
     cleanup = spec.cleanupPolicy
@@ -162,7 +173,7 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
                     "effectiveEndpoint": effective_storage_endpoint(resolved)},
         "pin": pin_of(resolved),
         "snapshot": {"name": snapshot_name(migration.name),
-                     "disks": [d.name for d in vm.disks] if all(d.format == "qcow2" for d in vm.disks) else []},
+                     "disks": source_driver.snapshot_disks(vm.disks)},
         "disks": disks,
         "phases": [p.value for p in Phase if p not in (Phase.PENDING, Phase.FAILED)],
         "cleanup": {
@@ -198,7 +209,7 @@ def describe(plan: dict[str, Any], storage_location: str | None = None) -> str:
                      f"({d['objectKey']}); lands as {d['targetStorage']}/{d['targetVolume']}")
     lines.append("  phases: " + " -> ".join(plan["phases"]))
     snap = plan["snapshot"]
-    covered = ", ".join(snap["disks"]) or "no disk (libvirt snapshots need every disk in qcow2)"
+    covered = ", ".join(snap["disks"]) or "no disk (the source hypervisor cannot snapshot these disks)"
     lines.append(f"  snapshot: {snap['name']} of {covered}")
     c = plan["cleanup"]
     lines.append("  cleanup after success: "

@@ -53,6 +53,24 @@ class TargetDisk:
 class HypervisorDriver(abc.ABC):
     """A hypervisor as the pipeline needs it. Methods raise ``include.errors`` exceptions."""
 
+    # -- what the planner asks of a hypervisor type (no connection needed) --------------------------
+    #: the VMDK subformat qemu-img writes for this hypervisor when the target format is vmdk
+    vmdk_subformat = "monolithicSparse"
+
+    @classmethod
+    def target_volume_name(cls, vm: str, disk: str, fmt: str) -> str:
+        """The name of the volume a migrated disk lands in (a hypervisor with its own naming overrides it)."""
+        return f"{vm}-{disk}.{fmt}"
+
+    @classmethod
+    def snapshot_disks(cls, disks: Sequence[DiskInfo]) -> list[str]:
+        """The disks a snapshot of a VM with these disks covers (none when this hypervisor cannot take one)."""
+        return [d.name for d in disks]
+
+    def local_disk_path(self, disk: DiskInfo) -> str | None:
+        """The disk's file when it is on this host and readable here (qemu-img reads it in place)."""
+        return None
+
     def identity(self) -> str:
         """What names this hypervisor whatever endpoint reaches it (target name claims are taken on it)."""
         return type(self).__name__

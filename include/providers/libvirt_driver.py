@@ -105,6 +105,15 @@ class LibvirtDriver(HypervisorDriver):
     def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> LibvirtDriver:
         return cls(endpoint, credentials=credentials)
 
+    @classmethod
+    def snapshot_disks(cls, disks: Sequence[DiskInfo]) -> list[str]:
+        """libvirt takes an internal snapshot only when every disk is qcow2."""
+        return [d.name for d in disks] if all(d.format == "qcow2" for d in disks) else []
+
+    def local_disk_path(self, disk: DiskInfo) -> str | None:
+        """The disk's file when libvirtd runs on this host (``qemu:///...``) and the file is here."""
+        return disk.path if is_local_uri(self.uri) and os.path.exists(disk.path) else None
+
     @cached_property
     def conn(self) -> Any:
         libvirt = _libvirt()

@@ -230,7 +230,7 @@ def test_describe_mentions_disks_conversions_phases_and_cleanup():
     assert "travels as vmdk (apps/move-web/vdb.vmdk)" in vdb_line
     assert ("phases: Validating -> Snapshotting -> Exporting -> Transferring -> Converting -> Importing -> Creating "
             "-> ValidatingTarget -> Ready") in text
-    assert "snapshot: vmmigration-move-web of no disk (libvirt snapshots need every disk in qcow2)" in text
+    assert "snapshot: vmmigration-move-web of no disk (the source hypervisor cannot snapshot these disks)" in text
     assert "cleanup after success: delete intermediate files, delete the snapshot, keep the source VM" in text
     assert lines[-1] == "  after a failure: the partial target is removed, the source VM is always kept"
 
