@@ -18,7 +18,7 @@ from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
 from include import registry
 from include.inventory import BundleInventory, provider_types
 from include.spec import RetryPolicy
-from include.store import SpecStore, dag_entries, retry_settings
+from include.store import DAG_ID_PREFIX, SpecStore, dag_entries, dag_id_for, retry_settings
 from operators.cleanup import FinalizeMigrationOperator
 from operators.convert import ConvertDiskOperator
 from operators.create import CreateVMOperator
@@ -99,7 +99,25 @@ def build_dag(entry, inventory=None) -> DAG:
 
 
 _wanted = get_parsing_context().dag_id
-_index = STORE.index()
+
+def _index_for(dag_id: str | None):
+    """The store as this parse needs it: all of it for the dag-processor; for a worker running one task
+    of a validated migration, only that migration's own spec files (recorded in its plan), so that a
+    task's start-up does not grow with the store."""
+    ns, _, name = (dag_id or "").removeprefix(DAG_ID_PREFIX).partition("__")
+    if dag_id and dag_id.startswith(DAG_ID_PREFIX) and name and dag_id_for(ns, name) == dag_id:
+        try:
+            files = STORE.own_files(ns, name)
+        except ValueError:
+            files = None
+        if files:
+            index = STORE.index(files)
+            if f"{ns}/{name}" in index.migrations:
+                return index
+    return STORE.index()
+
+
+_index = _index_for(_wanted)
 _entries, _problems = dag_entries(_index)  # the problems are vmmigration_store_check.py's import error
 _inventory = BundleInventory(_index.objects)
 for _entry in _entries:

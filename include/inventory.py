@@ -38,6 +38,22 @@ class BundleInventory:
                 if k == kind and ns == namespace]
 
 
+class TracingInventory(BundleInventory):
+    """A BundleInventory that remembers what was asked of it: which objects a resolution depends on."""
+
+    def __init__(self, objects: Mapping[tuple[str, str, str], dict[str, Any]]) -> None:
+        super().__init__(objects)
+        self.used: set[tuple[str, str, str]] = set()
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.used.add((kind, namespace, name))
+        return super().get(kind, namespace, name)
+
+    def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        self.used.update(k for k in self._objects if k[0] == kind and k[1] == namespace)
+        return super().list(kind, namespace)
+
+
 class Credentials(Mapping[str, str]):
     """Decoded Secret data; its values never appear in repr, str or logs."""
 

@@ -41,7 +41,7 @@ from include.errors import (
     TargetValidationError,
     UnsupportedDiskFormat,
 )
-from include.inventory import BundleInventory, ProviderInfo, Resolved, resolve
+from include.inventory import BundleInventory, ProviderInfo, Resolved, TracingInventory, resolve
 from include.ledger import Entry, Ledger
 from include.plan import build_plan, describe, pin_of, staging_root, storage_scope
 from include.providers import driver_for
@@ -50,7 +50,7 @@ from include.spec import SpecValidationError, StorageSpec, VMMigration
 from include.status import Phase
 from include.storage import backend_for
 from include.storage.base import MANIFEST_SUFFIX, StorageBackend
-from include.store import FileStatusSink, SpecStore, StatusSink, locked
+from include.store import FileStatusSink, SpecStore, StatusSink, StoreIndex, locked
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,42 @@ class MigrationContext:
     cleaning: bool = False
 
     @cached_property
-    def migration(self) -> VMMigration:
-        entry = self.store.entry(self.namespace, self.name)
+    def index(self) -> StoreIndex:
+        """The spec store as this task needs it. Validating reads every file; later phases read only the
+        files the validated run was resolved from (recorded in the plan), so a task's cost does not grow
+        with the store. When one of those no longer holds what it held, the whole store is read."""
+        files = None if self.validating else self.store.own_files(self.namespace, self.name)
+        if files is not None:
+            index = self.store.index(files)
+            try:
+                resolve(self._migration_in(index), BundleInventory(index.objects))
+                return index
+            except (KeyError, SpecValidationError, MigrationFailure):
+                self.logger.info("the spec files of the validated run changed; reading the whole store")
+        return self.store.index()
+
+    def _migration_in(self, index: StoreIndex) -> VMMigration:
+        entry = self.store.entry(self.namespace, self.name, index)
         if entry.error is not None:
             raise entry.error
         assert entry.migration is not None
         return entry.migration
 
     @cached_property
+    def migration(self) -> VMMigration:
+        return self._migration_in(self.index)
+
+    @cached_property
     def resolved(self) -> Resolved:
-        return resolve(self.migration, BundleInventory(self.store.index().objects))
+        return resolve(self.migration, BundleInventory(self.index.objects))
+
+    def spec_files(self) -> list[str]:
+        """The store files this migration's resolution reads (relative to the store), for the plan."""
+        inventory = TracingInventory(self.index.objects)
+        resolve(self.migration, inventory)
+        paths = {self.index.migrations[f"{self.namespace}/{self.name}"].path}
+        paths |= {self.index.origins[k] for k in inventory.used if k in self.index.origins}
+        return sorted(str(p.relative_to(self.store.root)) for p in paths)
 
     @cached_property
     def plan(self) -> dict[str, Any]:
@@ -327,6 +353,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
         raise Conflict(f"a VM named {spec.targetName!r} already exists on provider {resolved.target.ref} and was "
                        f"not created by this migration", field="spec.targetName")
     plan = build_plan(resolved, vm, target_storage=pool)
+    plan["specFiles"] = ctx.spec_files()  # what later phases read instead of the whole store
     for d in plan["disks"]:
         key = ctx.target.volume_key(pool, d["targetVolume"])
         if key is not None and _own_volume_entry(ctx, pool, d["targetVolume"], key, scope=target_scope) is None \

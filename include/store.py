@@ -122,6 +122,8 @@ class StoreIndex:
     migrations: dict[str, SpecEntry] = field(default_factory=dict)
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: the file each object (kind, namespace, name) was read from
+    origins: dict[tuple[str, str, str], Path] = field(default_factory=dict)
 
 
 class SpecFileError(ValueError):
@@ -342,6 +344,7 @@ def index_documents(docs_by_file: list[tuple[Path, list[dict[str, Any]]]]) -> St
                 index.migrations[entry.key] = entry
             elif isinstance(kind, str):
                 index.objects[(kind, namespace, name)] = doc
+                index.origins[(kind, namespace, name)] = path  # the file whose copy is used
     return index
 
 
@@ -413,13 +416,14 @@ class SpecStore:
                 found += [p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()]
         return sorted(found)
 
-    def index(self) -> StoreIndex:
-        """Every object of the store. A file in a namespace folder holds objects of that namespace only
-        (one without ``metadata.namespace`` is put there): a team given write access to its folder cannot
-        write a ReferenceGrant, Secret or Provider of another namespace. Files at the top are the operator's."""
-        files: list[tuple[Path, list[dict[str, Any]]]] = []
+    def index(self, files: list[Path] | None = None) -> StoreIndex:
+        """Every object of the store (or of just ``files``, a subset of its spec files). A file in a
+        namespace folder holds objects of that namespace only (one without ``metadata.namespace`` is put
+        there): a team given write access to its folder cannot write a ReferenceGrant, Secret or Provider
+        of another namespace. Files at the top are the operator's."""
+        files_docs: list[tuple[Path, list[dict[str, Any]]]] = []
         problems: list[str] = []
-        for path in self.spec_files():
+        for path in (self.spec_files() if files is None else sorted(files)):
             try:
                 docs = load_documents(path)
             except SpecFileError as err:
@@ -430,17 +434,44 @@ class SpecStore:
                 continue
             if path.parent != self.root:
                 docs = _namespace_folder_documents(path, docs, problems)
-            files.append((path, docs))
-        index = index_documents(files)
+            files_docs.append((path, docs))
+        index = index_documents(files_docs)
         index.problems[:0] = problems
         return index
 
-    def entry(self, namespace: str, name: str) -> SpecEntry:
-        index = self.index()
+    def entry(self, namespace: str, name: str, index: StoreIndex | None = None) -> SpecEntry:
+        index = index if index is not None else self.index()
         key = f"{namespace}/{name}"
         if key not in index.migrations:
             raise KeyError(f"VMMigration {key} is not in the spec store {self.root}")
         return index.migrations[key]
+
+    def own_files(self, namespace: str, name: str) -> list[Path] | None:
+        """The spec files one migration's validated run was resolved from (its VMMigration, VirtualMachine,
+        Providers, Secrets and grants), as Validating recorded them in the plan; None when there is no plan
+        or one of them is gone. Reading only these keeps a task's cost flat however big the store grows."""
+        plan = self.load_plan(namespace, name)
+        recorded = plan.get("specFiles") if isinstance(plan, dict) else None
+        if not isinstance(recorded, list) or not recorded:
+            return None
+        paths = [self.root / f for f in recorded if isinstance(f, str)]
+        mine = set(self.spec_files_quick(paths))
+        return paths if len(mine) == len(paths) else None
+
+    def spec_files_quick(self, paths: list[Path]) -> list[Path]:
+        """Those of ``paths`` that :meth:`spec_files` would list (without listing the whole store)."""
+        out = []
+        for p in paths:
+            try:
+                rel = p.relative_to(self.root)
+            except ValueError:
+                continue
+            if ".." in rel.parts or p.suffix not in (".yaml", ".yml") or not p.is_file():
+                continue
+            if len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.parts[0] not in RESERVED_FOLDERS
+                                       and not (self.root / rel.parts[0]).is_symlink()):
+                out.append(p)
+        return out
 
     # -- state ---------------------------------------------------------------------------------
     def state_dir(self, namespace: str, name: str) -> Path:
