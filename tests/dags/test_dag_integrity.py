@@ -1,11 +1,10 @@
-"""The dags folder parses without errors, follows the project's DAG policy, and parses fast."""
+"""The dags folder parses without errors and follows the project's DAG policy (bench/parse_bench.py
+measures how fast)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from include.demo import DemoWorld, store_documents
@@ -71,15 +70,10 @@ def test_retry_policy_becomes_airflow_retries(store):
     assert delays == [600, 1200, 1800, 1800, 1800]
 
 
-@pytest.mark.parametrize("count", [200])
-def test_parse_time_with_many_specs(store, count):
-    _write_specs(store, count)
-    _bag()  # warm imports (airflow, operators) so the measure is the parse of the folder itself
-    started = time.perf_counter()
-    bag = _bag()
-    elapsed = time.perf_counter() - started
-    assert len(bag.dags) == count
-    assert elapsed < 2.0, f"parsing {count} specs took {elapsed:.2f}s"
+def test_many_specs_each_get_their_dag(store):
+    # how fast that is, is measured by bench/parse_bench.py (no wall-clock check in a unit test)
+    _write_specs(store, 200)
+    assert len(_bag().dags) == 200
 
 
 def test_store_problems_are_reported_as_an_import_error(store):
