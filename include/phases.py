@@ -319,12 +319,16 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     claims the target name, then saves the plan every later phase keeps to."""
     ctx.validating = True
     begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
+    # the run's outcome is run state, not status: finalize decides from it, whatever sink shows the status;
+    # reset first, so that no outcome of an earlier run outlives a Validating that fails early
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, failure=None)
     ctx.store.clear_disk_records(ctx.namespace, ctx.name)
     ctx.store.plan_path(ctx.namespace, ctx.name).unlink(missing_ok=True)  # a stale plan must not outlive its run
     migration = ctx.migration  # raises SpecValidationError naming every bad field
     resolved = ctx.resolved
     spec = migration.spec
     run = ctx.ledger.new_run()
+    ctx.store.update_run_record(ctx.namespace, ctx.name, run=run)
     target_scope = f"{resolved.target.type}:{resolved.target.endpoint}"
     # Of two migrations validated at the same instant with one target name, exactly one gets the claim;
     # it is taken on the hypervisor's own identity, so two endpoints of one host share their names.
@@ -1029,6 +1033,7 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
         problems.append(f"interfaces {have} != {wanted}")
     if problems:
         raise TargetValidationError(f"target VM {tgt['vm']} does not match the plan: " + "; ".join(problems))
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=ctx.ledger.run())
     finish(ctx, Phase.VALIDATING_TARGET, f"Target VM {tgt['vm']} matches the plan (cpu, memory, "
                                          f"{len(ctx.plan['disks'])} disks, networks)")
     return {"vm": tgt["vm"]}
@@ -1177,10 +1182,23 @@ def record_failure(ctx: MigrationContext, phase: Phase, err: BaseException, *, f
                                               else "PhaseFailed")
     message = failure_message(err)
     if final:
+        try:
+            ctx.store.update_run_record(ctx.namespace, ctx.name, failure={"phase": phase.value, "reason": reason,
+                                                                          "message": message})
+        except (OSError, ValueError):
+            ctx.logger.warning("could not record the failure of %s/%s", ctx.namespace, ctx.name, exc_info=True)
         ctx.update_status(lambda s: st.fail(s, phase, reason, message))
     else:
         note = f"attempt {attempt}/{max_attempts} failed, will retry: {message}" if attempt else message
         ctx.update_status(lambda s: st.set_condition(s, phase.value, "True", reason="Retrying", message=note))
+
+
+def run_outcome(ctx: MigrationContext) -> tuple[bool, str | None]:
+    """(whether this run's target validated with no failure since, the failure's message), from run state."""
+    record = ctx.store.run_record(ctx.namespace, ctx.name)
+    failure = record.get("failure") if isinstance(record.get("failure"), dict) else None
+    validated = bool(record.get("targetValidated")) and record.get("targetValidated") == ctx.ledger.run()
+    return validated and failure is None, (failure or {}).get("message")
 
 
 def failure_message(err: BaseException) -> str:

@@ -46,10 +46,8 @@ class FinalizeMigrationOperator(BaseOperator):
                                store=SpecStore(self.store_path) if self.store_path else SpecStore(),
                                driver_factory=driver_from_hook, storage_factory=storage_from_hook, logger=self.log)
         try:
-            succeeded = self._target_validated(context, ctx)
-            status = ctx.sink.get(self.namespace, self.migration_name) if ctx.sink else None
-            failure = (status or {}).get("message") if not succeeded else None
-            result = finalize(ctx, succeeded=succeeded, failure=failure)
+            succeeded, failure = self._outcome(context, ctx)
+            result = finalize(ctx, succeeded=succeeded, failure=None if succeeded else failure)
         finally:
             ctx.close()
         if not succeeded:
@@ -58,12 +56,13 @@ class FinalizeMigrationOperator(BaseOperator):
         self.log.info("migration %s/%s is Ready", self.namespace, self.migration_name)
         return result
 
-    def _target_validated(self, context: Context, ctx: Any) -> bool:
+    def _outcome(self, context: Context, ctx: Any) -> tuple[bool, str | None]:
         """This run's validate_target succeeded (its XCom), or, in a step-by-step ``tasks test`` session,
-        the status says the target validated and nothing failed since."""
+        the run state says the target validated in this run and nothing failed since. Status is never
+        read back: it is a projection for people (and, later, the cluster)."""
+        from include.phases import run_outcome
+
+        validated, failure = run_outcome(ctx)
         if context["ti"].xcom_pull(task_ids=self.validated_task_id) is not None:
-            return True
-        status = ctx.sink.get(self.namespace, self.migration_name) if ctx.sink else None
-        if not status or status.get("phase") == "Failed":
-            return False
-        return any(c["type"] == "TargetValidated" and c["status"] == "True" for c in status.get("conditions", []))
+            return True, None
+        return validated, failure
