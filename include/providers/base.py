@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +52,17 @@ class TargetDisk:
 
 class HypervisorDriver(abc.ABC):
     """A hypervisor as the pipeline needs it. Methods raise ``include.errors`` exceptions."""
+
+    @classmethod
+    def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> HypervisorDriver:
+        """A driver for a resolved Provider (the command line's path), connecting on first use."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hook(cls, hook: Any) -> HypervisorDriver:
+        """A driver on an Airflow hook's session (the pipeline's path): ``hook.get_conn()`` is the SDK's
+        client or connection, and the hook is where secrets are read and masked."""
+        raise NotImplementedError
 
     # -- what the planner asks of a hypervisor type (no connection needed) --------------------------
     #: the VMDK subformat qemu-img writes for this hypervisor when the target format is vmdk

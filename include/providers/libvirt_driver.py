@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -96,14 +96,38 @@ def connection_uri(endpoint: str, credentials: Mapping[str, str] | None) -> tupl
     return f"{endpoint}{'&' if '?' in endpoint else '?'}keyfile={quote(path)}", path
 
 
+def open_connection(endpoint: str, credentials: Mapping[str, str] | None = None) -> Any:
+    """A ``libvirt.virConnect`` to a Provider's endpoint: the URI is checked before libvirt runs anything
+    for it, and a ``qemu+ssh`` private key from the Secret is written only now and removed as soon as ssh
+    has connected with it."""
+    libvirt = _libvirt()
+    check_endpoint(endpoint)
+    uri, keyfile = connection_uri(endpoint, credentials)
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        raise HypervisorError(f"cannot connect to libvirt at {_shown(endpoint)}: {err}") from err
+    finally:
+        if keyfile:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(keyfile)
+
+
 class LibvirtDriver(HypervisorDriver):
-    def __init__(self, uri: str, *, credentials: Mapping[str, str] | None = None) -> None:
+    def __init__(self, uri: str, *, credentials: Mapping[str, str] | None = None,
+                 connect: Callable[[], Any] | None = None) -> None:
         self.uri = uri
         self._credentials = credentials
+        self._connect = connect
 
     @classmethod
     def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> LibvirtDriver:
         return cls(endpoint, credentials=credentials)
+
+    @classmethod
+    def from_hook(cls, hook: Any) -> LibvirtDriver:
+        """A driver on the connection of an Airflow hook (``LibvirtHook``: ``uri`` and ``get_conn()``)."""
+        return cls(hook.uri, connect=hook.get_conn)
 
     @classmethod
     def snapshot_disks(cls, disks: Sequence[DiskInfo]) -> list[str]:
@@ -116,18 +140,7 @@ class LibvirtDriver(HypervisorDriver):
 
     @cached_property
     def conn(self) -> Any:
-        libvirt = _libvirt()
-        check_endpoint(self.uri)  # before libvirt runs anything for this URI
-        # the private key (if any) is written only now, and removed as soon as ssh has connected with it
-        uri, keyfile = connection_uri(self.uri, self._credentials)
-        try:
-            return libvirt.open(uri)
-        except libvirt.libvirtError as err:
-            raise HypervisorError(f"cannot connect to libvirt at {_shown(self.uri)}: {err}") from err
-        finally:
-            if keyfile:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(keyfile)
+        return self._connect() if self._connect is not None else open_connection(self.uri, self._credentials)
 
     def close(self) -> None:
         if "conn" in self.__dict__:

@@ -1,8 +1,8 @@
 """The pipeline's drivers and storage backends, built through their Airflow hooks.
 
 Which hook serves which type is read from ``include.registry``: a provider type names its hook class
-(``get_conn`` of a driver-building hook takes the resolved Provider's endpoint and Secret), a storage
-type names one of the functions below.
+(built with the resolved Provider's endpoint and Secret; its ``get_conn`` is the SDK's connection,
+which the driver's ``from_hook`` works on), a storage type names one of the functions below.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from include.storage.base import StorageBackend
 
 def driver_from_hook(provider: ProviderInfo) -> HypervisorDriver:
     """The hypervisor driver of ``provider``, built through its Airflow hook."""
-    hook = registry.provider(provider.type).hook_class()
-    return hook(uri=provider.endpoint, credentials=provider.credentials).driver
+    entry = registry.provider(provider.type)
+    hook = entry.hook_class()(uri=provider.endpoint, credentials=provider.credentials)
+    return entry.driver_class().from_hook(hook)
 
 
 def storage_from_hook(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:

@@ -1,14 +1,15 @@
-"""LibvirtHook: a libvirt connection (qemu:///system, qemu+ssh://...) as a migration driver."""
+"""LibvirtHook: a libvirt connection (qemu:///system, qemu+ssh://...); the migration driver works on it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cached_property
+from typing import Any
 
 from airflow.sdk import BaseHook
 
 from include.errors import ConfigurationError
-from include.providers.libvirt_driver import LibvirtDriver
+from include.providers.libvirt_driver import LibvirtDriver, open_connection
 
 
 class LibvirtHook(BaseHook):
@@ -49,18 +50,25 @@ class LibvirtHook(BaseHook):
         return uri
 
     @cached_property
-    def driver(self) -> LibvirtDriver:
-        """The driver; a ``qemu+ssh`` Provider's private key (from its Secret) is used and masked."""
+    def conn(self) -> Any:
+        """The ``libvirt.virConnect``; a ``qemu+ssh`` Provider's private key (from its Secret) is masked
+        here, where it is read, and used only for the connect."""
         if self.credentials:
             from airflow.sdk.log import mask_secret
 
             for key in ("sshPrivateKey", "ssh-privatekey", "privateKey"):
                 if self.credentials.get(key):
                     mask_secret(self.credentials[key])
-        return LibvirtDriver.for_provider(self.uri, self.credentials)
+        return open_connection(self.uri, self.credentials)
 
-    def get_conn(self) -> LibvirtDriver:
-        return self.driver
+    def get_conn(self) -> Any:
+        """The libvirt connection (the SDK's own object, as the Airflow providers' hooks return theirs)."""
+        return self.conn
+
+    @cached_property
+    def driver(self) -> LibvirtDriver:
+        """The migration driver, on this hook's connection."""
+        return LibvirtDriver.from_hook(self)
 
     def test_connection(self) -> tuple[bool, str]:
         try:

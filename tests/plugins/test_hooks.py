@@ -17,7 +17,10 @@ def test_libvirt_hook_reads_its_uri_from_an_env_connection(libvirt_uri, monkeypa
     assert hook.uri == libvirt_uri
     ok, message = hook.test_connection()
     assert ok and "libvirt 9." in message
-    hook.get_conn().close()
+    conn = hook.get_conn()  # the SDK's own connection, as the Airflow providers' hooks return theirs
+    assert conn.getLibVersion() >= 9_000_000
+    assert hook.driver.conn is conn  # the driver works on the hook's session
+    conn.close()
 
 
 def test_libvirt_hook_refuses_conflicting_settings(monkeypatch):
