@@ -38,23 +38,24 @@ class MigrationStatusNotifier(BaseNotifier):
         self.final = final
 
     def notify(self, context: Context) -> None:
-        from include.phases import MigrationContext, record_failure
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from include.phases import record_failure
         from include.status import Phase
-        from include.store import SpecStore
+        from operators.base import pipeline_context
 
         try:
             ti = context["ti"]
             err = context.get("exception") or RuntimeError("task failed (no exception recorded)")
-            cause = err.__cause__ if err.__cause__ is not None and "AirflowFailException" in type(err).__name__ \
-                else err
+            # a permanent error reaches Airflow wrapped in AirflowFailException: the status names the cause
+            cause = err.__cause__ if err.__cause__ is not None and isinstance(err, AirflowFailException) else err
             if self.final is not None:  # attached as on_failure_callback (final) or on_retry_callback
                 retrying = not self.final
             else:
                 # the state is a TaskInstanceState in the task runner: str() is "TaskInstanceState.UP_FOR_RETRY"
                 state = getattr(ti, "state", None)
                 retrying = str(getattr(state, "value", state) or "").lower().endswith("up_for_retry")
-            ctx = MigrationContext(namespace=self.namespace, name=self.migration_name,
-                                   store=SpecStore(self.store_path) if self.store_path else SpecStore(),
+            ctx = pipeline_context(self.namespace, self.migration_name, store_path=self.store_path,
                                    logger=self.log)
             max_tries = getattr(ti, "max_tries", None)
             record_failure(ctx, Phase(self.phase), cause, final=not retrying,

@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from include.phases import MigrationContext
 
 
+def pipeline_context(namespace: str, name: str, *, store_path: str | None, logger: Any) -> MigrationContext:
+    """The one place the pipeline builds a migration's context: its spec store and run state, its status
+    sink, and drivers and backends through the Airflow hooks. Every operator, finalize and the status
+    notifier use it; a Kubernetes status sink is chosen here, not in each of them."""
+    from hooks.factories import driver_from_hook, storage_from_hook
+    from include.phases import MigrationContext
+    from include.store import FileStatusSink, SpecStore
+
+    store = SpecStore(store_path) if store_path else SpecStore()
+    return MigrationContext(namespace=namespace, name=name, store=store, sink=FileStatusSink(store),
+                            driver_factory=driver_from_hook, storage_factory=storage_from_hook, logger=logger)
+
+
 class MigrationPhaseOperator(BaseOperator):
     """Runs one phase of one VMMigration.
 
@@ -42,14 +55,7 @@ class MigrationPhaseOperator(BaseOperator):
         self._migration_ctx: MigrationContext | None = None
 
     def _context(self) -> MigrationContext:
-        from hooks.factories import driver_from_hook, storage_from_hook
-        from include.phases import MigrationContext
-        from include.store import SpecStore
-
-        return MigrationContext(namespace=self.namespace, name=self.migration_name,
-                                store=SpecStore(self.store_path) if self.store_path else SpecStore(),
-                                driver_factory=driver_from_hook, storage_factory=storage_from_hook,
-                                logger=self.log)
+        return pipeline_context(self.namespace, self.migration_name, store_path=self.store_path, logger=self.log)
 
     def execute(self, context: Context) -> Any:
         from include.phases import failure_message, is_permanent

@@ -38,13 +38,10 @@ class FinalizeMigrationOperator(BaseOperator):
         self.validated_task_id = validated_task_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from hooks.factories import driver_from_hook, storage_from_hook
-        from include.phases import MigrationContext, finalize
-        from include.store import SpecStore
+        from include.phases import finalize
+        from operators.base import pipeline_context
 
-        ctx = MigrationContext(namespace=self.namespace, name=self.migration_name,
-                               store=SpecStore(self.store_path) if self.store_path else SpecStore(),
-                               driver_factory=driver_from_hook, storage_factory=storage_from_hook, logger=self.log)
+        ctx = pipeline_context(self.namespace, self.migration_name, store_path=self.store_path, logger=self.log)
         try:
             succeeded, failure = self._outcome(context, ctx)
             result = finalize(ctx, succeeded=succeeded, failure=None if succeeded else failure)
