@@ -62,7 +62,16 @@ class LibvirtHook(BaseHook):
         return open_connection(self.uri, self.credentials)
 
     def get_conn(self) -> Any:
-        """The libvirt connection (the SDK's own object, as the Airflow providers' hooks return theirs)."""
+        """The libvirt connection (the SDK's own object, as the Airflow providers' hooks return theirs);
+        opened again when the one held was closed or its daemon went away."""
+        held = self.__dict__.get("conn")
+        if held is not None:
+            try:
+                alive = held.isAlive() == 1
+            except Exception:  # noqa: BLE001 - a closed connection raises instead of answering
+                alive = False
+            if not alive:
+                del self.__dict__["conn"]
         return self.conn
 
     @cached_property

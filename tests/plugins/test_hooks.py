@@ -20,7 +20,9 @@ def test_libvirt_hook_reads_its_uri_from_an_env_connection(libvirt_uri, monkeypa
     conn = hook.get_conn()  # the SDK's own connection, as the Airflow providers' hooks return theirs
     assert conn.getLibVersion() >= 9_000_000
     assert hook.driver.conn is conn  # the driver works on the hook's session
-    conn.close()
+    hook.driver.close()
+    assert hook.get_conn() is not conn and hook.get_conn().getLibVersion()  # a closed one is opened again
+    hook.get_conn().close()
 
 
 def test_libvirt_hook_refuses_conflicting_settings(monkeypatch):
