@@ -106,14 +106,9 @@ def _index_for(dag_id: str | None):
     task's start-up does not grow with the store."""
     ns, _, name = (dag_id or "").removeprefix(DAG_ID_PREFIX).partition("__")
     if dag_id and dag_id.startswith(DAG_ID_PREFIX) and name and dag_id_for(ns, name) == dag_id:
-        try:
-            files = STORE.own_files(ns, name)
-        except ValueError:
-            files = None
-        if files:
-            index = STORE.index(files)
-            if f"{ns}/{name}" in index.migrations:
-                return index
+        index = STORE.own_index(ns, name)
+        if index is not None:
+            return index
     return STORE.index()
 
 

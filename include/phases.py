@@ -98,9 +98,8 @@ class MigrationContext:
         """The spec store as this task needs it. Validating reads every file; later phases read only the
         files the validated run was resolved from (recorded in the plan), so a task's cost does not grow
         with the store. When one of those no longer holds what it held, the whole store is read."""
-        files = None if self.validating else self.store.own_files(self.namespace, self.name)
-        if files is not None:
-            index = self.store.index(files)
+        index = None if self.validating else self.store.own_index(self.namespace, self.name)
+        if index is not None:
             try:
                 resolve(self._migration_in(index), BundleInventory(index.objects))
                 return index

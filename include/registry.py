@@ -113,28 +113,34 @@ def supported_storage_types() -> tuple[str, ...]:
     return tuple(s.name for s in STORAGES)
 
 
+def _find_provider(type_name: str | None) -> ProviderType | None:
+    return next((p for p in PROVIDERS if type_name == p.name or type_name in p.aliases), None)
+
+
+def _find_storage(type_name: str | None) -> StorageType | None:
+    return next((s for s in STORAGES if type_name == s.name), None)
+
+
 def provider(type_name: str, *, field: str = "spec.targetProviderRef") -> ProviderType:
-    for entry in PROVIDERS:
-        if type_name == entry.name or type_name in entry.aliases:
-            return entry
-    raise InvalidMigration(f"provider type {type_name!r} is not supported yet (supported: "
-                           f"{', '.join(supported_provider_types())})", field=field)
+    entry = _find_provider(type_name)
+    if entry is None:
+        raise InvalidMigration(f"provider type {type_name!r} is not supported yet (supported: "
+                               f"{', '.join(supported_provider_types())})", field=field)
+    return entry
 
 
 def storage(type_name: str) -> StorageType:
-    for entry in STORAGES:
-        if type_name == entry.name:
-            return entry
-    raise InvalidMigration(f"storage type {type_name!r} is not supported (supported: "
-                           f"{', '.join(supported_storage_types())})", field="spec.storage.type")
+    entry = _find_storage(type_name)
+    if entry is None:
+        raise InvalidMigration(f"storage type {type_name!r} is not supported (supported: "
+                               f"{', '.join(supported_storage_types())})", field="spec.storage.type")
+    return entry
 
 
 def native_format(type_name: str) -> str:
     """The native disk format of a provider type (qcow2 for a type without an adapter yet)."""
-    for entry in PROVIDERS:
-        if type_name == entry.name or type_name in entry.aliases:
-            return entry.native_format
-    return "qcow2"
+    entry = _find_provider(type_name)
+    return entry.native_format if entry else "qcow2"
 
 
 def pools() -> dict[str, dict[str, Any]]:
@@ -149,14 +155,10 @@ def pools() -> dict[str, dict[str, Any]]:
 
 def provider_pool(type_name: str | None) -> str:
     """The pool of a provider type; Airflow's ``default_pool`` for an unknown one (it fails in Validating)."""
-    for entry in PROVIDERS:
-        if type_name == entry.name or type_name in entry.aliases:
-            return entry.pool
-    return "default_pool"
+    entry = _find_provider(type_name)
+    return entry.pool if entry else "default_pool"
 
 
 def storage_pool(type_name: str | None) -> str:
-    for entry in STORAGES:
-        if type_name == entry.name:
-            return entry.pool
-    return "default_pool"
+    entry = _find_storage(type_name)
+    return entry.pool if entry else "default_pool"

@@ -449,29 +449,37 @@ class SpecStore:
     def own_files(self, namespace: str, name: str) -> list[Path] | None:
         """The spec files one migration's validated run was resolved from (its VMMigration, VirtualMachine,
         Providers, Secrets and grants), as Validating recorded them in the plan; None when there is no plan
-        or one of them is gone. Reading only these keeps a task's cost flat however big the store grows."""
+        or one of them is gone or is not a spec file of this store."""
         plan = self.load_plan(namespace, name)
         recorded = plan.get("specFiles") if isinstance(plan, dict) else None
         if not isinstance(recorded, list) or not recorded:
             return None
         paths = [self.root / f for f in recorded if isinstance(f, str)]
-        mine = set(self.spec_files_quick(paths))
-        return paths if len(mine) == len(paths) else None
+        return paths if len(paths) == len(recorded) and all(self._is_spec_file(p) for p in paths) else None
 
-    def spec_files_quick(self, paths: list[Path]) -> list[Path]:
-        """Those of ``paths`` that :meth:`spec_files` would list (without listing the whole store)."""
-        out = []
-        for p in paths:
-            try:
-                rel = p.relative_to(self.root)
-            except ValueError:
-                continue
-            if ".." in rel.parts or p.suffix not in (".yaml", ".yml") or not p.is_file():
-                continue
-            if len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.parts[0] not in RESERVED_FOLDERS
-                                       and not (self.root / rel.parts[0]).is_symlink()):
-                out.append(p)
-        return out
+    def own_index(self, namespace: str, name: str) -> StoreIndex | None:
+        """Only the migration's own spec files (:meth:`own_files`), when they still hold its VMMigration;
+        None when the whole store must be read. Reading only these keeps a task's cost flat however big
+        the store grows."""
+        try:
+            files = self.own_files(namespace, name)
+        except ValueError:  # not Kubernetes names, or an unreadable plan
+            return None
+        if not files:
+            return None
+        index = self.index(files)
+        return index if f"{namespace}/{name}" in index.migrations else None
+
+    def _is_spec_file(self, path: Path) -> bool:
+        """Whether :meth:`spec_files` would list ``path`` (without listing the whole store)."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return False
+        if ".." in rel.parts or path.suffix not in (".yaml", ".yml") or not path.is_file():
+            return False
+        return len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.parts[0] not in RESERVED_FOLDERS
+                                       and not (self.root / rel.parts[0]).is_symlink())
 
     # -- state ---------------------------------------------------------------------------------
     def state_dir(self, namespace: str, name: str) -> Path:

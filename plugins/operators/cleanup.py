@@ -59,7 +59,6 @@ class FinalizeMigrationOperator(BaseOperator):
         read back: it is a projection for people (and, later, the cluster)."""
         from include.phases import run_outcome
 
-        validated, failure = run_outcome(ctx)
         if context["ti"].xcom_pull(task_ids=self.validated_task_id) is not None:
             return True, None
-        return validated, failure
+        return run_outcome(ctx)
