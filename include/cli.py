@@ -106,7 +106,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             pool = entry.migration.spec.targetStorageHint or driver_for(resolved.target).default_storage()
             plan = build_plan(resolved, vm, target_storage=pool)
             storage = backend_for(entry.migration.spec.storage, resolved.storage_credentials)
-            plan["storage"]["location"] = storage.location(plan["storage"]["prefix"])
+            location = storage.location(plan.storage.prefix)
         except SpecValidationError as err:
             print(f"VMMigration {key}: cannot plan:", file=sys.stderr)
             for e in err.errors:
@@ -117,9 +117,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"VMMigration {key}: cannot plan: {err}", file=sys.stderr)
             status = 1
             continue
-        plans.append(plan)
+        shown = plan.to_dict()
+        shown["storage"]["location"] = location
+        plans.append(shown)
         if not args.json:
-            print(describe(plan, plan["storage"]["location"]))
+            print(describe(plan, location))
     if args.json:
         print(json.dumps(plans if len(plans) != 1 else plans[0], indent=2))
     return status

@@ -298,12 +298,8 @@ def guest_segments(path: str | os.PathLike[str], fmt: str, *, chunk: int = CHUNK
         raise QemuImgError(f"{path}: compressed or encrypted clusters cannot be read in place")
     with open(path, "rb", buffering=0) as fh:
         fd = fh.fileno()
-        for e in extents:
-            length = int(e["length"])
-            if not e.get("data") or e.get("zero"):
-                yield Segment(length=length)
-                continue
-            pos, left = int(e["offset"]), length
+
+        def read(pos: int, left: int) -> Iterator[Segment]:
             while left:
                 buf = os.pread(fd, min(chunk, left), pos)
                 if not buf:
@@ -311,6 +307,24 @@ def guest_segments(path: str | os.PathLike[str], fmt: str, *, chunk: int = CHUNK
                 pos += len(buf)
                 left -= len(buf)
                 yield Segment(length=len(buf), data=buf)
+
+        data = ((int(e["start"]), int(e["length"]), read(int(e["offset"]), int(e["length"])))
+                for e in extents if e.get("data") and not e.get("zero"))
+        size = max((int(e["start"]) + int(e["length"]) for e in extents), default=0)
+        yield from fill_gaps(data, size)
+
+
+def fill_gaps(ranges: Iterable[tuple[int, int, Iterable[Segment]]], size: int) -> Iterator[Segment]:
+    """A logical stream of ``size`` bytes from its data ranges ((offset, length, their segments), in
+    order): the gaps between them and after the last are holes."""
+    pos = 0
+    for offset, length, segments in ranges:
+        if offset > pos:
+            yield Segment(length=offset - pos)
+        yield from segments
+        pos = offset + length
+    if size > pos:
+        yield Segment(length=size - pos)
 
 
 def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], fmt_a: str | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 from include.compression import codec_from
 from include.errors import InvalidMigration
 from include.inventory import Resolved
+from include.model import CleanupPlan, Conversion, DiskPlan, Plan, SnapshotPlan, SourcePlan, StoragePlan, TargetPlan
 from include.providers.base import HypervisorDriver, VMInfo
 from include.registry import native_format, provider
 from include.status import Phase, human_bytes
@@ -31,17 +32,6 @@ def staging_root() -> Path:
     Each migration stages in a private folder of fresh, unpredictable name made inside it (0700), never
     in a predictable path another user could create first (``include.safefs``)."""
     return Path(os.environ.get(STAGING_ENV) or tempfile.gettempdir())
-
-
-def storage_scope(plan_storage: dict[str, Any]) -> str:
-    """Where intermediate objects live, as the ledger names it: type plus bucket, endpoint or path
-    (``plan_storage`` is the plan's ``storage`` block)."""
-    storage = plan_storage["spec"]
-    endpoint = plan_storage.get("effectiveEndpoint") or storage.get("endpoint")
-    where = {"s3": lambda: f"{endpoint or 'aws'}/{storage.get('bucket')}",
-             "http": lambda: str(endpoint),
-             "nfs": lambda: str(storage.get("path"))}[storage["type"]]()
-    return f"{storage['type']}:{where}"
 
 
 def _digest(value: Any) -> str:
@@ -102,7 +92,7 @@ def _driver_class(type_name: str) -> type[HypervisorDriver]:
         return HypervisorDriver
 
 
-def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[str, Any]:
+def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
     migration = resolved.migration
     spec = migration.spec
     target_format = spec.targetDiskFormat or native_format(resolved.target.type)
@@ -121,102 +111,70 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> dict[s
                     f"{hints.disk} GB is smaller than disk {disk.name} ({human_bytes(capacity)}); disks are "
                     f"never shrunk", field="spec.targetResourceHints.disk")
             capacity = wanted
-        disks.append({
-            "name": disk.name,
-            "sizeBytes": disk.capacity,
-            "allocatedBytes": disk.allocation,
-            "sourceFormat": disk.format,
-            "sourcePath": disk.path,
-            "sourcePool": disk.pool,
-            "sourceVolume": disk.volume,
-            "bus": disk.bus,
-            "transitFormat": transit,
-            "conversion": conversion,
-            "targetFormat": target_format,
-            "objectKey": f"{prefix}/{disk.name}.{transit}",
-            "targetStorage": target_storage,
-            "targetVolume": target_driver.target_volume_name(spec.targetName, disk.name, target_format),
-            "targetCapacity": capacity,
-        })
+        disks.append(DiskPlan(
+            name=disk.name, size_bytes=disk.capacity, allocated_bytes=disk.allocation, source_format=disk.format,
+            source_path=disk.path, source_pool=disk.pool, source_volume=disk.volume, bus=disk.bus,
+            transit_format=transit, conversion=Conversion(conversion), target_format=target_format,
+            object_key=f"{prefix}/{disk.name}.{transit}", target_storage=target_storage,
+            target_volume=target_driver.target_volume_name(spec.targetName, disk.name, target_format),
+            target_capacity=capacity))
     cleanup = spec.cleanupPolicy
-    return {
-        "migration": migration.key,
-        "dagId": dag_id_for(migration.namespace, migration.name),
-        "source": {
-            "provider": resolved.source.provider.ref,
-            "type": resolved.source.provider.type,
-            "endpoint": resolved.source.provider.endpoint,
-            "vm": resolved.source.provider_vm_id,
-            "vmId": vm.id,
-            "running": vm.running,
-            "vcpus": vm.vcpus,
-            "memoryMiB": vm.memory_mib,
-        },
-        "target": {
-            "provider": resolved.target.ref,
-            "type": resolved.target.type,
-            "endpoint": resolved.target.endpoint,
-            "vm": spec.targetName,
-            "storage": target_storage,
-            "vcpus": hints.cpu or vm.vcpus,
-            "memoryMiB": hints.memory or vm.memory_mib,
-            "networks": [{k: v for k, v in (("name", h.name), ("network", h.network), ("bridge", h.bridge)) if v}
-                         for h in spec.targetNetworkHints],
-        },
-        "storage": {"type": spec.storage.type, "prefix": prefix,
-                    "compression": codec_from(migration.annotations),
-                    # the storage block as validated (no credentials: those stay in the Secret)
-                    "spec": {"type": spec.storage.type, "bucket": spec.storage.bucket,
-                             "endpoint": spec.storage.endpoint, "region": spec.storage.region,
-                             "path": spec.storage.path},
-                    # where the objects really go (a Secret may set the endpoint): the ledger's scope
-                    "effectiveEndpoint": effective_storage_endpoint(resolved)},
-        "pin": pin_of(resolved),
-        "snapshot": {"name": snapshot_name(migration.name),
-                     "disks": source_driver.snapshot_disks(vm.disks)},
-        "disks": disks,
-        "phases": [p.value for p in Phase if p not in (Phase.PENDING, Phase.FAILED)],
-        "cleanup": {
-            "deleteIntermediate": cleanup.deleteIntermediate,
-            "deleteSnapshot": cleanup.deleteSnapshot,
-            "deleteSource": cleanup.deleteSource,
-        },
-    }
+    source = resolved.source.provider
+    return Plan(
+        migration=migration.key,
+        dag_id=dag_id_for(migration.namespace, migration.name),
+        source=SourcePlan(provider=source.ref, type=source.type, endpoint=source.endpoint,
+                          vm=resolved.source.provider_vm_id, vm_id=vm.id, running=vm.running, vcpus=vm.vcpus,
+                          memory_mib=vm.memory_mib),
+        target=TargetPlan(provider=resolved.target.ref, type=resolved.target.type, endpoint=resolved.target.endpoint,
+                          vm=spec.targetName, storage=target_storage, vcpus=hints.cpu or vm.vcpus,
+                          memory_mib=hints.memory or vm.memory_mib, networks=tuple(spec.targetNetworkHints)),
+        storage=StoragePlan(type=spec.storage.type, prefix=prefix, compression=codec_from(migration.annotations),
+                            spec={"type": spec.storage.type, "bucket": spec.storage.bucket,
+                                  "endpoint": spec.storage.endpoint, "region": spec.storage.region,
+                                  "path": spec.storage.path},
+                            effective_endpoint=effective_storage_endpoint(resolved)),
+        pin=pin_of(resolved),
+        snapshot=SnapshotPlan(name=snapshot_name(migration.name), disks=tuple(source_driver.snapshot_disks(vm.disks))),
+        disks=tuple(disks),
+        phases=tuple(p.value for p in Phase if p not in (Phase.PENDING, Phase.FAILED)),
+        cleanup=CleanupPlan(delete_intermediate=cleanup.deleteIntermediate, delete_snapshot=cleanup.deleteSnapshot,
+                            delete_source=cleanup.deleteSource),
+    )
 
 
-def describe(plan: dict[str, Any], storage_location: str | None = None) -> str:
+def describe(plan: Plan, storage_location: str | None = None) -> str:
     """The plan as text, for ``plan`` on the command line and the Validating log."""
-    src, tgt = plan["source"], plan["target"]
+    src, tgt = plan.source, plan.target
     lines = [
-        f"Migration {plan['migration']}  (DAG {plan['dagId']})",
-        f"  source: VM {src['vm']} on {src['type']} provider {src['provider']} ({src['endpoint']}), "
-        f"{src['vcpus']} vCPU, {src['memoryMiB']} MiB",
-        f"  target: VM {tgt['vm']} on {tgt['type']} provider {tgt['provider']} ({tgt['endpoint']}), "
-        f"storage {tgt['storage']}, {tgt['vcpus']} vCPU, {tgt['memoryMiB']} MiB",
+        f"Migration {plan.migration}  (DAG {plan.dag_id})",
+        f"  source: VM {src.vm} on {src.type} provider {src.provider} ({src.endpoint}), "
+        f"{src.vcpus} vCPU, {src.memory_mib} MiB",
+        f"  target: VM {tgt.vm} on {tgt.type} provider {tgt.provider} ({tgt.endpoint}), "
+        f"storage {tgt.storage}, {tgt.vcpus} vCPU, {tgt.memory_mib} MiB",
     ]
-    for net in tgt["networks"]:
-        lines.append(f"          nic {net['name']} -> " + (f"bridge {net['bridge']}" if net.get("bridge")
-                                                            else f"network {net['network']}"))
-    lines.append(f"  storage: {plan['storage']['type']} at {storage_location or plan['storage']['prefix']}"
-                 + (f", {plan['storage']['compression']} compressed" if plan["storage"].get("compression") else ""))
-    lines.append(f"  disks ({len(plan['disks'])}):")
-    for d in plan["disks"]:
-        conv = {"none": "no conversion",
-                "source": f"convert {d['sourceFormat']} -> {d['targetFormat']} before upload",
-                "target": f"convert {d['transitFormat']} -> {d['targetFormat']} after download"}[d["conversion"]]
-        lines.append(f"    {d['name']}: {human_bytes(d['sizeBytes'])} virtual, {human_bytes(d['allocatedBytes'])} "
-                     f"allocated, {d['sourceFormat']}; {conv}; travels as {d['transitFormat']} "
-                     f"({d['objectKey']}); lands as {d['targetStorage']}/{d['targetVolume']}")
-    lines.append("  phases: " + " -> ".join(plan["phases"]))
-    snap = plan["snapshot"]
-    covered = ", ".join(snap["disks"]) or "no disk (the source hypervisor cannot snapshot these disks)"
-    lines.append(f"  snapshot: {snap['name']} of {covered}")
-    c = plan["cleanup"]
+    for net in tgt.networks:
+        where = f"bridge {net.bridge}" if net.bridge else f"network {net.network}"
+        lines.append(f"          nic {net.name} -> {where}")
+    lines.append(f"  storage: {plan.storage.type} at {storage_location or plan.storage.prefix}"
+                 + (f", {plan.storage.compression} compressed" if plan.storage.compression else ""))
+    lines.append(f"  disks ({len(plan.disks)}):")
+    for d in plan.disks:
+        conv = {Conversion.NONE: "no conversion",
+                Conversion.SOURCE: f"convert {d.source_format} -> {d.target_format} before upload",
+                Conversion.TARGET: f"convert {d.transit_format} -> {d.target_format} after download"}[d.conversion]
+        lines.append(f"    {d.name}: {human_bytes(d.size_bytes)} virtual, {human_bytes(d.allocated_bytes)} "
+                     f"allocated, {d.source_format}; {conv}; travels as {d.transit_format} "
+                     f"({d.object_key}); lands as {d.target_storage}/{d.target_volume}")
+    lines.append("  phases: " + " -> ".join(plan.phases))
+    covered = ", ".join(plan.snapshot.disks) or "no disk (the source hypervisor cannot snapshot these disks)"
+    lines.append(f"  snapshot: {plan.snapshot.name} of {covered}")
+    c = plan.cleanup
     lines.append("  cleanup after success: "
                  + ", ".join([
-                     "delete intermediate files" if c["deleteIntermediate"] else "keep intermediate files",
-                     "delete the snapshot" if c["deleteSnapshot"] else "keep the snapshot",
-                     "DELETE THE SOURCE VM" if c["deleteSource"] else "keep the source VM",
+                     "delete intermediate files" if c.delete_intermediate else "keep intermediate files",
+                     "delete the snapshot" if c.delete_snapshot else "keep the snapshot",
+                     "DELETE THE SOURCE VM" if c.delete_source else "keep the source VM",
                  ]))
     lines.append("  after a failure: the partial target is removed, the source VM is always kept")
     return "\n".join(lines)

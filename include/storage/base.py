@@ -4,11 +4,13 @@ segments, each disk's sha256 kept in a manifest beside it."""
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from include.diskio import Segment
+from include.errors import StorageError
 
 #: the suffix of the manifest object written beside each disk object
 MANIFEST_SUFFIX = ".manifest.json"
@@ -67,11 +69,28 @@ class StorageBackend(abc.ABC):
         """Delete the object ``key``, its manifest and any partial upload of it; only ever called for
         keys the migration's ledger records as written by it."""
 
-    @abc.abstractmethod
-    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None: ...
+    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest of ``key`` beside it (replacing one there)."""
+        self.put_document(key + MANIFEST_SUFFIX, json.dumps(manifest, indent=2).encode())
+
+    def get_manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of ``key``, or None when there is none; a StorageError when it is not JSON."""
+        data = self.get_document(key + MANIFEST_SUFFIX)
+        if data is None:
+            return None
+        try:
+            manifest = json.loads(data)
+        except ValueError as err:
+            raise StorageError(f"the manifest of {self.location(key)} is not JSON ({err})") from err
+        return manifest if isinstance(manifest, dict) else None
 
     @abc.abstractmethod
-    def get_manifest(self, key: str) -> dict[str, Any] | None: ...
+    def put_document(self, key: str, data: bytes) -> None:
+        """Write a small object (a manifest) whole, atomically."""
+
+    @abc.abstractmethod
+    def get_document(self, key: str) -> bytes | None:
+        """A small object's bytes, or None when it does not exist."""
 
     def local_path(self, key: str) -> Path | None:
         """A local file holding ``key`` when the backend is a mounted filesystem (lets qemu-img read it

@@ -14,7 +14,6 @@ sent, and the connection to the proxy is checked on connect as usual.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,11 +25,10 @@ from include.diskio import CHUNK, Segment
 from include.errors import InvalidMigration, StorageAuthError, StorageError
 from include.inventory import Credentials
 from include.spec import StorageSpec
-from include.storage.base import ObjectWriter, StorageBackend
+from include.storage.base import MANIFEST_SUFFIX, ObjectWriter, StorageBackend
 from include.storage.tls import tls_verify
 
 log = logging.getLogger(__name__)
-MANIFEST_SUFFIX = ".manifest.json"
 
 
 def bearer_token(credentials: Credentials | None) -> str | None:
@@ -264,17 +262,17 @@ class HttpStorage(StorageBackend):
             existed = existed or resp.status_code in (200, 204)
         return existed
 
-    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
-        resp = self._call("PUT", key + MANIFEST_SUFFIX, f"writing the manifest of {self.url(key)}",
-                          data=json.dumps(manifest, indent=2).encode(), headers={"Content-Type": "application/json"})
-        self.check_response(resp, f"writing the manifest of {self.url(key)}")
+    def put_document(self, key: str, data: bytes) -> None:
+        resp = self._call("PUT", key, f"writing {self.url(key)}", data=data,
+                          headers={"Content-Type": "application/json"})
+        self.check_response(resp, f"writing {self.url(key)}")
 
-    def get_manifest(self, key: str) -> dict[str, Any] | None:
-        resp = self._call("GET", key + MANIFEST_SUFFIX, f"reading the manifest of {self.url(key)}")
+    def get_document(self, key: str) -> bytes | None:
+        resp = self._call("GET", key, f"reading {self.url(key)}")
         if resp.status_code == 404:
             return None
-        self.check_response(resp, f"reading the manifest of {self.url(key)}")
-        return resp.json()
+        self.check_response(resp, f"reading {self.url(key)}")
+        return resp.content
 
 
 def refuse_userinfo(endpoint: str | None, *, field: str = "spec.storage.endpoint") -> None:

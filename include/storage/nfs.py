@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from include import safefs
 from include.diskio import Segment, file_segments
@@ -277,26 +275,25 @@ class NfsStorage(StorageBackend):
                 return False
             raise
 
-    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=2).encode()
-        with self.walker.parent(key + MANIFEST_SUFFIX, create=True) as (fd, name):
+    def put_document(self, key: str, data: bytes) -> None:
+        with self.walker.parent(key, create=True) as (fd, name):
             writer = _FileWriter(fd, name, Path(self.location(key)).parent, self.walker.trusted)
         try:
             writer.write(Segment(length=len(data), data=data))
             writer.commit()
         except BaseException:
-            writer.discard()  # a manifest is rewritten whole, never resumed
+            writer.discard()  # a document is rewritten whole, never resumed
             raise
 
-    def get_manifest(self, key: str) -> dict[str, Any] | None:
+    def get_document(self, key: str) -> bytes | None:
         try:
-            fd = self._open(key + MANIFEST_SUFFIX)
+            fd = self._open(key)
         except StorageError:
-            if not self.exists(key + MANIFEST_SUFFIX):
+            if not self.exists(key):
                 return None
             raise
         with os.fdopen(fd, "rb") as fh:
-            return json.loads(fh.read())
+            return fh.read()
 
 
 def from_spec(storage, credentials=None) -> NfsStorage:

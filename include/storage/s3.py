@@ -18,7 +18,6 @@ request is checked against the address policy before it is sent (botocore's ``be
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from collections import deque
@@ -31,7 +30,7 @@ from include.diskio import CHUNK, Segment
 from include.errors import InvalidMigration, StorageAuthError, StorageError
 from include.inventory import Credentials
 from include.spec import StorageSpec
-from include.storage.base import ObjectWriter, StorageBackend
+from include.storage.base import MANIFEST_SUFFIX, ObjectWriter, StorageBackend
 from include.storage.tls import tls_verify
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,6 @@ MIN_PART = 8 * MiB
 #: parts held at once (in flight plus the one being filled) stay within this, down to one in flight
 MEMORY_BUDGET = 160 * MiB
 MAX_PARTS = 10_000
-MANIFEST_SUFFIX = ".manifest.json"
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
               "XAdminUserNotFound", "403", "401"}
 
@@ -429,25 +427,23 @@ class S3Storage(StorageBackend):
             raise translate(err, f"deleting s3://{self.bucket}/{key}") from err
         return existed
 
-    def put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+    def put_document(self, key: str, data: bytes) -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key + MANIFEST_SUFFIX,
-                                   Body=json.dumps(manifest, indent=2).encode(), ContentType="application/json")
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
         except Exception as err:
-            raise translate(err, f"writing the manifest of s3://{self.bucket}/{key}") from err
+            raise translate(err, f"writing s3://{self.bucket}/{key}") from err
 
-    def get_manifest(self, key: str) -> dict[str, Any] | None:
+    def get_document(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key + MANIFEST_SUFFIX)["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as err:
             if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise translate(err, f"reading the manifest of s3://{self.bucket}/{key}") from err
+            raise translate(err, f"reading s3://{self.bucket}/{key}") from err
         except Exception as err:
-            raise translate(err, f"reading the manifest of s3://{self.bucket}/{key}") from err
-        return json.loads(body)
+            raise translate(err, f"reading s3://{self.bucket}/{key}") from err
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

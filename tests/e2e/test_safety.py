@@ -339,7 +339,7 @@ def test_staging_is_private_and_a_swapped_staged_file_is_caught(store, world, mo
     phases.validate(ctx)
     phases.snapshot(ctx)
     phases.export_disk(ctx, "vdb")  # raw -> qcow2 before upload: staged
-    staged = Path(ctx.disk_record("vdb")["exportPath"])
+    staged = Path(ctx.disk_record("vdb").export_path)
     assert staged.parent.parent == tmp_path / "staging"
     assert staged.parent.name.startswith("default.staged.") and len(staged.parent.name) > len("default.staged.")
     assert staged.parent.stat().st_mode & 0o777 == 0o700
@@ -436,24 +436,22 @@ def test_a_volume_made_by_a_try_that_died_before_recording_it_is_recognised(stor
 def test_a_vm_defined_by_a_try_that_died_before_recording_it_is_recognised(store, world):
     """Same for the target VM: define_vm tags it with the migration; a retry finds its tag and takes it over.
     A VM of that name without the tag stays a Conflict."""
-    from include.providers.base import TargetDisk
 
     create_source_vm(world)
     write_store(store, "diedvm.yaml", store_documents(world, name="diedvm", target_format="qcow2"))
     ctx = ctx_for(store, "diedvm")
     run_phases(ctx, until="import_disk:vdb")
-    tgt = ctx.plan["target"]
-    disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
-                        capacity=d["targetCapacity"]) for d in ctx.plan["disks"]]
-    ctx.target.define_vm(tgt["vm"], 1, 128, disks, [], owner=f"default/diedvm {ctx.ledger.run()}")
+    tgt = ctx.plan.target
+    disks = [d.target_disk() for d in ctx.plan.disks]
+    ctx.target.define_vm(tgt.vm, 1, 128, disks, [], owner=f"default/diedvm {ctx.ledger.run()}")
     phases.create_vm(ctx_for(store, "diedvm"))
     phases.validate_target(ctx_for(store, "diedvm"))  # the VM defined by the plan, not the one the dead try left
     phases.finalize(ctx_for(store, "diedvm"), succeeded=False, failure="test")
-    assert tgt["vm"] not in domains(world)
+    assert tgt.vm not in domains(world)
     # an untagged VM of that name is somebody else's
     conn = world.conn()
     try:
-        conn.defineXML(f"<domain type='kvm'><name>{tgt['vm']}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        conn.defineXML(f"<domain type='kvm'><name>{tgt.vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
                        f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
     finally:
         conn.close()
@@ -461,9 +459,9 @@ def test_a_vm_defined_by_a_try_that_died_before_recording_it_is_recognised(store
         with pytest.raises(Conflict, match="already exists"):
             phases.validate(ctx_for(store, "diedvm"))
         phases.finalize(ctx_for(store, "diedvm"), succeeded=False, failure="test")
-        assert tgt["vm"] in domains(world)
+        assert tgt.vm in domains(world)
     finally:
-        _virsh(world, "undefine", tgt["vm"])
+        _virsh(world, "undefine", tgt.vm)
 
 
 def test_a_staging_folder_another_user_made_first_is_refused(store, world, shared_folder, monkeypatch):
@@ -488,7 +486,7 @@ def test_a_hard_link_in_place_of_a_staged_file_is_refused(store, world, monkeypa
     phases.validate(ctx)
     phases.snapshot(ctx)
     phases.export_disk(ctx, "vdb")
-    staged = Path(ctx.disk_record("vdb")["exportPath"])
+    staged = Path(ctx.disk_record("vdb").export_path)
     os.link(staged, tmp_path / "elsewhere")
     with pytest.raises(InvalidMigration, match="a hard link"):
         phases.transfer_disk(ctx_for(store, "hl"), "vdb")
@@ -568,23 +566,21 @@ def test_a_snapshot_of_the_migrations_name_made_by_someone_else_is_never_deleted
 def test_rollback_removes_a_vm_this_run_tagged_but_never_one_of_another_run(store, world):
     """A try that died right after define_vm leaves a VM tagged with this run: the rollback removes it. A VM
     tagged by an earlier run of the same migration (a migrated VM handed over) is never touched."""
-    from include.providers.base import TargetDisk
 
     create_source_vm(world)
     write_store(store, "tagged.yaml", store_documents(world, name="tagged", target_format="qcow2"))
     ctx = ctx_for(store, "tagged")
     run_phases(ctx, until="import_disk:vdb")
-    tgt = ctx.plan["target"]
-    disks = [TargetDisk(name=d["name"], pool=d["targetStorage"], volume=d["targetVolume"], format=d["targetFormat"],
-                        capacity=d["targetCapacity"]) for d in ctx.plan["disks"]]
-    ctx.target.define_vm(tgt["vm"], 1, 128, disks, [], owner="default/tagged some-earlier-run")
+    tgt = ctx.plan.target
+    disks = [d.target_disk() for d in ctx.plan.disks]
+    ctx.target.define_vm(tgt.vm, 1, 128, disks, [], owner="default/tagged some-earlier-run")
     with pytest.raises(Conflict, match="already exists on the target and was not created by this migration"):
         phases.create_vm(ctx_for(store, "tagged"))
     phases.finalize(ctx_for(store, "tagged"), succeeded=False, failure="test")
-    assert tgt["vm"] in domains(world)  # another run's VM: kept
-    _virsh(world, "undefine", tgt["vm"])
+    assert tgt.vm in domains(world)  # another run's VM: kept
+    _virsh(world, "undefine", tgt.vm)
     ctx = ctx_for(store, "tagged")
     run_phases(ctx, until="import_disk:vdb")
-    ctx.target.define_vm(tgt["vm"], 1, 128, disks, [], owner=f"default/tagged {ctx.ledger.run()}")
+    ctx.target.define_vm(tgt.vm, 1, 128, disks, [], owner=f"default/tagged {ctx.ledger.run()}")
     phases.finalize(ctx_for(store, "tagged"), succeeded=False, failure="test")
-    assert tgt["vm"] not in domains(world)  # this run's, never recorded: removed
+    assert tgt.vm not in domains(world)  # this run's, never recorded: removed

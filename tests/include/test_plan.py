@@ -90,7 +90,7 @@ VM = VMInfo(name="web-domain", running=False, vcpus=2, memory_mib=2048, disks=(V
 # -- build_plan --------------------------------------------------------------------------------------------------------
 
 def test_plan_header():
-    plan = build_plan(resolved_for(), VM, target_storage="fast-pool")
+    plan = build_plan(resolved_for(), VM, target_storage="fast-pool").to_dict()
     assert plan["migration"] == "apps/move-web"
     assert plan["dagId"] == "vmmigration__apps__move-web"
     assert plan["source"] == {"provider": "apps/kvm-source", "type": "libvirt", "endpoint": "qemu+ssh://kvm1/system",
@@ -109,7 +109,7 @@ def test_plan_header():
 
 
 def test_plan_disks_with_native_target_format():
-    plan = build_plan(resolved_for(), VM, target_storage="fast-pool")
+    plan = build_plan(resolved_for(), VM, target_storage="fast-pool").to_dict()
     vda, vdb = plan["disks"]
     # libvirt's native format is qcow2
     assert vda == {
@@ -128,7 +128,7 @@ def test_plan_disks_with_native_target_format():
 
 @pytest.mark.parametrize("target_fmt", FORMATS)
 def test_plan_follows_target_disk_format(target_fmt):
-    plan = build_plan(resolved_for(targetDiskFormat=target_fmt), VM, target_storage="pool")
+    plan = build_plan(resolved_for(targetDiskFormat=target_fmt), VM, target_storage="pool").to_dict()
     for disk, source in zip(plan["disks"], VM.disks):
         transit, conversion = choose_formats(source.format, target_fmt)
         assert (disk["transitFormat"], disk["conversion"], disk["targetFormat"]) == (transit, conversion, target_fmt)
@@ -138,7 +138,7 @@ def test_plan_follows_target_disk_format(target_fmt):
 
 def test_target_name_defaults_to_source_name_in_volume_names():
     body_without_target_name = {"targetName": None}
-    plan = build_plan(resolved_for(**body_without_target_name), VM, target_storage="pool")
+    plan = build_plan(resolved_for(**body_without_target_name), VM, target_storage="pool").to_dict()
     assert plan["target"]["vm"] == "web"
     assert [d["targetVolume"] for d in plan["disks"]] == ["web-vda.qcow2", "web-vdb.qcow2"]
 
@@ -147,7 +147,7 @@ def test_resource_and_network_hints():
     resolved = resolved_for(targetResourceHints={"cpu": 4, "memory": 8192, "disk": 100},
                             targetNetworkHints=[{"name": "eth0", "bridge": "virbr0"},
                                                 {"name": "eth1", "network": "VM Network"}])
-    plan = build_plan(resolved, VM, target_storage="pool")
+    plan = build_plan(resolved, VM, target_storage="pool").to_dict()
     assert (plan["target"]["vcpus"], plan["target"]["memoryMiB"]) == (4, 8192)
     assert plan["target"]["networks"] == [{"name": "eth0", "bridge": "virbr0"},
                                           {"name": "eth1", "network": "VM Network"}]
@@ -157,7 +157,7 @@ def test_resource_and_network_hints():
 
 
 def test_disk_hint_equal_to_the_disk_is_fine():
-    plan = build_plan(resolved_for(targetResourceHints={"disk": 10}), VM, target_storage="pool")
+    plan = build_plan(resolved_for(targetResourceHints={"disk": 10}), VM, target_storage="pool").to_dict()
     assert plan["disks"][0]["targetCapacity"] == 10 * GB
 
 
@@ -172,11 +172,11 @@ def test_disk_hint_smaller_than_the_source_disk_is_refused():
 
 
 def test_snapshot_covers_disks_only_when_all_are_qcow2():
-    mixed = build_plan(resolved_for(), VM, target_storage="pool")
+    mixed = build_plan(resolved_for(), VM, target_storage="pool").to_dict()
     assert mixed["snapshot"] == {"name": "vmmigration-move-web", "disks": []}
     all_qcow2 = VMInfo(name="web-domain", running=False, vcpus=1, memory_mib=512,
                        disks=(VDA, DiskInfo(name="vdc", format="qcow2", capacity=GB, allocation=GB, path="/x.qcow2")))
-    plan = build_plan(resolved_for(), all_qcow2, target_storage="pool")
+    plan = build_plan(resolved_for(), all_qcow2, target_storage="pool").to_dict()
     assert plan["snapshot"] == {"name": "vmmigration-move-web", "disks": ["vda", "vdc"]}
     assert snapshot_name("move-web") == "vmmigration-move-web"
 
@@ -184,14 +184,14 @@ def test_snapshot_covers_disks_only_when_all_are_qcow2():
 def test_vm_without_disks():
     plan = build_plan(resolved_for(targetResourceHints={"disk": 1}), VMInfo("empty", False, 1, 256, ()),
                       target_storage="pool")
-    assert plan["disks"] == []
-    assert plan["snapshot"]["disks"] == []
+    assert plan.disks == ()
+    assert plan.snapshot.disks == ()
     assert "disks (0):" in describe(plan)
 
 
 def test_cleanup_policy_is_copied():
     plan = build_plan(resolved_for(cleanupPolicy={"deleteIntermediate": False, "deleteSource": True}), VM,
-                      target_storage="pool")
+                      target_storage="pool").to_dict()
     assert plan["cleanup"] == {"deleteIntermediate": False, "deleteSnapshot": True, "deleteSource": True}
 
 
@@ -244,3 +244,32 @@ def test_describe_without_conversion_and_with_dangerous_cleanup():
     assert "storage: nfs at apps/move-web" in text  # the prefix when no location is given
     assert "snapshot: vmmigration-move-web of vda" in text
     assert "keep intermediate files, keep the snapshot, DELETE THE SOURCE VM" in text
+
+
+# -- the typed plan as stored ------------------------------------------------------------------------------------
+
+def test_plan_reads_back_typed_from_its_stored_form():
+    """What Validating saves (JSON, camelCase) reads back as the same typed plan every later phase uses."""
+    import json
+
+    from include.model import Conversion, Plan
+
+    resolved = resolved_for(targetNetworkHints=[{"name": "eth0", "bridge": "virbr0"}])
+    plan = build_plan(resolved, VM, target_storage="pool")
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    assert again.disk("vdb").conversion is Conversion.SOURCE
+    assert again.target.networks[0].bridge == "virbr0"
+    assert again.source.scope == "libvirt:qemu+ssh://kvm1/system"
+
+
+def test_a_plan_missing_a_field_is_refused_naming_it():
+    from include.errors import InvalidMigration
+    from include.model import Plan
+
+    stored = build_plan(resolved_for(), VM, target_storage="pool").to_dict()
+    del stored["disks"][1]["objectKey"]
+    with pytest.raises(InvalidMigration, match="no 'objectKey' in its DiskPlan"):
+        Plan.from_dict(stored)
+    with pytest.raises(InvalidMigration, match="disk 'vdz' is not in the plan"):
+        build_plan(resolved_for(), VM, target_storage="pool").disk("vdz")

@@ -1,0 +1,150 @@
+"""After the run: cleanupPolicy on success, rollback of what the run half-created on failure, and the
+final Ready or Failed.
+
+Every delete here acts on a ledger entry (what this migration recorded as created by itself), on the
+endpoints and storage the validated plan pinned; nothing is found by name or prefix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from include import safefs
+from include import status as st
+from include.claims import NameClaims
+from include.phases.checks import ensure_same_source
+from include.phases.context import MigrationContext, host_scope
+from include.phases.target import remove_own_vm
+from include.phases.volumes import adoptable_intent
+from include.status import Phase
+
+
+def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
+    done: list[str] = []
+    kept: list[str] = []
+    ctx.cleaning = True
+    plan = ctx.load_plan(required=False)
+    if plan is None:  # failed in Validating: nothing but the name claim was taken
+        _release_claims(ctx, done)
+        return {"removed": done}
+    policy = plan.cleanup  # as validated at the start of the run, whatever the spec says now
+    ledger = ctx.ledger
+    here = host_scope()
+    for entry in ledger.entries("dir"):
+        if entry.scope == here and entry.ident.get("role") == "staging":
+            path = Path(entry.ident["path"])
+            with _logged(ctx, f"removing staging folder {path}"):
+                if os.path.lexists(path) and safefs.is_private_dir(path):
+                    shutil.rmtree(path)  # our own 0700 folder: nobody else could put anything in it
+                    done.append(f"staging folder {path}")
+                ledger.forget(entry)
+    if succeeded:
+        # what the target now holds is the migrated VM: never rolled back by a later run
+        for entry in ledger.entries("vm") + ledger.entries("volume"):
+            if entry.scope == ctx.scope_target:
+                ledger.forget(entry)
+    else:
+        done += _rollback_target(ctx)
+    if policy.delete_intermediate:
+        objects = [e for e in ledger.entries("object") if e.scope == ctx.scope_storage]
+        with _logged(ctx, "deleting intermediate files"):
+            for entry in objects:
+                ctx.storage.delete(entry.ident["key"])
+                ledger.forget(entry)
+                done.append(f"intermediate object {ctx.storage.location(entry.ident['key'])}")
+            # folders this migration made on the share, deepest first, only if they are empty now
+            folders = [e for e in ledger.entries("dir") if e.scope == ctx.scope_storage]
+            for entry in sorted(folders, key=lambda e: -e.ident["key"].count("/")):
+                if ctx.storage.remove_empty_dir(entry.ident["key"]):
+                    done.append(f"empty folder {ctx.storage.location(entry.ident['key'])}")
+                else:
+                    kept.append(f"folder {ctx.storage.location(entry.ident['key'])} (not empty)")
+                ledger.forget(entry)
+    ours = ledger.find("snapshot", ctx.scope_source, vm=plan.source.vm_id, name=plan.snapshot.name)
+    if succeeded and policy.delete_snapshot and ours:
+        with _logged(ctx, "deleting the snapshot"):
+            ensure_same_source(ctx)
+            if ctx.source.delete_snapshot(plan.source.vm, plan.snapshot.name):
+                done.append(f"snapshot {plan.snapshot.name}")
+            ledger.forget(ours)
+    elif ours and not succeeded:
+        ctx.logger.info("cleanup: snapshot %s kept after the failure, for rollback; the next successful run "
+                        "deletes it", plan.snapshot.name)
+    if succeeded and policy.delete_source:
+        if not plan.source.vm_id:
+            kept.append("the source VM (the plan has no id for it)")
+        else:
+            volumes = [(d.source_pool, d.source_volume) for d in plan.disks if d.source_pool and d.source_volume]
+            removed = ctx.source.delete_source_vm(plan.source.vm_id, volumes)  # type: ignore[arg-type]
+            done += [f"{item} (deleteSource)" for item in removed]
+    _release_claims(ctx, done)
+    for item in done:
+        ctx.logger.info("cleanup: removed %s", item)
+    for item in kept:
+        ctx.logger.info("cleanup: kept %s", item)
+    return {"removed": done, "kept": kept}
+
+
+def _release_claims(ctx: MigrationContext, done: list[str]) -> None:
+    claims = NameClaims.of(ctx.store)
+    for entry in ctx.ledger.entries("claim"):
+        with _logged(ctx, f"releasing the claim of {entry.ident['name']}"):
+            if claims.release(entry.scope, entry.ident["name"], f"{ctx.namespace}/{ctx.name}"):
+                done.append(f"claim of target name {entry.ident['name']}")
+            ctx.ledger.forget(entry)
+
+
+def _rollback_target(ctx: MigrationContext) -> list[str]:
+    """Remove the VM and volumes this migration created on the target (ledger entries only)."""
+    removed = []
+    name = ctx.plan.target.vm
+    with _logged(ctx, f"removing the half-created target VM {name}"):
+        ids = {e.ident["id"] for e in ctx.ledger.entries("vm") if e.scope == ctx.scope_target}
+        ids.add(ctx.target.vm_id(name))  # also one tagged by a try of this run that died before recording it
+        for vm_id in sorted(i for i in ids if i):
+            if remove_own_vm(ctx, vm_id):
+                removed.append(f"target VM {name} ({vm_id})")
+    for entry in ctx.ledger.entries("volume"):
+        if entry.scope != ctx.scope_target:
+            continue
+        pool, volume = entry.ident["pool"], entry.ident["volume"]
+        with _logged(ctx, f"removing target volume {volume}"):
+            if "key" not in entry.ident:  # an intent: the volume is ours only if it was created after it
+                key = ctx.target.volume_key(pool, volume)
+                if key is not None and adoptable_intent(ctx, pool, volume) == entry \
+                        and ctx.target.delete_volume(pool, volume, key=key):
+                    removed.append(f"target volume {pool}/{volume}")
+                ctx.ledger.forget(entry)
+                continue
+            if ctx.target.delete_volume(pool, volume, key=entry.ident["key"], owner=entry.ident.get("owner")):
+                removed.append(f"target volume {pool}/{volume}")
+            ctx.ledger.forget(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _logged(ctx: MigrationContext, what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - cleanup goes on with the next item; the error is logged
+        ctx.logger.warning("cleanup: %s failed", what, exc_info=True)
+
+
+def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
+    """Ready or Failed, with cleanup."""
+    result = cleanup(ctx, succeeded=succeeded, failure=failure)
+    if succeeded:
+        tgt = ctx.plan.target
+        ctx.update_status(lambda s: st.mark_ready(s, f"VM {tgt.vm} is ready on {tgt.provider}"))
+    else:
+        def mark(s: dict[str, Any]) -> None:
+            if s.get("phase") != Phase.FAILED.value:
+                phase = Phase(s["phase"]) if s.get("phase") in st.DONE_CONDITION else Phase.VALIDATING
+                st.fail(s, phase, "MigrationFailed", failure or "a phase failed; see its task log")
+
+        ctx.update_status(mark)
+    return result

@@ -1,0 +1,236 @@
+"""The target side: Converting (on arrival, when the plan says so), Importing, Creating and
+ValidatingTarget."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from include import diskio, safefs
+from include import status as st
+from include.diskio import Segment, hash_segments
+from include.errors import ChecksumError, Conflict, InvalidMigration, TargetCreationError, TargetValidationError
+from include.model import Conversion
+from include.phases.bookkeeping import begin, finish
+from include.phases.context import MigrationContext
+from include.phases.staging import convert, ensure_space, space_errors
+from include.phases.transfer import stored_manifest, verified_segments
+from include.phases.volumes import fresh_target_volume, local_target_volume, remove_own_volume
+from include.providers.base import DiskInfo
+from include.status import Phase
+
+
+def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """Converting: on arrival, turn a compact transit image into the target format (when they differ)."""
+    d = ctx.disk_plan(disk)
+    begin(ctx, Phase.CONVERTING, disk=disk, message=f"Converting disk {disk}")
+    if d.conversion is not Conversion.TARGET:
+        why = "converted before upload" if d.conversion is Conversion.SOURCE else "formats match"
+        ctx.record(disk, converted_path=None)
+        finish(ctx, Phase.CONVERTING, f"Disk {disk}: no conversion needed on arrival ({why}, "
+                                      f"{d.transit_format} -> {d.target_format})", disk=disk)
+        return {"disk": disk, "converted": False}
+    manifest = stored_manifest(ctx, disk)
+    # qemu-img reads a share's file in place, unless it is stored compressed or as data extents
+    local = None if manifest.extents is not None or manifest.compression else ctx.storage.local_path(d.object_key)
+    fetched = None
+    staging = ctx.staging
+    ensure_space(staging, d.size_bytes if d.target_format == "raw" else d.allocated_bytes, disk)
+    into: str | None = None
+    out: Path | None = None
+    try:
+        tracker = ctx.progress(Phase.CONVERTING, disk, manifest.size, "verifying")
+        if local is None:  # object storage: fetch it once, verifying on the way
+            fetched = staging / f"{disk}.download.{d.transit_format}"
+            with space_errors(disk, fetched), safefs.create_private(fetched) as fh:
+                diskio.write_segments(verified_segments(ctx, disk, manifest), fh, tracker)
+            local = fetched
+        else:
+            for seg in verified_segments(ctx, disk, manifest):
+                tracker.add(seg.length)
+        tracker.finish()
+        into = local_target_volume(ctx, disk)
+        out = Path(into) if into else staging / f"{disk}.converted.{d.target_format}"
+        with space_errors(disk, out):
+            convert(ctx, Phase.CONVERTING, disk, local, d.transit_format, out, d.target_format,
+                    into_existing=into is not None)
+        converted_sha = None
+        if not into:
+            os.chmod(out, 0o600)
+            # Importing checks that it imports exactly this file, not one swapped in staging
+            converted_sha = diskio.sha256_file(out)
+    except BaseException:
+        if out is not None and not into:
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+        raise
+    finally:
+        if fetched is not None:
+            with contextlib.suppress(FileNotFoundError):
+                fetched.unlink()
+    # Written straight into the target volume when it is on this host: no second temporary copy.
+    ctx.record(disk, converted_path=None if into else str(out), converted_into=into, converted_sha256=converted_sha)
+    finish(ctx, Phase.CONVERTING, f"Disk {disk} verified and converted {d.transit_format} -> {d.target_format}",
+           disk=disk)
+    return {"disk": disk, "converted": True}
+
+
+def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
+    """Importing: write the disk into the target storage, verifying its sha256 on the way."""
+    d = ctx.disk_plan(disk)
+    rec = ctx.disk_record(disk)
+    begin(ctx, Phase.IMPORTING, disk=disk, message=f"Importing disk {disk}")
+    pool, volume = d.target_storage, d.target_volume
+    hasher = hashlib.sha256()
+    expected: str | None = None
+    if rec.converted_into:
+        # Converting already wrote the volume in place from bytes verified against the manifest; reading
+        # it back to hash it again would only repeat that work.
+        length = Path(rec.converted_into).stat().st_size
+        tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
+        tracker.add(length)
+    else:
+        if rec.converted_path:
+            path = Path(rec.converted_path)
+            if path.parent != ctx.staging:
+                raise InvalidMigration(f"disk {disk}: the converted image {path} is not in this migration's staging "
+                                       f"folder on this host; run Converting again")
+            safefs.check_private_file(path)
+            length = path.stat().st_size
+            segments: Iterator[Segment] = diskio.file_segments(path)
+        else:
+            manifest = stored_manifest(ctx, disk)
+            length, expected = manifest.size, manifest.sha256
+            segments = verified_segments(ctx, disk, manifest)
+        local_path = fresh_target_volume(ctx, disk)
+        tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
+
+        def counted() -> Iterator[Segment]:
+            # reading and verifying run in the prefetch thread, writing to the target here; a stream
+            # verified against its manifest is not hashed a second time
+            stream = diskio.prefetched(segments)
+            for seg in (stream if expected else hash_segments(stream, hasher)):
+                tracker.add(seg.length)
+                yield seg
+
+        try:
+            if local_path:  # the volume's file is on this host: write it directly, holes as holes
+                with open(local_path, "r+b") as fh:
+                    diskio.write_segments(counted(), fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            else:
+                ctx.target.write_volume(pool, volume, counted(), length)
+            if rec.converted_sha256 and hasher.hexdigest() != rec.converted_sha256:
+                raise ChecksumError(f"disk {disk}: the converted image {rec.converted_path} has sha256 "
+                                    f"{hasher.hexdigest()}, but Converting wrote {rec.converted_sha256}: it "
+                                    f"changed in staging; run the migration again")
+        except ChecksumError:
+            remove_own_volume(ctx, pool, volume, conflict_if_foreign=False)
+            raise
+    tracker.finish()
+    if d.target_capacity > d.size_bytes:
+        ctx.target.resize_volume(pool, volume, d.target_capacity)
+    target_sha = None if rec.converted_into else (expected or hasher.hexdigest())
+    ctx.record(disk, imported=True, target_sha256=target_sha, target_bytes=length)
+    if rec.converted_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rec.converted_path)
+
+    def mutate(s: dict[str, Any]) -> None:
+        entry = st.disk_entry(s, disk)
+        entry["targetVolume"] = f"{pool}/{volume}"
+        if target_sha:
+            entry["targetSha256"] = target_sha
+
+    ctx.update_status(mutate)
+    check = "sha256 verified" if expected else ("converted in place" if rec.converted_into
+                                                else "converted image written")
+    finish(ctx, Phase.IMPORTING, f"Disk {disk} imported into {pool}/{volume} ({check})", disk=disk)
+    return {"disk": disk, "volume": f"{pool}/{volume}"}
+
+
+def vm_owner_tag(ctx: MigrationContext) -> str:
+    """What ``define_vm`` writes into the VM: this migration and this run (a later run never takes it)."""
+    return f"{ctx.namespace}/{ctx.name} {ctx.ledger.run()}"
+
+
+def remove_own_vm(ctx: MigrationContext, vm_id: str) -> bool | None:
+    """Delete the target VM with this id if this migration made it: recorded in the ledger, or tagged by a
+    try of this run that died before recording it. None when it is not ours, else whether it was deleted."""
+    entry = ctx.ledger.find("vm", ctx.scope_target, id=vm_id)
+    if entry is None and ctx.target.vm_owner(vm_id) != vm_owner_tag(ctx):
+        return None
+    deleted = ctx.target.delete_vm(vm_id)
+    if entry is not None:
+        ctx.ledger.forget(entry)
+    return deleted
+
+
+def create_vm(ctx: MigrationContext) -> dict[str, Any]:
+    begin(ctx, Phase.CREATING, message="Creating VM on target provider")
+    tgt = ctx.plan.target
+    disks = [d.target_disk() for d in ctx.plan.disks]
+    missing = [d.name for d in disks if not ctx.disk_record(d.name).imported]
+    if missing:
+        raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
+                               f"without them")
+    vm_id = ctx.target.vm_id(tgt.vm)
+    # our own half-made VM from a failed try of this run goes; anybody else's is a conflict
+    if vm_id is not None and remove_own_vm(ctx, vm_id) is None:
+        raise Conflict(f"a VM named {tgt.vm!r} already exists on the target and was not created by this "
+                       f"migration", field="spec.targetName")
+    try:
+        ctx.target.define_vm(tgt.vm, tgt.vcpus, tgt.memory_mib, disks, list(tgt.networks), owner=vm_owner_tag(ctx))
+    except TargetCreationError:
+        if ctx.target.vm_id(tgt.vm) is not None:
+            raise Conflict(f"a VM named {tgt.vm!r} appeared on the target while this migration was creating it",
+                           field="spec.targetName") from None
+        raise
+    vm_id = ctx.target.vm_id(tgt.vm)
+    ctx.ledger.record("vm", ctx.scope_target, id=vm_id, name=tgt.vm)
+    ctx.update_status(lambda s: s.__setitem__("targetVM", tgt.vm))
+    finish(ctx, Phase.CREATING, f"VM {tgt.vm} defined on {tgt.provider} with {tgt.vcpus} vCPU, "
+                                f"{tgt.memory_mib} MiB and {len(disks)} disks")
+    return {"vm": tgt.vm, "id": vm_id}
+
+
+def validate_target(ctx: MigrationContext) -> dict[str, Any]:
+    begin(ctx, Phase.VALIDATING_TARGET, message="Validating target VM")
+    tgt = ctx.plan.target
+    desc = ctx.target.describe_vm(tgt.vm)
+    problems = []
+    if desc["vcpus"] != tgt.vcpus:
+        problems.append(f"vcpus {desc['vcpus']} != {tgt.vcpus}")
+    if desc["memory_mib"] != tgt.memory_mib:
+        problems.append(f"memory {desc['memory_mib']} MiB != {tgt.memory_mib} MiB")
+    by_name = {d["name"]: d for d in desc["disks"]}
+    for d in ctx.plan.disks:
+        got = by_name.get(d.name)
+        if got is None:
+            problems.append(f"disk {d.name} missing")
+            continue
+        if got["format"] != d.target_format:
+            problems.append(f"disk {d.name} format {got['format']} != {d.target_format}")
+        if got["capacity"] != d.target_capacity:
+            problems.append(f"disk {d.name} size {got['capacity']} != {d.target_capacity}")
+        info = DiskInfo(name=d.name, format=got["format"], capacity=got["capacity"], allocation=0, path=got["path"])
+        if ctx.target.local_disk_path(info):
+            try:
+                diskio.check(got["path"], got["format"])
+            except diskio.QemuImgError as err:
+                problems.append(str(err))
+    wanted = [(n.bridge, n.network) for n in tgt.networks]
+    have = [(i.get("bridge"), i.get("network")) for i in desc["interfaces"]]
+    if wanted != have:
+        problems.append(f"interfaces {have} != {wanted}")
+    if problems:
+        raise TargetValidationError(f"target VM {tgt.vm} does not match the plan: " + "; ".join(problems))
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=ctx.ledger.run())
+    finish(ctx, Phase.VALIDATING_TARGET, f"Target VM {tgt.vm} matches the plan (cpu, memory, "
+                                         f"{len(ctx.plan.disks)} disks, networks)")
+    return {"vm": tgt.vm}

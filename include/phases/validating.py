@@ -1,0 +1,81 @@
+"""Validating: the spec, its references, the source VM, the target provider and pool, the storage;
+claims the target name, then saves the plan every later phase keeps to."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from include.claims import NameClaims
+from include.errors import Conflict, InvalidMigration, NotFound
+from include.phases.bookkeeping import begin, finish
+from include.phases.checks import ensure_object_key_free
+from include.phases.context import MigrationContext
+from include.phases.volumes import adoptable_intent, own_volume_entry
+from include.plan import build_plan, describe
+from include.status import Phase
+
+
+def validate(ctx: MigrationContext) -> dict[str, Any]:
+    ctx.validating = True
+    begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
+    # the run's outcome is run state, not status: finalize decides from it, whatever sink shows the status;
+    # reset first, so that no outcome of an earlier run outlives a Validating that fails early
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, failure=None)
+    ctx.store.clear_disk_records(ctx.namespace, ctx.name)
+    ctx.store.plan_path(ctx.namespace, ctx.name).unlink(missing_ok=True)  # a stale plan must not outlive its run
+    migration = ctx.migration  # raises SpecValidationError naming every bad field
+    resolved = ctx.resolved
+    spec = migration.spec
+    run = ctx.ledger.new_run()
+    ctx.store.update_run_record(ctx.namespace, ctx.name, run=run)
+    target_scope = f"{resolved.target.type}:{resolved.target.endpoint}"
+    # Of two migrations validated at the same instant with one target name, exactly one gets the claim;
+    # it is taken on the hypervisor's own identity, so two endpoints of one host share their names.
+    claim_scope = f"{resolved.target.type}:{ctx.target.identity()}"
+    # recorded first: a crash right after acquiring never strands the claim (release checks the holder)
+    ctx.ledger.record("claim", claim_scope, name=spec.targetName)
+    NameClaims.of(ctx.store).acquire(claim_scope, spec.targetName, migration.key, run)
+    ctx.logger.info("source %s", ctx.source.check())
+    try:
+        vm = ctx.source.get_vm(resolved.source.provider_vm_id)
+    except NotFound as err:
+        raise NotFound(f"{err} (provider {resolved.source.provider.ref})", field="spec.sourceName") from err
+    if vm.running:
+        raise InvalidMigration(
+            f"VM {vm.name} is running; shut it down first: this engine does cold migrations (warm migration "
+            f"is on the roadmap)", field="spec.sourceName")
+    if not vm.disks:
+        raise InvalidMigration(f"VM {vm.name} has no disk to migrate", field="spec.sourceName")
+    ctx.logger.info("target %s", ctx.target.check())
+    pool = spec.targetStorageHint or ctx.target.default_storage()
+    if not ctx.target.storage_exists(pool):
+        raise NotFound(f"target storage {pool!r} does not exist on provider {resolved.target.ref}",
+                       field="spec.targetStorageHint")
+    vm_id = ctx.target.vm_id(spec.targetName)
+    if vm_id is not None and not ctx.ledger.owns("vm", target_scope, id=vm_id):
+        raise Conflict(f"a VM named {spec.targetName!r} already exists on provider {resolved.target.ref} and was "
+                       f"not created by this migration", field="spec.targetName")
+    # what later phases read instead of the whole store
+    plan = dataclasses.replace(build_plan(resolved, vm, target_storage=pool), spec_files=tuple(ctx.spec_files()))
+    for d in plan.disks:
+        key = ctx.target.volume_key(pool, d.target_volume)
+        if key is not None and own_volume_entry(ctx, pool, d.target_volume, key, scope=target_scope) is None \
+                and adoptable_intent(ctx, pool, d.target_volume, scope=target_scope) is None:
+            raise Conflict(f"volume {d.target_volume!r} already exists in {pool} and was not created by this "
+                           f"migration", field="spec.targetName")
+    ctx.logger.info("storage %s", ctx.storage.check())
+    for d in plan.disks:
+        ensure_object_key_free(ctx, d.object_key, plan.storage.scope)
+    ctx.save_plan(plan)
+    ctx.logger.info("plan:\n%s", describe(plan, ctx.storage.location(plan.storage.prefix)))
+
+    def record_disks(s: dict[str, Any]) -> None:
+        s["disks"] = [{"name": d.name, "sizeBytes": d.size_bytes, "sourceFormat": d.source_format,
+                       "targetFormat": d.target_format, "transitFormat": d.transit_format} for d in plan.disks]
+        s["dagId"] = plan.dag_id
+
+    ctx.update_status(record_disks)
+    finish(ctx, Phase.VALIDATING, f"Source VM {vm.name} ({len(vm.disks)} disks) and target provider "
+                                  f"{resolved.target.ref} validated")
+    return {"disks": plan.disk_names}
