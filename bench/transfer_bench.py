@@ -333,7 +333,7 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
             timed("export_disk", phases.export_disk, ctx, disk)
             timed("transfer_disk", phases.transfer_disk, ctx, disk)
         records = {disk: ctx.disk_record(disk) for disk in disks}
-        manifests = {disk: ctx.storage.get_manifest(ctx.disk_plan(disk)["objectKey"]) or {} for disk in disks}
+        manifests = {disk: ctx.storage.get_manifest(ctx.disk_plan(disk).object_key) or {} for disk in disks}
         for disk in disks:
             timed("convert_disk", phases.convert_disk, ctx, disk)
             timed("import_disk", phases.import_disk, ctx, disk)
@@ -341,8 +341,8 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
         timed("validate_target", phases.validate_target, ctx)
         timed("finalize", phases.finalize, ctx, succeeded=True)
         total = time.perf_counter() - began
-        out.update(disks=disks, targetVolumes={d["name"]: d["targetVolume"] for d in ctx.plan["disks"]},
-                   compression=ctx.plan["storage"].get("compression"))
+        out.update(disks=disks, targetVolumes={d.name: d.target_volume for d in ctx.plan.disks},
+                   compression=ctx.plan.storage.compression)
     except BaseException as err:
         with contextlib.suppress(Exception):
             phases.finalize(ctx, succeeded=False, failure=phases.failure_message(err))
@@ -354,8 +354,8 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
         phases={k: {m: round(v, 3 if m != "peakRssMiB" else 1) for m, v in e.items()} for k, e in stats.items()},
         exportToS3=stats["export_disk"]["seconds"] + stats["transfer_disk"]["seconds"],
         s3ToImport=stats["convert_disk"]["seconds"] + stats["import_disk"]["seconds"],
-        sentBytes=sum(int(r.get("sentBytes") or 0) for r in records.values()),
-        transitBytes=sum(int(r.get("transitBytes") or 0) for r in records.values()),
+        sentBytes=sum(r.sent_bytes or 0 for r in records.values()),
+        transitBytes=sum(r.transit_bytes or 0 for r in records.values()),
         storedBytes=sum(int(m.get("storedBytes") or 0) for m in manifests.values()),
         peakRssMiB=max(e["peakRssMiB"] for e in stats.values()),
         loadAfter=os.getloadavg()[0],

@@ -88,6 +88,8 @@ class DiskPlan:
     target_storage: str
     target_volume: str
     target_capacity: int
+    #: the bus on the target (the target hypervisor's mapping of the source's ``bus``)
+    target_bus: str
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiskPlan:
@@ -101,7 +103,7 @@ class DiskPlan:
 
     def target_disk(self) -> TargetDisk:
         return TargetDisk(name=self.name, pool=self.target_storage, volume=self.target_volume,
-                          format=self.target_format, capacity=self.target_capacity, bus=self.bus)
+                          format=self.target_format, capacity=self.target_capacity, bus=self.target_bus)
 
 
 @dataclass(frozen=True)

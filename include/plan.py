@@ -117,7 +117,7 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
             transit_format=transit, conversion=Conversion(conversion), target_format=target_format,
             object_key=f"{prefix}/{disk.name}.{transit}", target_storage=target_storage,
             target_volume=target_driver.target_volume_name(spec.targetName, disk.name, target_format),
-            target_capacity=capacity))
+            target_capacity=capacity, target_bus=target_driver.disk_bus(disk.bus)))
     cleanup = spec.cleanupPolicy
     source = resolved.source.provider
     return Plan(

@@ -18,8 +18,6 @@ from include import status as st
 from include.claims import NameClaims
 from include.phases.checks import ensure_same_source
 from include.phases.context import MigrationContext, host_scope
-from include.phases.target import remove_own_vm
-from include.phases.volumes import adoptable_intent
 from include.status import Phase
 
 
@@ -43,12 +41,10 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
                     done.append(f"staging folder {path}")
                 ledger.forget(entry)
     if succeeded:
-        # what the target now holds is the migrated VM: never rolled back by a later run
-        for entry in ledger.entries("vm") + ledger.entries("volume"):
-            if entry.scope == ctx.scope_target:
-                ledger.forget(entry)
+        ctx.target_session.keep()  # what the target now holds is the migrated VM: never rolled back later
     else:
-        done += _rollback_target(ctx)
+        with _logged(ctx, "rolling back the target"):
+            done += ctx.target_session.rollback()
     if policy.delete_intermediate:
         objects = [e for e in ledger.entries("object") if e.scope == ctx.scope_storage]
         with _logged(ctx, "deleting intermediate files"):
@@ -96,34 +92,6 @@ def _release_claims(ctx: MigrationContext, done: list[str]) -> None:
             if claims.release(entry.scope, entry.ident["name"], f"{ctx.namespace}/{ctx.name}"):
                 done.append(f"claim of target name {entry.ident['name']}")
             ctx.ledger.forget(entry)
-
-
-def _rollback_target(ctx: MigrationContext) -> list[str]:
-    """Remove the VM and volumes this migration created on the target (ledger entries only)."""
-    removed = []
-    name = ctx.plan.target.vm
-    with _logged(ctx, f"removing the half-created target VM {name}"):
-        ids = {e.ident["id"] for e in ctx.ledger.entries("vm") if e.scope == ctx.scope_target}
-        ids.add(ctx.target.vm_id(name))  # also one tagged by a try of this run that died before recording it
-        for vm_id in sorted(i for i in ids if i):
-            if remove_own_vm(ctx, vm_id):
-                removed.append(f"target VM {name} ({vm_id})")
-    for entry in ctx.ledger.entries("volume"):
-        if entry.scope != ctx.scope_target:
-            continue
-        pool, volume = entry.ident["pool"], entry.ident["volume"]
-        with _logged(ctx, f"removing target volume {volume}"):
-            if "key" not in entry.ident:  # an intent: the volume is ours only if it was created after it
-                key = ctx.target.volume_key(pool, volume)
-                if key is not None and adoptable_intent(ctx, pool, volume) == entry \
-                        and ctx.target.delete_volume(pool, volume, key=key):
-                    removed.append(f"target volume {pool}/{volume}")
-                ctx.ledger.forget(entry)
-                continue
-            if ctx.target.delete_volume(pool, volume, key=entry.ident["key"], owner=entry.ident.get("owner")):
-                removed.append(f"target volume {pool}/{volume}")
-            ctx.ledger.forget(entry)
-    return removed
 
 
 @contextlib.contextmanager

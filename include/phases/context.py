@@ -24,6 +24,7 @@ from include.model import DiskPlan, DiskRecord, Plan
 from include.plan import pin_of, staging_root
 from include.providers import driver_for
 from include.providers.base import HypervisorDriver
+from include.providers.session import Ownership, TargetSession
 from include.spec import SpecValidationError, StorageSpec, VMMigration
 from include.status import Phase
 from include.storage import backend_for
@@ -164,6 +165,16 @@ class MigrationContext:
     @cached_property
     def target(self) -> HypervisorDriver:
         return self.driver_factory(self._pinned("target"))
+
+    def open_target(self, plan: Plan) -> TargetSession:
+        """This run's session on the target for ``plan`` (what it creates is recorded in the ledger)."""
+        owned = Ownership(ledger=self.ledger, scope=plan.target.scope, migration=f"{self.namespace}/{self.name}",
+                          logger=self.logger)
+        return self.target.begin_target(plan.target, owned)
+
+    @cached_property
+    def target_session(self) -> TargetSession:
+        return self.open_target(self.plan)
 
     @cached_property
     def storage(self) -> StorageBackend:

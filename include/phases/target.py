@@ -13,14 +13,13 @@ from typing import Any
 from include import diskio, safefs
 from include import status as st
 from include.diskio import Segment, hash_segments
-from include.errors import ChecksumError, Conflict, InvalidMigration, TargetCreationError, TargetValidationError
+from include.errors import ChecksumError, InvalidMigration, TargetValidationError
 from include.model import Conversion
 from include.phases.bookkeeping import begin, finish
 from include.phases.context import MigrationContext
 from include.phases.staging import convert, ensure_space, space_errors
 from include.phases.transfer import stored_manifest, verified_segments
-from include.phases.volumes import fresh_target_volume, local_target_volume, remove_own_volume
-from include.providers.base import DiskInfo
+from include.providers.session import VMHandle
 from include.status import Phase
 
 
@@ -53,7 +52,7 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             for seg in verified_segments(ctx, disk, manifest):
                 tracker.add(seg.length)
         tracker.finish()
-        into = local_target_volume(ctx, disk)
+        into = ctx.target_session.prepare_disk(d) if ctx.target_session.writes_in_place(d) else None
         out = Path(into) if into else staging / f"{disk}.converted.{d.target_format}"
         with space_errors(disk, out):
             convert(ctx, Phase.CONVERTING, disk, local, d.transit_format, out, d.target_format,
@@ -106,7 +105,6 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             manifest = stored_manifest(ctx, disk)
             length, expected = manifest.size, manifest.sha256
             segments = verified_segments(ctx, disk, manifest)
-        local_path = fresh_target_volume(ctx, disk)
         tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
 
         def counted() -> Iterator[Segment]:
@@ -118,23 +116,16 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                 yield seg
 
         try:
-            if local_path:  # the volume's file is on this host: write it directly, holes as holes
-                with open(local_path, "r+b") as fh:
-                    diskio.write_segments(counted(), fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            else:
-                ctx.target.write_volume(pool, volume, counted(), length)
+            ctx.target_session.import_disk(d, counted(), length)
             if rec.converted_sha256 and hasher.hexdigest() != rec.converted_sha256:
                 raise ChecksumError(f"disk {disk}: the converted image {rec.converted_path} has sha256 "
                                     f"{hasher.hexdigest()}, but Converting wrote {rec.converted_sha256}: it "
                                     f"changed in staging; run the migration again")
         except ChecksumError:
-            remove_own_volume(ctx, pool, volume, conflict_if_foreign=False)
+            ctx.target_session.discard_disk(d)
             raise
     tracker.finish()
-    if d.target_capacity > d.size_bytes:
-        ctx.target.resize_volume(pool, volume, d.target_capacity)
+    ctx.target_session.finish_disk(d)
     target_sha = None if rec.converted_into else (expected or hasher.hexdigest())
     ctx.record(disk, imported=True, target_sha256=target_sha, target_bytes=length)
     if rec.converted_path:
@@ -154,78 +145,59 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     return {"disk": disk, "volume": f"{pool}/{volume}"}
 
 
-def vm_owner_tag(ctx: MigrationContext) -> str:
-    """What ``define_vm`` writes into the VM: this migration and this run (a later run never takes it)."""
-    return f"{ctx.namespace}/{ctx.name} {ctx.ledger.run()}"
-
-
-def remove_own_vm(ctx: MigrationContext, vm_id: str) -> bool | None:
-    """Delete the target VM with this id if this migration made it: recorded in the ledger, or tagged by a
-    try of this run that died before recording it. None when it is not ours, else whether it was deleted."""
-    entry = ctx.ledger.find("vm", ctx.scope_target, id=vm_id)
-    if entry is None and ctx.target.vm_owner(vm_id) != vm_owner_tag(ctx):
-        return None
-    deleted = ctx.target.delete_vm(vm_id)
-    if entry is not None:
-        ctx.ledger.forget(entry)
-    return deleted
-
-
 def create_vm(ctx: MigrationContext) -> dict[str, Any]:
     begin(ctx, Phase.CREATING, message="Creating VM on target provider")
     tgt = ctx.plan.target
-    disks = [d.target_disk() for d in ctx.plan.disks]
-    missing = [d.name for d in disks if not ctx.disk_record(d.name).imported]
+    missing = [d.name for d in ctx.plan.disks if not ctx.disk_record(d.name).imported]
     if missing:
         raise InvalidMigration(f"disks {', '.join(missing)} were not imported in this run; refusing to create a VM "
                                f"without them")
-    vm_id = ctx.target.vm_id(tgt.vm)
-    # our own half-made VM from a failed try of this run goes; anybody else's is a conflict
-    if vm_id is not None and remove_own_vm(ctx, vm_id) is None:
-        raise Conflict(f"a VM named {tgt.vm!r} already exists on the target and was not created by this "
-                       f"migration", field="spec.targetName")
-    try:
-        ctx.target.define_vm(tgt.vm, tgt.vcpus, tgt.memory_mib, disks, list(tgt.networks), owner=vm_owner_tag(ctx))
-    except TargetCreationError:
-        if ctx.target.vm_id(tgt.vm) is not None:
-            raise Conflict(f"a VM named {tgt.vm!r} appeared on the target while this migration was creating it",
-                           field="spec.targetName") from None
-        raise
-    vm_id = ctx.target.vm_id(tgt.vm)
-    ctx.ledger.record("vm", ctx.scope_target, id=vm_id, name=tgt.vm)
-    ctx.update_status(lambda s: s.__setitem__("targetVM", tgt.vm))
-    finish(ctx, Phase.CREATING, f"VM {tgt.vm} defined on {tgt.provider} with {tgt.vcpus} vCPU, "
-                                f"{tgt.memory_mib} MiB and {len(disks)} disks")
-    return {"vm": tgt.vm, "id": vm_id}
+    handle = ctx.target_session.commit(ctx.plan.disks)
+    # the VM's id is run state: ValidatingTarget checks this VM, not whichever VM has the name now
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetVm={"id": handle.id, "name": handle.name,
+                                                                   "run": ctx.ledger.run()})
+    ctx.update_status(lambda s: s.__setitem__("targetVM", handle.name))
+    finish(ctx, Phase.CREATING, f"VM {handle.name} defined on {tgt.provider} with {tgt.vcpus} vCPU, "
+                                f"{tgt.memory_mib} MiB and {len(ctx.plan.disks)} disks")
+    return {"vm": handle.name, "id": handle.id}
+
+
+def committed_vm(ctx: MigrationContext) -> VMHandle:
+    """The VM Creating committed in this run (from the run state)."""
+    recorded = ctx.store.run_record(ctx.namespace, ctx.name).get("targetVm")
+    if not isinstance(recorded, dict) or recorded.get("run") != ctx.ledger.run() or not recorded.get("id"):
+        raise InvalidMigration(f"no target VM was created in this run of {ctx.namespace}/{ctx.name}: run the "
+                               f"Creating phase first (task create_vm)")
+    return VMHandle(id=str(recorded["id"]), name=str(recorded["name"]))
 
 
 def validate_target(ctx: MigrationContext) -> dict[str, Any]:
     begin(ctx, Phase.VALIDATING_TARGET, message="Validating target VM")
     tgt = ctx.plan.target
-    desc = ctx.target.describe_vm(tgt.vm)
+    handle = committed_vm(ctx)
+    desc = ctx.target.describe_vm(handle.id)
     problems = []
-    if desc["vcpus"] != tgt.vcpus:
-        problems.append(f"vcpus {desc['vcpus']} != {tgt.vcpus}")
-    if desc["memory_mib"] != tgt.memory_mib:
-        problems.append(f"memory {desc['memory_mib']} MiB != {tgt.memory_mib} MiB")
-    by_name = {d["name"]: d for d in desc["disks"]}
+    if desc.vcpus != tgt.vcpus:
+        problems.append(f"vcpus {desc.vcpus} != {tgt.vcpus}")
+    if desc.memory_mib != tgt.memory_mib:
+        problems.append(f"memory {desc.memory_mib} MiB != {tgt.memory_mib} MiB")
+    by_name = {d.name: d for d in desc.disks}
     for d in ctx.plan.disks:
         got = by_name.get(d.name)
         if got is None:
             problems.append(f"disk {d.name} missing")
             continue
-        if got["format"] != d.target_format:
-            problems.append(f"disk {d.name} format {got['format']} != {d.target_format}")
-        if got["capacity"] != d.target_capacity:
-            problems.append(f"disk {d.name} size {got['capacity']} != {d.target_capacity}")
-        info = DiskInfo(name=d.name, format=got["format"], capacity=got["capacity"], allocation=0, path=got["path"])
-        if ctx.target.local_disk_path(info):
+        if got.format != d.target_format:
+            problems.append(f"disk {d.name} format {got.format} != {d.target_format}")
+        if got.capacity != d.target_capacity:
+            problems.append(f"disk {d.name} size {got.capacity} != {d.target_capacity}")
+        if ctx.target.local_disk_path(got):
             try:
-                diskio.check(got["path"], got["format"])
+                diskio.check(got.path, got.format)
             except diskio.QemuImgError as err:
                 problems.append(str(err))
     wanted = [(n.bridge, n.network) for n in tgt.networks]
-    have = [(i.get("bridge"), i.get("network")) for i in desc["interfaces"]]
+    have = [(i.bridge, i.network) for i in desc.interfaces]
     if wanted != have:
         problems.append(f"interfaces {have} != {wanted}")
     if problems:

@@ -7,11 +7,10 @@ import dataclasses
 from typing import Any
 
 from include.claims import NameClaims
-from include.errors import Conflict, InvalidMigration, NotFound
+from include.errors import InvalidMigration, NotFound
 from include.phases.bookkeeping import begin, finish
 from include.phases.checks import ensure_object_key_free
 from include.phases.context import MigrationContext
-from include.phases.volumes import adoptable_intent, own_volume_entry
 from include.plan import build_plan, describe
 from include.status import Phase
 
@@ -21,7 +20,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
     # the run's outcome is run state, not status: finalize decides from it, whatever sink shows the status;
     # reset first, so that no outcome of an earlier run outlives a Validating that fails early
-    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, failure=None)
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, targetVm=None, failure=None)
     ctx.store.clear_disk_records(ctx.namespace, ctx.name)
     ctx.store.plan_path(ctx.namespace, ctx.name).unlink(missing_ok=True)  # a stale plan must not outlive its run
     migration = ctx.migration  # raises SpecValidationError naming every bad field
@@ -29,7 +28,6 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     spec = migration.spec
     run = ctx.ledger.new_run()
     ctx.store.update_run_record(ctx.namespace, ctx.name, run=run)
-    target_scope = f"{resolved.target.type}:{resolved.target.endpoint}"
     # Of two migrations validated at the same instant with one target name, exactly one gets the claim;
     # it is taken on the hypervisor's own identity, so two endpoints of one host share their names.
     claim_scope = f"{resolved.target.type}:{ctx.target.identity()}"
@@ -52,18 +50,10 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     if not ctx.target.storage_exists(pool):
         raise NotFound(f"target storage {pool!r} does not exist on provider {resolved.target.ref}",
                        field="spec.targetStorageHint")
-    vm_id = ctx.target.vm_id(spec.targetName)
-    if vm_id is not None and not ctx.ledger.owns("vm", target_scope, id=vm_id):
-        raise Conflict(f"a VM named {spec.targetName!r} already exists on provider {resolved.target.ref} and was "
-                       f"not created by this migration", field="spec.targetName")
     # what later phases read instead of the whole store
     plan = dataclasses.replace(build_plan(resolved, vm, target_storage=pool), spec_files=tuple(ctx.spec_files()))
-    for d in plan.disks:
-        key = ctx.target.volume_key(pool, d.target_volume)
-        if key is not None and own_volume_entry(ctx, pool, d.target_volume, key, scope=target_scope) is None \
-                and adoptable_intent(ctx, pool, d.target_volume, scope=target_scope) is None:
-            raise Conflict(f"volume {d.target_volume!r} already exists in {pool} and was not created by this "
-                           f"migration", field="spec.targetName")
+    # the target VM and every disk the plan would create are free, or this migration's own from a failed try
+    ctx.open_target(plan).check_free(plan.disks)
     ctx.logger.info("storage %s", ctx.storage.check())
     for d in plan.disks:
         ensure_object_key_free(ctx, d.object_key, plan.storage.scope)

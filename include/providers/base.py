@@ -5,10 +5,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from include.diskio import Segment
 from include.spec import NetworkHint
+
+if TYPE_CHECKING:
+    from include.model import TargetPlan
+    from include.providers.session import Ownership, TargetSession
 
 
 @dataclass(frozen=True)
@@ -29,13 +33,23 @@ class DiskInfo:
 
 
 @dataclass(frozen=True)
+class NicInfo:
+    """One network interface of a VM: what it is attached to and how it appears to the guest."""
+
+    network: str | None = None  # a named network (libvirt network, vSphere port group, Proxmox bridge)
+    bridge: str | None = None  # a host bridge, where the hypervisor attaches to one directly
+    model: str | None = None  # the device model the guest sees (virtio, e1000, vmxnet3...)
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
 class VMInfo:
     name: str
     running: bool
     vcpus: int
     memory_mib: int
     disks: tuple[DiskInfo, ...]
-    interfaces: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    interfaces: tuple[NicInfo, ...] = field(default_factory=tuple)
     #: the hypervisor's unique id of the VM (libvirt: the domain UUID); names are not unique everywhere
     id: str | None = None
 
@@ -77,6 +91,24 @@ class HypervisorDriver(abc.ABC):
     def snapshot_disks(cls, disks: Sequence[DiskInfo]) -> list[str]:
         """The disks a snapshot of a VM with these disks covers (none when this hypervisor cannot take one)."""
         return [d.name for d in disks]
+
+    @classmethod
+    def disk_bus(cls, source_bus: str) -> str:
+        """The bus a disk that was on ``source_bus`` elsewhere gets here (vSphere has no virtio)."""
+        return source_bus
+
+    # -- the target side as one run's session ---------------------------------------------------------
+    def begin_target(self, plan: TargetPlan, owned: Ownership) -> TargetSession:
+        """Open this run's session on the target (each task opens it again from the plan and the ledger).
+        The default works on the volume calls below (disks made before the VM); a hypervisor whose disks
+        and VM arrive together (an import lease) or belong to a VM id returns its own session."""
+        from include.providers.session import VolumeTargetSession
+
+        return VolumeTargetSession(self, plan, owned)
+
+    def local_storage_path(self, storage: str) -> str | None:
+        """The folder of a target storage when its volumes are files on this host, writable here."""
+        return None
 
     def local_disk_path(self, disk: DiskInfo) -> str | None:
         """The disk's file when it is on this host and readable here (qemu-img reads it in place)."""
@@ -159,16 +191,17 @@ class HypervisorDriver(abc.ABC):
 
     @abc.abstractmethod
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
-                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> None:
-        """Define the VM; ``owner`` (``<namespace>/<name> <run>``) is kept in the VM's metadata."""
+                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> str:
+        """Define the VM and return its unique id; ``owner`` (``<namespace>/<name> <run>``) is kept in the
+        VM's metadata."""
 
     def vm_owner(self, vm_id: str) -> str | None:
         """The ``owner`` tag the VM was defined with, if the hypervisor keeps one."""
         return None
 
     @abc.abstractmethod
-    def describe_vm(self, name: str) -> dict[str, Any]:
-        """What the target validation checks: vcpus, memory_mib, disks and interfaces."""
+    def describe_vm(self, vm_id: str) -> VMInfo:
+        """The VM with this unique id as it is now (what ValidatingTarget checks); NotFound when it is gone."""
 
     @abc.abstractmethod
     def vm_id(self, name: str) -> str | None:

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from include.diskio import CHUNK, Segment
 from include.errors import HypervisorError, NotFound, TargetCreationError, UnsupportedDiskFormat
-from include.providers.base import DiskInfo, HypervisorDriver, TargetDisk, VMInfo
+from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, TargetDisk, VMInfo
 from include.spec import NetworkHint
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,14 @@ class LibvirtDriver(HypervisorDriver):
         """libvirt takes an internal snapshot only when every disk is qcow2."""
         return [d.name for d in disks] if all(d.format == "qcow2" for d in disks) else []
 
+    @classmethod
+    def disk_bus(cls, source_bus: str) -> str:
+        """QEMU's buses as they are; another hypervisor's SCSI controllers (lsilogic, pvscsi, buslogic)
+        become scsi; anything else (nvme, a bus QEMU does not name) virtio."""
+        if source_bus in ("virtio", "scsi", "sata", "ide", "usb"):
+            return source_bus
+        return "scsi" if source_bus in ("lsilogic", "lsilogicsas", "pvscsi", "buslogic") else "virtio"
+
     def local_disk_path(self, disk: DiskInfo) -> str | None:
         """The disk's file when libvirtd runs on this host (``qemu:///...``) and the file is here."""
         return disk.path if is_local_uri(self.uri) and os.path.exists(disk.path) else None
@@ -177,7 +185,9 @@ class LibvirtDriver(HypervisorDriver):
         return True
 
     def get_vm(self, name: str) -> VMInfo:
-        dom = self._domain(name)
+        return self._vm_info(self._domain(name))
+
+    def _vm_info(self, dom: Any) -> VMInfo:
         root = ET.fromstring(dom.XMLDesc(0))
         state, _max_mem, mem_kib, vcpus, _cpu = dom.info()
         libvirt = _libvirt()
@@ -185,13 +195,13 @@ class LibvirtDriver(HypervisorDriver):
                       if el.get("device", "disk") == "disk")
         interfaces = []
         for el in root.findall("./devices/interface"):
-            src = el.find("source")
-            iface = {"type": el.get("type", "")}
-            if src is not None:
-                iface.update({k: v for k, v in src.attrib.items() if k in ("bridge", "network")})
-            interfaces.append(iface)
+            src, model, mac = el.find("source"), el.find("model"), el.find("mac")
+            interfaces.append(NicInfo(network=src.get("network") if src is not None else None,
+                                      bridge=src.get("bridge") if src is not None else None,
+                                      model=model.get("type") if model is not None else None,
+                                      mac=mac.get("address") if mac is not None else None))
         # only a shut-off VM has stable disks: shutting down, suspended, crashed or unknown all count as running
-        return VMInfo(name=name, running=state != libvirt.VIR_DOMAIN_SHUTOFF,
+        return VMInfo(name=dom.name(), running=state != libvirt.VIR_DOMAIN_SHUTOFF,
                       vcpus=int(vcpus), memory_mib=int(mem_kib) // 1024, disks=disks,
                       interfaces=tuple(interfaces), id=dom.UUIDString())
 
@@ -378,6 +388,16 @@ class LibvirtDriver(HypervisorDriver):
             _abort(stream)
             raise
 
+    def local_storage_path(self, storage: str) -> str | None:
+        """A directory-like pool's folder when libvirtd runs on this host and the folder is writable here."""
+        if not is_local_uri(self.uri):
+            return None
+        root = ET.fromstring(self._pool(storage).XMLDesc(0))
+        path = root.findtext("./target/path")
+        if root.get("type") not in ("dir", "fs", "netfs") or not path:
+            return None
+        return path if os.access(path, os.W_OK) else None
+
     def local_volume_path(self, storage: str, volume: str) -> str | None:
         """The volume's file when libvirtd runs on this host and the file is writable here."""
         if not is_local_uri(self.uri):
@@ -447,7 +467,7 @@ class LibvirtDriver(HypervisorDriver):
         return True
 
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
-                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> None:
+                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> str:
         libvirt = _libvirt()
         # built as a tree, never by formatting strings: a quote or "<" in a value stays in that value
         root = ET.Element("domain", type="kvm")
@@ -482,15 +502,15 @@ class LibvirtDriver(HypervisorDriver):
         _sub(devices, "console", type="pty")
         xml = _to_xml(root)
         try:
-            self.conn.defineXML(xml)
+            return self.conn.defineXML(xml).UUIDString()
         except libvirt.libvirtError as err:
             raise TargetCreationError(f"defining VM {name} failed: {err}") from err
 
-    def describe_vm(self, name: str) -> dict[str, Any]:
-        info = self.get_vm(name)
-        return {"name": info.name, "vcpus": info.vcpus, "memory_mib": info.memory_mib,
-                "disks": [d.to_dict() for d in info.disks], "interfaces": list(info.interfaces),
-                "running": info.running}
+    def describe_vm(self, vm_id: str) -> VMInfo:
+        dom = self._domain_by_id(vm_id)
+        if dom is None:
+            raise NotFound(f"VM {vm_id} not found on {self.uri}")
+        return self._vm_info(dom)
 
     def vm_owner(self, vm_id: str) -> str | None:
         """The owner tag ``define_vm`` wrote into the VM's metadata, if any."""

@@ -555,7 +555,7 @@ def test_a_snapshot_of_the_migrations_name_made_by_someone_else_is_never_deleted
     try:
         dom = conn.lookupByName(world.vm_name)
         assert "vmmigration-snapfoe" in dom.snapshotListNames(0)
-        disks = [ctx.disk_info(d) for d in DISKS]
+        disks = [ctx.disk_plan(d).source_disk() for d in DISKS]
         with pytest.raises(HypervisorError, match="snapshot vmmigration-snapfoe of .* failed"):
             ctx.source.create_snapshot(world.vm_name, "vmmigration-snapfoe", disks)
         dom.snapshotLookupByName("vmmigration-snapfoe").delete(0)

@@ -30,7 +30,8 @@ def _plan(*disks: str) -> Plan:
         disks=tuple(DiskPlan(name=d, size_bytes=1, allocated_bytes=1, source_format="raw", source_path=f"/{d}",
                              source_pool=None, source_volume=None, bus="virtio", transit_format="raw",
                              conversion=Conversion.NONE, target_format="raw", object_key=f"default/par/{d}.raw",
-                             target_storage="default", target_volume=f"par-new-{d}.raw", target_capacity=1)
+                             target_storage="default", target_volume=f"par-new-{d}.raw", target_capacity=1,
+                             target_bus="virtio")
                     for d in disks),
         cleanup=CleanupPlan(delete_intermediate=True, delete_snapshot=True, delete_source=False))
 

@@ -117,13 +117,20 @@ def test_plan_disks_with_native_target_format():
         "sourcePath": "/var/lib/libvirt/images/web.qcow2", "sourcePool": "default", "sourceVolume": "web.qcow2",
         "bus": "virtio", "transitFormat": "qcow2", "conversion": "none", "targetFormat": "qcow2",
         "objectKey": "apps/move-web/vda.qcow2", "targetStorage": "fast-pool", "targetVolume": "web-new-vda.qcow2",
-        "targetCapacity": 10 * GB,
+        "targetCapacity": 10 * GB, "targetBus": "virtio",
     }
     # raw source: converted to qcow2 before it leaves
     assert (vdb["transitFormat"], vdb["conversion"], vdb["targetFormat"]) == ("qcow2", "source", "qcow2")
     assert vdb["objectKey"] == "apps/move-web/vdb.qcow2"
     assert vdb["targetVolume"] == "web-new-vdb.qcow2"
-    assert (vdb["sourcePool"], vdb["sourceVolume"], vdb["bus"]) == (None, None, "scsi")
+    assert (vdb["sourcePool"], vdb["sourceVolume"], vdb["bus"], vdb["targetBus"]) == (None, None, "scsi", "scsi")
+
+
+def test_the_target_hypervisor_maps_the_disk_bus():
+    from include.providers.libvirt_driver import LibvirtDriver
+
+    assert [LibvirtDriver.disk_bus(b) for b in ("virtio", "sata", "pvscsi", "lsilogic", "nvme")] == \
+        ["virtio", "sata", "scsi", "scsi", "virtio"]
 
 
 @pytest.mark.parametrize("target_fmt", FORMATS)
