@@ -6,8 +6,8 @@ VM's UUID, an object's key on the storage the plan pinned), never on a name or a
 What the ledger does not hold is never deleted, whatever its name.
 
 The ledger is durable run state, kept apart from the status (which is what users see and what a
-Kubernetes status writer replaces). It lives beside the migration's plan in the spec store
-(``<store>/status/<ns>/<name>/ledger.json``); entries survive task retries and later runs of the
+Kubernetes status writer replaces). It is a document of the run state (``include.runstate``: by default
+``<store>/status/<ns>/<name>/ledger.json`` beside the plan); entries survive task retries and later runs of the
 same migration, so a snapshot kept after a failure is still known as ours by the next run.
 
 An entry is written *before* the engine starts creating something whose creation can be interrupted
@@ -21,10 +21,10 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from include.store import SpecStore, atomic_write_json, locked
+from include.runstate import LEDGER, RunState
+from include.store import SpecStore
 
 #: the kinds of things the engine creates
 KINDS = ("volume", "vm", "snapshot", "object", "dir", "claim")
@@ -60,24 +60,18 @@ class Entry:
 
 
 class Ledger:
-    """The ownership ledger of one migration (see the module docstring)."""
+    """The ownership ledger of one migration (see the module docstring), a document of its run state."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, state: RunState, namespace: str, name: str) -> None:
+        self.state, self.namespace, self.name = state, namespace, name
 
     @classmethod
     def of(cls, store: SpecStore, namespace: str, name: str) -> Ledger:
-        return cls(store.state_dir(namespace, name) / "ledger.json")
+        return cls(store.state, namespace, name)
 
     # -- reading --------------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
-        import json
-
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            return {"run": None, "entries": []}
+        return self.state.read(self.namespace, self.name, LEDGER) or {"run": None, "entries": []}
 
     def run(self) -> str | None:
         """The current run's token (set by Validating)."""
@@ -100,11 +94,7 @@ class Ledger:
 
     # -- writing --------------------------------------------------------------------------------
     def _mutate(self, fn) -> Any:
-        with locked(self.path):
-            data = self._read()
-            result = fn(data)
-            atomic_write_json(self.path, data)
-        return result
+        return self.state.update(self.namespace, self.name, LEDGER, fn)
 
     def new_run(self) -> str:
         """Start a run (Validating): a fresh token; entries of earlier runs stay (they are still ours)."""

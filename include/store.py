@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from include.runstate import PLAN, RUN, RunState, disk_doc, run_state_for
 from include.spec import (
     KIND,
     RetryPolicy,
@@ -398,8 +399,10 @@ def dag_entries(index: StoreIndex) -> tuple[list[SpecEntry], list[str]]:
 class SpecStore:
     """A folder of YAML specs plus the state of each migration."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, state: RunState | None = None) -> None:
         self.root = Path(root) if root is not None else default_store_path()
+        #: where the plan, disk records, run record, ledger and claims live (``include.runstate``)
+        self.state: RunState = state if state is not None else run_state_for(self)
 
     @property
     def status_dir(self) -> Path:
@@ -520,11 +523,15 @@ class SpecStore:
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
         atomic_write_json(path, data)
 
+    # -- run state, through ``self.state`` ---------------------------------------------------------
     def save_plan(self, namespace: str, name: str, plan: dict[str, Any]) -> None:
-        self.write_json(self.plan_path(namespace, name), plan)
+        self.state.write(namespace, name, PLAN, plan)
 
     def load_plan(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.read_json(self.plan_path(namespace, name))
+        return self.state.read(namespace, name, PLAN)
+
+    def delete_plan(self, namespace: str, name: str) -> None:
+        self.state.delete(namespace, name, PLAN)
 
     def planned_disk_names(self, namespace: str, name: str) -> list[str] | None:
         plan = self.load_plan(namespace, name)
@@ -533,36 +540,32 @@ class SpecStore:
         return [d["name"] for d in plan.get("disks", [])]
 
     def update_disk_record(self, namespace: str, name: str, disk: str, **values: Any) -> dict[str, Any]:
-        path = self.disk_record_path(namespace, name, disk)
-        with locked(path):
-            record = self.read_json(path) or {"name": disk}
+        def mutate(record: dict[str, Any]) -> dict[str, Any]:
+            record.setdefault("name", disk)
             record.update(values)
-            self.write_json(path, record)
-        return record
+            return dict(record)
+
+        return self.state.update(namespace, name, disk_doc(disk), mutate)
 
     def run_record_path(self, namespace: str, name: str) -> Path:
         return self.state_dir(namespace, name) / "run.json"
 
     def update_run_record(self, namespace: str, name: str, **values: Any) -> dict[str, Any]:
-        """Facts about what this migration made that must outlive a run (the snapshot it created)."""
-        path = self.run_record_path(namespace, name)
-        with locked(path):
-            record = self.read_json(path) or {}
+        """The run's own facts: its outcome (``targetValidated``, ``failure``), the VM it committed."""
+        def mutate(record: dict[str, Any]) -> dict[str, Any]:
             record.update(values)
-            self.write_json(path, record)
-        return record
+            return dict(record)
+
+        return self.state.update(namespace, name, RUN, mutate)
 
     def run_record(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.read_json(self.run_record_path(namespace, name)) or {}
+        return self.state.read(namespace, name, RUN) or {}
 
     def disk_record(self, namespace: str, name: str, disk: str) -> dict[str, Any]:
-        return self.read_json(self.disk_record_path(namespace, name, disk)) or {"name": disk}
+        return self.state.read(namespace, name, disk_doc(disk)) or {"name": disk}
 
     def clear_disk_records(self, namespace: str, name: str) -> None:
-        folder = self._disks_dir(namespace, name)
-        if folder.is_dir():
-            for item in folder.glob("*.json"):
-                item.unlink()
+        self.state.delete_prefix(namespace, name, "disks/")
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:

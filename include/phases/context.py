@@ -29,7 +29,7 @@ from include.spec import SpecValidationError, StorageSpec, VMMigration
 from include.status import Phase
 from include.storage import backend_for
 from include.storage.base import StorageBackend
-from include.store import FileStatusSink, SpecStore, StatusSink, StoreIndex, locked
+from include.store import FileStatusSink, SpecStore, StatusSink, StoreIndex
 
 log = logging.getLogger("include.phases")
 
@@ -231,7 +231,7 @@ class MigrationContext:
         """This migration's private staging folder on this host (0700, a fresh unpredictable name,
         recorded in the ledger when made); later phases on the same host find it there and check it."""
         scope = host_scope()
-        with locked(self.ledger.path.with_name("staging")):
+        with self.store.state.lock(self.namespace, self.name, "staging"):
             for entry in self.ledger.entries("dir"):
                 if entry.scope != scope or entry.ident.get("role") != "staging":
                     continue

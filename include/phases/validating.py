@@ -22,7 +22,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     # reset first, so that no outcome of an earlier run outlives a Validating that fails early
     ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, targetVm=None, failure=None)
     ctx.store.clear_disk_records(ctx.namespace, ctx.name)
-    ctx.store.plan_path(ctx.namespace, ctx.name).unlink(missing_ok=True)  # a stale plan must not outlive its run
+    ctx.store.delete_plan(ctx.namespace, ctx.name)  # a stale plan must not outlive its run
     migration = ctx.migration  # raises SpecValidationError naming every bad field
     resolved = ctx.resolved
     spec = migration.spec
