@@ -29,14 +29,17 @@ class MigrationS3Hook(S3Hook):
         mask_secret(settings.secret_key)
         if settings.proxy:
             mask_secret(settings.proxy)  # may hold user:password@
-        super().__init__(aws_conn_id=None, region_name=settings.region, verify=settings.verify,
-                         config=botocore_config(settings), **kwargs)
         self.settings = settings
+        self.botocore_config = botocore_config(settings)
+        super().__init__(aws_conn_id=None, region_name=settings.region, verify=settings.verify,
+                         config=self.botocore_config, **kwargs)
         if settings.verify is False:
             self.log.warning("TLS verification is disabled for S3 endpoint %s", settings.endpoint_url)
 
     @cached_property
     def conn_config(self):
+        """The connection AwsGenericHook builds its session from (its documented ``conn_config``), made in
+        memory from the Secret's keys: nothing is stored or looked up as an Airflow connection."""
         from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
 
         extra = {"region_name": self.settings.region}
@@ -44,8 +47,8 @@ class MigrationS3Hook(S3Hook):
             extra["endpoint_url"] = self.settings.endpoint_url
         conn = Connection(conn_id="vmmigration_s3", conn_type="aws", login=self.settings.access_key,
                           password=self.settings.secret_key, extra=json.dumps(extra))
-        return AwsConnectionWrapper(conn=conn, region_name=self.settings.region, botocore_config=self._config,
-                                    verify=self._verify)
+        return AwsConnectionWrapper(conn=conn, region_name=self.settings.region,
+                                    botocore_config=self.botocore_config, verify=self.settings.verify)
 
     def get_conn(self) -> Any:
         """The boto3 client; with a proxy, each request's real target is checked before it is sent."""

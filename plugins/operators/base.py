@@ -40,6 +40,9 @@ class MigrationPhaseOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("namespace", "migration_name")
     phase: ClassVar[Phase]
+    #: the phase's body: the name of its function in ``include.phases`` (called with the context, and the
+    #: disk for a per-disk phase); a subclass only names it
+    body: ClassVar[str]
 
     def __init__(self, *, namespace: str, migration_name: str, store_path: str | None = None, **kwargs: Any) -> None:
         from notifiers.migration_status import MigrationStatusNotifier
@@ -73,7 +76,12 @@ class MigrationPhaseOperator(BaseOperator):
             self._migration_ctx = None
 
     def run_phase(self, ctx: MigrationContext, context: Context) -> Any:
-        raise NotImplementedError
+        from include import phases
+
+        return getattr(phases, self.body)(ctx, *self.phase_args())
+
+    def phase_args(self) -> tuple[Any, ...]:
+        return ()
 
     def on_kill(self) -> None:
         if self._migration_ctx is not None:
@@ -92,3 +100,6 @@ class DiskPhaseOperator(MigrationPhaseOperator):
         kwargs.setdefault("map_index_template", "{{ task.disk_name }}")
         super().__init__(**kwargs)
         self.disk_name = disk_name
+
+    def phase_args(self) -> tuple[Any, ...]:
+        return (self.disk_name,)

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from include.status import Phase
 from operators.base import DiskPhaseOperator
-
-if TYPE_CHECKING:
-    from airflow.sdk import Context
-
-    from include.phases import MigrationContext
 
 
 class ImportDiskOperator(DiskPhaseOperator):
@@ -18,8 +11,4 @@ class ImportDiskOperator(DiskPhaseOperator):
 
     phase = Phase.IMPORTING
     ui_color = "#dcfce7"
-
-    def run_phase(self, ctx: MigrationContext, context: Context) -> Any:
-        from include import phases
-
-        return phases.import_disk(ctx, self.disk_name)
+    body = "import_disk"

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from include.status import Phase
 from operators.base import MigrationPhaseOperator
-
-if TYPE_CHECKING:
-    from airflow.sdk import Context
-
-    from include.phases import MigrationContext
 
 
 class SnapshotVMOperator(MigrationPhaseOperator):
@@ -18,8 +11,4 @@ class SnapshotVMOperator(MigrationPhaseOperator):
 
     phase = Phase.SNAPSHOTTING
     ui_color = "#e0e7ff"
-
-    def run_phase(self, ctx: MigrationContext, context: Context) -> Any:
-        from include import phases
-
-        return phases.snapshot(ctx)
+    body = "snapshot"

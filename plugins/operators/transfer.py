@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from include.status import Phase
 from operators.base import DiskPhaseOperator
-
-if TYPE_CHECKING:
-    from airflow.sdk import Context
-
-    from include.phases import MigrationContext
 
 
 class TransferDiskOperator(DiskPhaseOperator):
@@ -18,8 +11,4 @@ class TransferDiskOperator(DiskPhaseOperator):
 
     phase = Phase.TRANSFERRING
     ui_color = "#cffafe"
-
-    def run_phase(self, ctx: MigrationContext, context: Context) -> Any:
-        from include import phases
-
-        return phases.transfer_disk(ctx, self.disk_name)
+    body = "transfer_disk"

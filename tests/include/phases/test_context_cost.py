@@ -14,7 +14,7 @@ from include.demo import DemoWorld, store_documents
 from include.phases import MigrationContext
 from include.store import SpecStore
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _write_specs(store: Path, count: int) -> None:

@@ -1,5 +1,5 @@
-"""include/providers/libvirt_driver.py builds XML as a tree: no value can inject an attribute or element
-(real libvirtd)."""
+"""include/providers/libvirt_driver.py: XML built as a tree (no value can inject an attribute or element, on a
+real libvirtd), which URIs are local, and the SSH key from a Provider's Secret."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from include.errors import TargetCreationError
 from include.providers.base import TargetDisk
-from include.providers.libvirt_driver import LibvirtDriver
+from include.providers.libvirt_driver import LibvirtDriver, connection_uri, is_local_uri
 from include.spec import NetworkHint
 
 EVIL_NETWORK = "default' portgroup='evil-vlan"
@@ -99,3 +99,26 @@ def test_snapshot_and_volume_xml_are_trees_too():
     libvirt_driver._sub(el, "disk", name="vda' snapshot='external", snapshot="internal")
     back = ET.fromstring(libvirt_driver._to_xml(el))
     assert back.find("disk").attrib == {"name": "vda' snapshot='external", "snapshot": "internal"}
+
+
+@pytest.mark.parametrize(("uri", "local"), [
+    ("qemu:///system", True),
+    ("qemu+unix:///system?socket=/run/libvirt/libvirt-sock", True),
+    ("qemu://kvm-host1/system", False),  # libvirt over TLS to another host, even if the same path exists here
+    ("qemu+ssh://root@kvm-host1/system", False),
+    ("qemu+tcp://127.0.0.1/system", False),
+])
+def test_only_a_hostless_qemu_uri_is_local(uri, local):
+    assert is_local_uri(uri) is local
+
+
+def test_ssh_key_goes_to_a_private_file_named_in_the_uri(tmp_path):
+    import os
+
+    uri, keyfile = connection_uri("qemu+ssh://root@h/system", {"ssh-privatekey": "-----KEY-----"})
+    try:
+        assert f"keyfile={keyfile}" in uri
+        assert oct(os.stat(keyfile).st_mode & 0o777) == "0o600"
+    finally:
+        os.unlink(keyfile)
+    assert connection_uri("qemu:///system", {"ssh-privatekey": "k"}) == ("qemu:///system", None)
