@@ -43,11 +43,8 @@ def s3_backend(storage: StorageSpec, credentials: Credentials | None) -> Storage
 
 
 def http_backend(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:
-    from airflow.sdk.log import mask_secret
-
+    from hooks.masking import mask
     from include.storage.http import bearer_token, http_from
 
-    token = bearer_token(credentials)
-    if token:
-        mask_secret(token)
+    mask(bearer_token(credentials))
     return http_from(storage, credentials, guard=address_guard())

@@ -54,11 +54,10 @@ class LibvirtHook(BaseHook):
         """The ``libvirt.virConnect``; a ``qemu+ssh`` Provider's private key (from its Secret) is masked
         here, where it is read, and used only for the connect."""
         if self.credentials:
-            from airflow.sdk.log import mask_secret
+            from hooks.masking import mask
 
             for key in ("sshPrivateKey", "ssh-privatekey", "privateKey"):
-                if self.credentials.get(key):
-                    mask_secret(self.credentials[key])
+                mask(self.credentials.get(key))
         return open_connection(self.uri, self.credentials)
 
     def get_conn(self) -> Any:

@@ -8,8 +8,8 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import Connection
-from airflow.sdk.log import mask_secret
 
+from hooks.masking import mask
 from include.storage.s3 import S3Settings, botocore_config, check_proxied_targets
 
 
@@ -26,9 +26,9 @@ class MigrationS3Hook(S3Hook):
     """
 
     def __init__(self, *, settings: S3Settings, **kwargs: Any) -> None:
-        mask_secret(settings.secret_key)
+        mask(settings.secret_key)
         if settings.proxy:
-            mask_secret(settings.proxy)  # may hold user:password@
+            mask(settings.proxy)  # may hold user:password@
         self.settings = settings
         self.botocore_config = botocore_config(settings)
         super().__init__(aws_conn_id=None, region_name=settings.region, verify=settings.verify,
