@@ -126,9 +126,6 @@ class HypervisorDriver(abc.ABC):
     def get_vm(self, name: str) -> VMInfo: ...
 
     @abc.abstractmethod
-    def vm_exists(self, name: str) -> bool: ...
-
-    @abc.abstractmethod
     def storage_exists(self, hint: str) -> bool:
         """Whether the target storage named by targetStorageHint (a pool, datastore...) exists."""
 
@@ -156,9 +153,6 @@ class HypervisorDriver(abc.ABC):
 
     @abc.abstractmethod
     def write_volume(self, storage: str, volume: str, segments: Iterator[Segment], length: int) -> None: ...
-
-    @abc.abstractmethod
-    def volume_exists(self, storage: str, volume: str) -> bool: ...
 
     @abc.abstractmethod
     def resize_volume(self, storage: str, volume: str, capacity: int) -> None:

@@ -177,13 +177,6 @@ class LibvirtDriver(HypervisorDriver):
                 raise NotFound(f"VM {name!r} not found on {self.uri}") from err
             raise HypervisorError(f"looking up VM {name!r} on {self.uri} failed: {err}") from err
 
-    def vm_exists(self, name: str) -> bool:
-        try:
-            self._domain(name)
-        except NotFound:
-            return False
-        return True
-
     def get_vm(self, name: str) -> VMInfo:
         return self._vm_info(self._domain(name))
 
@@ -338,13 +331,6 @@ class LibvirtDriver(HypervisorDriver):
     def storage_exists(self, hint: str) -> bool:
         try:
             self._pool(hint)
-        except NotFound:
-            return False
-        return True
-
-    def volume_exists(self, storage: str, volume: str) -> bool:
-        try:
-            self._volume(storage, volume)
         except NotFound:
             return False
         return True

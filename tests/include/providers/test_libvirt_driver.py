@@ -43,7 +43,7 @@ def test_quotes_in_a_network_hint_stay_in_its_value(driver, hint, attr, value):
         try:
             driver.define_vm(name, 1, 64, [], [hint])
         except TargetCreationError:
-            assert not driver.vm_exists(name)  # refused cleanly by libvirt: nothing defined
+            assert driver.vm_id(name) is None  # refused cleanly by libvirt: nothing defined
             return
         root = ET.fromstring(driver.conn.lookupByName(name).XMLDesc(0))
         interfaces = root.findall("./devices/interface")
@@ -64,7 +64,7 @@ def test_quotes_and_markup_in_disk_fields_stay_in_their_values(driver):
         try:
             driver.define_vm(name, 1, 64, [disk], [])
         except TargetCreationError:
-            assert not driver.vm_exists(name)
+            assert driver.vm_id(name) is None
             return
         root = ET.fromstring(driver.conn.lookupByName(name).XMLDesc(0))
         [source] = root.findall("./devices/disk/source")
