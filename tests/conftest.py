@@ -73,6 +73,18 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def s3(tmp_path: Path, request: pytest.FixtureRequest):
+    """A real versitygw S3 server on loopback (checks signatures) with one bucket: the test module's
+    ``S3_BUCKET``, else ``vm-migrations``; stopped after the test."""
+    from tests.servers.s3 import start_s3_server
+
+    server = start_s3_server(tmp_path / "s3")
+    server.create_bucket(getattr(request.module, "S3_BUCKET", "vm-migrations"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def world(libvirt_uri: str, tmp_path: Path):
     """A demo world on the real libvirtd: source and target pools, an NFS-style share; removed after."""
     from include.demo import DemoWorld, teardown

@@ -3,8 +3,6 @@ converting on this host only when the plan says so)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Any
 
 from include import diskio, safefs
@@ -13,7 +11,7 @@ from include.model import Conversion, ExportMode
 from include.phases.bookkeeping import begin, finish
 from include.phases.checks import ensure_same_source, ensure_source_off, local_source_path, source_file_size
 from include.phases.context import MigrationContext
-from include.phases.staging import convert, ensure_space, space_errors
+from include.phases.staging import convert, discard, ensure_space, seal, space_errors
 from include.status import Phase
 
 
@@ -88,17 +86,12 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             local = fetched
         with space_errors(disk, staged):
             convert(ctx, Phase.EXPORTING, disk, local, d.source_format, staged, d.transit_format)
-        os.chmod(staged, 0o600)
-        # the staged image's sha256: Transferring must upload exactly this file, not one swapped in between
-        staged_sha = diskio.sha256_file(staged)
+        staged_sha = seal(staged)  # Transferring uploads exactly this file
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
+        discard(staged)
         raise
     finally:
-        if fetched is not None:
-            with contextlib.suppress(FileNotFoundError):
-                fetched.unlink()
+        discard(fetched)
     ctx.record(disk, export_mode=ExportMode.STAGED, export_path=str(staged), export_format=d.transit_format,
                export_bytes=staged.stat().st_size, export_sha256=staged_sha)
     finish(ctx, Phase.EXPORTING, f"Disk {disk} exported and converted {d.source_format} -> {d.transit_format}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,20 @@ from include import diskio
 from include.errors import ConversionError, StorageError, UnsupportedDiskFormat
 from include.phases.context import MigrationContext
 from include.status import Phase
+
+
+def seal(path: Path) -> str:
+    """Make a staged image private and return its sha256: the next phase uses exactly this file, not one
+    swapped in between."""
+    os.chmod(path, 0o600)
+    return diskio.sha256_file(path)
+
+
+def discard(path: Path | None) -> None:
+    """Remove a staged file if it is there."""
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def ensure_space(folder: Path, needed: int, disk: str) -> None:
@@ -49,8 +64,7 @@ def convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt: 
                        progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
     except (diskio.UnsafeImage, diskio.QemuImgError) as err:
         if not into_existing:
-            with contextlib.suppress(FileNotFoundError):
-                dst.unlink()
+            discard(dst)
         if isinstance(err, diskio.UnsafeImage):
             raise UnsupportedDiskFormat(f"disk {disk}: {err}") from err
         raise ConversionError(f"Failed to convert disk format of {disk}: {err}") from err

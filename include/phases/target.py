@@ -3,9 +3,7 @@ ValidatingTarget."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from include.errors import ChecksumError, InvalidMigration, TargetValidationErro
 from include.model import Conversion
 from include.phases.bookkeeping import begin, finish
 from include.phases.context import MigrationContext
-from include.phases.staging import convert, ensure_space, space_errors
+from include.phases.staging import convert, discard, ensure_space, seal, space_errors
 from include.phases.transfer import stored_manifest, verified_segments
 from include.providers.session import VMHandle
 from include.status import Phase
@@ -57,20 +55,13 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         with space_errors(disk, out):
             convert(ctx, Phase.CONVERTING, disk, local, d.transit_format, out, d.target_format,
                     into_existing=into is not None)
-        converted_sha = None
-        if not into:
-            os.chmod(out, 0o600)
-            # Importing checks that it imports exactly this file, not one swapped in staging
-            converted_sha = diskio.sha256_file(out)
+        converted_sha = None if into else seal(out)  # Importing imports exactly this file
     except BaseException:
-        if out is not None and not into:
-            with contextlib.suppress(FileNotFoundError):
-                out.unlink()
+        if not into:
+            discard(out)
         raise
     finally:
-        if fetched is not None:
-            with contextlib.suppress(FileNotFoundError):
-                fetched.unlink()
+        discard(fetched)
     # Written straight into the target volume when it is on this host: no second temporary copy.
     ctx.record(disk, converted_path=None if into else str(out), converted_into=into, converted_sha256=converted_sha)
     finish(ctx, Phase.CONVERTING, f"Disk {disk} verified and converted {d.transit_format} -> {d.target_format}",
@@ -129,8 +120,7 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     target_sha = None if rec.converted_into else (expected or hasher.hexdigest())
     ctx.record(disk, imported=True, target_sha256=target_sha, target_bytes=length)
     if rec.converted_path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(rec.converted_path)
+        discard(Path(rec.converted_path))
 
     def mutate(s: dict[str, Any]) -> None:
         entry = st.disk_entry(s, disk)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.servers.s3 import start_s3_server
-
 
 @pytest.fixture
-def s3(tmp_path, monkeypatch):
+def s3(s3, monkeypatch):
+    """The shared versitygw (tests/conftest.py) with its bucket ``vm-migrations``; the migrations reach it
+    on loopback, which the address policy allows only when told to."""
     monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")
-    server = start_s3_server(tmp_path / "s3")
-    server.create_bucket("vm-migrations")
-    yield server
-    server.stop()
+    return s3

@@ -8,16 +8,9 @@ from include.inventory import Credentials
 from include.netpolicy import AddressRefused
 from include.spec import ObjectRef, StorageSpec
 from include.storage import backend_for
-from tests.servers.s3 import start_s3_server
 from tests.servers.webdav import start_webdav_server
 
-
-@pytest.fixture
-def s3(tmp_path):
-    server = start_s3_server(tmp_path / "s3")
-    server.create_bucket("policy-test")
-    yield server
-    server.stop()
+S3_BUCKET = "policy-test"  # the bucket the shared ``s3`` fixture (tests/conftest.py) makes
 
 
 def _s3_backend(server, endpoint=None):

@@ -14,7 +14,6 @@ from include.inventory import Credentials
 from include.spec import ObjectRef, StorageSpec
 from include.storage import backend_for
 from include.storage.s3 import MiB
-from tests.servers.s3 import start_s3_server
 from tests.servers.webdav import start_webdav_server
 
 
@@ -23,12 +22,7 @@ def _loopback(monkeypatch):
     monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")
 
 
-@pytest.fixture
-def s3(tmp_path):
-    server = start_s3_server(tmp_path / "s3")
-    server.create_bucket("objects")
-    yield server
-    server.stop()
+S3_BUCKET = "objects"  # the bucket the shared ``s3`` fixture (tests/conftest.py) makes
 
 
 @pytest.fixture

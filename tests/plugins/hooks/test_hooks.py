@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from tests.servers.s3 import start_s3_server
-
 
 def test_libvirt_hook_reads_its_uri_from_an_env_connection(libvirt_uri, monkeypatch):
     from hooks.libvirt_hook import LibvirtHook
@@ -56,12 +54,7 @@ def test_a_hook_configuration_error_fails_the_task_without_retrying(monkeypatch,
         op.execute({})
 
 
-@pytest.fixture
-def s3(tmp_path):
-    server = start_s3_server(tmp_path / "s3")
-    server.create_bucket("hooked")
-    yield server
-    server.stop()
+S3_BUCKET = "hooked"  # the bucket the shared ``s3`` fixture (tests/conftest.py) makes
 
 
 def test_migration_s3_hook_uses_the_secret_not_a_connection(s3):
