@@ -93,6 +93,9 @@ class DiskPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiskPlan:
+        # plans saved before the bus was mapped: the disk keeps its bus (what those runs created it with)
+        if isinstance(data, Mapping) and "targetBus" not in data:
+            data = {**data, "bus": data.get("bus", "virtio"), "targetBus": data.get("bus", "virtio")}
         return _load(cls, data, conversion=Conversion)
 
     def source_disk(self) -> DiskInfo:

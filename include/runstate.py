@@ -178,16 +178,20 @@ class SqlRunState:
         import sqlalchemy as sa
 
         self.url = url
-        self.engine = sa.create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            # an immediate transaction takes SQLite's write lock at BEGIN: read-modify-write is serialised
+        sqlite = url.startswith("sqlite")
+        # no connection is made here: the engine connects on first use (a DAG parse never gets this far)
+        self.engine = sa.create_engine(url, future=True, connect_args={"timeout": 60} if sqlite else {})
+        if sqlite:
+            # a write takes SQLite's write lock at BEGIN (IMMEDIATE), so read-modify-write is serialised;
+            # reads begin deferred and never take it
             @sa.event.listens_for(self.engine, "connect")
             def _no_autobegin(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.isolation_level = None
 
             @sa.event.listens_for(self.engine, "begin")
-            def _immediate(conn: Any) -> None:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            def _begin(conn: Any) -> None:
+                reading = conn.get_execution_options().get("vmmigration_read")
+                conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
         meta = sa.MetaData()
         self.table = sa.Table(
@@ -196,14 +200,36 @@ class SqlRunState:
             sa.Column("doc", sa.String(512), primary_key=True),
             sa.Column("data", sa.Text, nullable=False),
         )
-        meta.create_all(self.engine)
+        self._meta = meta
+        self._made = False
+
+    def _ready(self) -> None:
+        """The table, made once (workers starting together on a fresh database may race: one makes it)."""
+        if self._made:
+            return
+        import sqlalchemy as sa
+
+        try:
+            self._meta.create_all(self.engine)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
+            if not sa.inspect(self.engine).has_table(self.TABLE):
+                raise
+        self._made = True
+
+    def _reading(self) -> Any:
+        self._ready()
+        return self.engine.connect().execution_options(vmmigration_read=True)
+
+    def _writing(self) -> Any:
+        self._ready()
+        return self.engine.begin()
 
     def _select(self, scope: str, doc: str, *, for_update: bool = False) -> Any:
         stmt = self.table.select().where(self.table.c.scope == scope, self.table.c.doc == doc)
         return stmt.with_for_update() if for_update and self.engine.dialect.name != "sqlite" else stmt
 
     def read(self, namespace: str, name: str, doc: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(self._select(f"{namespace}/{name}", doc)).first()
         return json.loads(row.data) if row else None
 
@@ -224,7 +250,7 @@ class SqlRunState:
         scope = f"{namespace}/{name}"
         for attempt in range(2):
             try:
-                with self.engine.begin() as conn:
+                with self._writing() as conn:
                     row = conn.execute(self._select(scope, doc, for_update=True)).first()
                     data = json.loads(row.data) if row else {}
                     result = mutate(data)
@@ -236,12 +262,12 @@ class SqlRunState:
         raise AssertionError("unreachable")
 
     def delete(self, namespace: str, name: str, doc: str) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(self.table.delete().where(self.table.c.scope == f"{namespace}/{name}",
                                                    self.table.c.doc == doc))
 
     def delete_prefix(self, namespace: str, name: str, prefix: str) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(self.table.delete().where(self.table.c.scope == f"{namespace}/{name}",
                                                    self.table.c.doc.startswith(prefix, autoescape=True)))
 
@@ -258,13 +284,13 @@ class SqlRunState:
         deadline = time.monotonic() + wait
         while True:
             try:
-                with self.engine.begin() as conn:
+                with self._writing() as conn:
                     conn.execute(self.table.insert().values(scope=scope, doc=doc, data=mine))
                 break
             except sa.exc.IntegrityError:
                 held = self.read(namespace, name, doc)
                 if held is not None and float(held.get("until", 0)) < time.time():
-                    with self.engine.begin() as conn:  # a dead holder's lease: removed, then taken anew
+                    with self._writing() as conn:  # a dead holder's lease: removed, then taken anew
                         conn.execute(self.table.delete().where(self.table.c.scope == scope, self.table.c.doc == doc,
                                                                self.table.c.data == json.dumps(held)))
                     continue
@@ -275,7 +301,7 @@ class SqlRunState:
         try:
             yield
         finally:
-            with self.engine.begin() as conn:
+            with self._writing() as conn:
                 conn.execute(self.table.delete().where(self.table.c.scope == scope, self.table.c.doc == doc,
                                                        self.table.c.data == mine))
 
@@ -283,24 +309,24 @@ class SqlRunState:
         import sqlalchemy as sa
 
         try:
-            with self.engine.begin() as conn:
+            with self._writing() as conn:
                 conn.execute(self.table.insert().values(scope="claim", doc=key, data=json.dumps(body)))
             return None
         except sa.exc.IntegrityError:
             return self.claim_holder(key) or {}
 
     def replace_claim(self, key: str, body: dict[str, Any]) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(self.table.update().where(self.table.c.scope == "claim", self.table.c.doc == key)
                          .values(data=json.dumps(body)))
 
     def claim_holder(self, key: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(self._select("claim", key)).first()
         return json.loads(row.data) if row else None
 
     def drop_claim(self, key: str) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(self.table.delete().where(self.table.c.scope == "claim", self.table.c.doc == key))
 
     def describe_claim(self, key: str) -> str:

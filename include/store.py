@@ -401,8 +401,15 @@ class SpecStore:
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, state: RunState | None = None) -> None:
         self.root = Path(root) if root is not None else default_store_path()
-        #: where the plan, disk records, run record, ledger and claims live (``include.runstate``)
-        self.state: RunState = state if state is not None else run_state_for(self)
+        self._state = state
+
+    @property
+    def state(self) -> RunState:
+        """Where the plan, disk records, run record, ledger and claims live (``include.runstate``); chosen
+        on first use, so that a parse that reads no run state never reaches a run-state database."""
+        if self._state is None:
+            self._state = run_state_for(self)
+        return self._state
 
     @property
     def status_dir(self) -> Path:

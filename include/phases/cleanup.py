@@ -41,7 +41,8 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
                     done.append(f"staging folder {path}")
                 ledger.forget(entry)
     if succeeded:
-        ctx.target_session.keep()  # what the target now holds is the migrated VM: never rolled back later
+        with _logged(ctx, "handing the target over"):
+            ctx.target_session.keep()  # what the target now holds is the migrated VM: never rolled back later
     else:
         with _logged(ctx, "rolling back the target"):
             done += ctx.target_session.rollback()

@@ -50,6 +50,7 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             for seg in verified_segments(ctx, disk, manifest):
                 tracker.add(seg.length)
         tracker.finish()
+        # into the target volume when its file is here and writable, else into staging for Importing
         into = ctx.target_session.prepare_disk(d) if ctx.target_session.writes_in_place(d) else None
         out = Path(into) if into else staging / f"{disk}.converted.{d.target_format}"
         with space_errors(disk, out):
@@ -153,9 +154,14 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
 
 
 def committed_vm(ctx: MigrationContext) -> VMHandle:
-    """The VM Creating committed in this run (from the run state)."""
+    """The VM Creating committed in this run (from the run state; for a run that Created before the id
+    was kept there, the VM its ledger records under the planned name)."""
     recorded = ctx.store.run_record(ctx.namespace, ctx.name).get("targetVm")
     if not isinstance(recorded, dict) or recorded.get("run") != ctx.ledger.run() or not recorded.get("id"):
+        entry = ctx.ledger.find("vm", ctx.scope_target, name=ctx.plan.target.vm)
+        if entry is not None and entry.ident.get("id") and "targetVm" not in ctx.store.run_record(ctx.namespace,
+                                                                                                   ctx.name):
+            return VMHandle(id=str(entry.ident["id"]), name=ctx.plan.target.vm)
         raise InvalidMigration(f"no target VM was created in this run of {ctx.namespace}/{ctx.name}: run the "
                                f"Creating phase first (task create_vm)")
     return VMHandle(id=str(recorded["id"]), name=str(recorded["name"]))

@@ -126,4 +126,5 @@ def stored_manifest(ctx: MigrationContext, disk: str) -> Manifest:
 def verified_segments(ctx: MigrationContext, disk: str, manifest: Manifest) -> Iterator[Segment]:
     """The stored object's logical segments; a ChecksumError at the end unless they hash to the manifest's."""
     key = ctx.disk_plan(disk).object_key
-    return decode(ctx.storage.read(key), manifest, where=f"disk {disk}: the object {ctx.storage.location(key)}")
+    # a generator: the object is opened when the first segment is asked for, never before
+    yield from decode(ctx.storage.read(key), manifest, where=f"disk {disk}: the object {ctx.storage.location(key)}")

@@ -74,9 +74,10 @@ class TargetSession(abc.ABC):
         """Whether the disk's target is a file on this host that qemu-img can convert into."""
         return False
 
-    def prepare_disk(self, disk: DiskPlan) -> str:
-        """Create the disk's target anew and return its local file (only when ``writes_in_place``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not write disks in place")
+    def prepare_disk(self, disk: DiskPlan) -> str | None:
+        """Create the disk's target anew and return its local file (only when ``writes_in_place``); None,
+        with nothing left made, when the created target turns out not writable here after all."""
+        return None
 
     @abc.abstractmethod
     def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
@@ -126,12 +127,10 @@ class VolumeTargetSession(TargetSession):
     def writes_in_place(self, disk: DiskPlan) -> bool:
         return self.driver.local_storage_path(disk.target_storage) is not None
 
-    def prepare_disk(self, disk: DiskPlan) -> str:
+    def prepare_disk(self, disk: DiskPlan) -> str | None:
         path = self._fresh_volume(disk)
-        if path is None:  # the pool said local, the volume is not writable here: nothing half-made stays
+        if path is None:  # the pool is here, the volume's file is not writable by us: Importing streams it
             self.discard_disk(disk)
-            raise TargetCreationError(f"volume {disk.target_volume} in {disk.target_storage} is not writable on "
-                                      f"this host")
         return path
 
     def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:

@@ -20,6 +20,13 @@ _values: set[str] = set()
 _lock = threading.Lock()
 
 
+def _redacted(text: str) -> str:
+    for value in sorted(_values, key=len, reverse=True):  # a whole key before its lines
+        if value in text:
+            text = text.replace(value, "***")
+    return text
+
+
 class _Redact(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not _values:
@@ -28,12 +35,15 @@ class _Redact(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a record that cannot format is left to the handler to report
             return True
-        redacted = message
-        for value in sorted(_values, key=len, reverse=True):  # a whole key before its lines
-            if value in redacted:
-                redacted = redacted.replace(value, "***")
+        redacted = _redacted(message)
         if redacted != message:
             record.msg, record.args = redacted, ()
+        if record.exc_info and not record.exc_text:  # a traceback is formatted once, here, then redacted
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _redacted(record.exc_text)
+        if record.stack_info:
+            record.stack_info = _redacted(record.stack_info)
         return True
 
 

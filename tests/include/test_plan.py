@@ -280,3 +280,17 @@ def test_a_plan_missing_a_field_is_refused_naming_it():
         Plan.from_dict(stored)
     with pytest.raises(InvalidMigration, match="disk 'vdz' is not in the plan"):
         build_plan(resolved_for(), VM, target_storage="pool").disk("vdz")
+
+
+def test_a_plan_saved_before_the_bus_was_mapped_still_reads():
+    """A run validated by the previous version goes on (and can be rolled back) after an upgrade."""
+    from include.model import Plan
+
+    stored = build_plan(resolved_for(), VM, target_storage="pool").to_dict()
+    for d in stored["disks"]:
+        del d["targetBus"]
+    del stored["disks"][0]["bus"]
+    del stored["specFiles"]
+    plan = Plan.from_dict(stored)
+    assert [(d.bus, d.target_bus) for d in plan.disks] == [("virtio", "virtio"), ("scsi", "scsi")]
+    assert plan.spec_files == ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,38 @@ def test_sql_lock_excludes_and_a_dead_holders_lease_is_taken_over(tmp_path):
     stale = SqlRunState(state.url)
     with stale.lock("ns", "web", "other", lease=0.0), state.lock("ns", "web", "other", wait=5):
         pass
+
+
+def test_sql_reads_do_not_wait_for_a_writer(tmp_path):
+    """On SQLite a read begins deferred: it goes through while another connection holds the write lock."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    state = SqlRunState(f"sqlite:///{path}")
+    state.write("ns", "web", "plan", {"disks": []})
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        assert state.read("ns", "web", "plan") == {"disks": []}
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_run_state_database_is_not_reached_until_used(tmp_path, monkeypatch):
+    """The DAG files build a SpecStore at parse: naming an unreachable database changes nothing there."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from include.demo import DemoWorld, store_documents, write_store
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    write_store(folder, "m.yaml", store_documents(DemoWorld(uri="qemu:///system", prefix="x", root=tmp_path),
+                                                  name="lazy"))
+    monkeypatch.setenv("VMMIGRATION_STORE", str(folder))
+    monkeypatch.setenv("VMMIGRATION_RUN_STATE", "sqlite:////nonexistent/folder/state.db")
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    assert "vmmigration__default__lazy" in bag.dags
+    with pytest.raises(Exception, match="unable to open database file"):
+        SpecStore(folder).load_plan("default", "lazy")  # the first use is where it fails, and it does
