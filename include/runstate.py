@@ -71,6 +71,10 @@ class RunState(Protocol):
 
     def drop_claim(self, key: str) -> None: ...
 
+    def describe_claim(self, key: str) -> str:
+        """Where the claim lives, for a Conflict message."""
+        ...
+
 
 RUN_STATE_ENV = "VMMIGRATION_RUN_STATE"
 
@@ -96,10 +100,11 @@ class FileRunState:
         self.store = store
 
     def path(self, namespace: str, name: str, doc: str) -> Path:
-        folder = self.store.state_dir(namespace, name)
+        """The file of a document: the store's own paths (``plan.json``, ``run.json``, ``disks/<disk>.json``,
+        ``ledger.json``) in the migration's state folder."""
         if doc.startswith("disks/"):
             return self.store.disk_record_path(namespace, name, doc.removeprefix("disks/"))
-        return folder / f"{doc}.json"
+        return self.store.state_dir(namespace, name) / f"{doc}.json"
 
     def read(self, namespace: str, name: str, doc: str) -> dict[str, Any] | None:
         return self.store.read_json(self.path(namespace, name, doc))
@@ -123,7 +128,7 @@ class FileRunState:
     def delete_prefix(self, namespace: str, name: str, prefix: str) -> None:
         if prefix != "disks/":
             raise ValueError(f"the file run state deletes by the prefix 'disks/' only, not {prefix!r}")
-        folder = self.store.state_dir(namespace, name) / "disks"
+        folder = self.store.disks_dir(namespace, name)
         if folder.is_dir():
             for item in folder.glob("*.json"):
                 item.unlink()

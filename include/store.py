@@ -510,15 +510,15 @@ class SpecStore:
         return self.state_dir(namespace, name) / "status.json"
 
     def plan_path(self, namespace: str, name: str) -> Path:
-        return self.state_dir(namespace, name) / "plan.json"
+        return self.state_dir(namespace, name) / f"{PLAN}.json"
 
-    def _disks_dir(self, namespace: str, name: str) -> Path:
+    def disks_dir(self, namespace: str, name: str) -> Path:
         return self.state_dir(namespace, name) / "disks"
 
     def disk_record_path(self, namespace: str, name: str, disk: str) -> Path:
         if not disk or disk in (".", "..") or any(c in disk for c in "/\\\x00\n"):
             raise ValueError(f"disk name {show(disk)} cannot name a file")
-        return self._disks_dir(namespace, name) / f"{disk}.json"
+        return self.disks_dir(namespace, name) / f"{disk}.json"
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -555,7 +555,7 @@ class SpecStore:
         return self.state.update(namespace, name, disk_doc(disk), mutate)
 
     def run_record_path(self, namespace: str, name: str) -> Path:
-        return self.state_dir(namespace, name) / "run.json"
+        return self.state_dir(namespace, name) / f"{RUN}.json"
 
     def update_run_record(self, namespace: str, name: str, **values: Any) -> dict[str, Any]:
         """The run's own facts: its outcome (``targetValidated``, ``failure``), the VM it committed."""

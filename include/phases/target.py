@@ -156,11 +156,11 @@ def create_vm(ctx: MigrationContext) -> dict[str, Any]:
 def committed_vm(ctx: MigrationContext) -> VMHandle:
     """The VM Creating committed in this run (from the run state; for a run that Created before the id
     was kept there, the VM its ledger records under the planned name)."""
-    recorded = ctx.store.run_record(ctx.namespace, ctx.name).get("targetVm")
+    record = ctx.store.run_record(ctx.namespace, ctx.name)
+    recorded = record.get("targetVm")
     if not isinstance(recorded, dict) or recorded.get("run") != ctx.ledger.run() or not recorded.get("id"):
         entry = ctx.ledger.find("vm", ctx.scope_target, name=ctx.plan.target.vm)
-        if entry is not None and entry.ident.get("id") and "targetVm" not in ctx.store.run_record(ctx.namespace,
-                                                                                                   ctx.name):
+        if entry is not None and entry.ident.get("id") and "targetVm" not in record:
             return VMHandle(id=str(entry.ident["id"]), name=ctx.plan.target.vm)
         raise InvalidMigration(f"no target VM was created in this run of {ctx.namespace}/{ctx.name}: run the "
                                f"Creating phase first (task create_vm)")

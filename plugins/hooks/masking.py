@@ -5,7 +5,9 @@ loggers and structlog. Records of plain ``logging`` loggers (a library's, or ``l
 were measured to pass unredacted under ``airflow tasks test`` (Airflow 3.3.2;
 ``tests/plugins/hooks/test_secret_masking.py``). ``mask`` therefore also puts a filter on the root
 logger's handlers that replaces the values registered here (and, for a multi-line value such as a
-private key, each of its lines) with ``***`` before any handler formats the record.
+private key, each of its lines) with ``***`` before any handler formats the record. A traceback is
+formatted there too and carried in the message, redacted (a structlog formatter would render the
+exception itself, unredacted).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ class _Redact(logging.Filter):
         except Exception:  # noqa: BLE001 - a record that cannot format is left to the handler to report
             return True
         redacted = _redacted(message)
+        if record.exc_info or record.exc_text:
+            # the traceback is formatted here and carried in the message, redacted: a structlog formatter
+            # renders ``exc_info`` itself and would show it as it was
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
+            redacted = f"{redacted}\n{_redacted(text)}"
+            record.exc_info, record.exc_text = None, None
         if redacted != message:
             record.msg, record.args = redacted, ()
-        if record.exc_info and not record.exc_text:  # a traceback is formatted once, here, then redacted
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = _redacted(record.exc_text)
         if record.stack_info:
             record.stack_info = _redacted(record.stack_info)
         return True

@@ -58,3 +58,27 @@ def test_an_earlier_runs_validation_does_not_count(store):
     SpecStore(store).update_run_record("ns", "web", run=old, targetValidated=old, failure=None)
     ctx.ledger.new_run()  # a new run started and never validated its target
     assert run_outcome(ctx) == (False, None)
+
+
+def test_validating_target_checks_the_vm_this_run_committed(tmp_path):
+    """ValidatingTarget takes the VM id Creating recorded for this run; a run that Created before the id was
+    recorded (an upgrade mid-run) falls back to its ledger's VM; without either it refuses to guess by name."""
+    import pytest
+
+    from include.errors import InvalidMigration
+    from include.phases.target import committed_vm
+    from tests.include.phases.test_bookkeeping import _plan
+
+    store = SpecStore(tmp_path)
+    store.save_plan("default", "par", _plan("vda").to_dict())
+    ctx = MigrationContext("default", "par", store=store, sink=WriteOnlySink())
+    run = ctx.ledger.new_run()
+    with pytest.raises(InvalidMigration, match="no target VM was created in this run"):
+        committed_vm(ctx)
+    ctx.ledger.record("vm", ctx.scope_target, id="uuid-from-ledger", name="par-new")
+    assert committed_vm(ctx).id == "uuid-from-ledger"
+    store.update_run_record("default", "par", targetVm={"id": "uuid-1", "name": "par-new", "run": run})
+    assert (committed_vm(ctx).id, committed_vm(ctx).name) == ("uuid-1", "par-new")
+    store.update_run_record("default", "par", targetVm={"id": "uuid-0", "name": "par-new", "run": "an-earlier-run"})
+    with pytest.raises(InvalidMigration):  # another run's VM is never this run's
+        committed_vm(ctx)

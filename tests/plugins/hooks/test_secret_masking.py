@@ -48,6 +48,10 @@ def masking_check():
         structlog.get_logger("x").warning("structlog: secret_key=%s", key)
         log.warning("library debug: Authorization: Bearer %s", token)
         print("printed:", key, token)
+        try:
+            raise RuntimeError(f"a library error quoting {key}")
+        except RuntimeError:
+            log.exception("traceback follows")
 
     use_the_hooks()
 
@@ -73,4 +77,5 @@ def test_hook_secrets_are_masked_in_the_task_log(airflow_db, tmp_path):
                  "task logger: secret_key=***", "fstring stdlib: secret_key=***", "operator log: secret_key=***",
                  "structlog: secret_key=***", "printed: *** ***"):
         assert line in out, f"{line!r} not in the task log:\n{out[-4000:]}"
+    assert "RuntimeError: a library error quoting ***" in out  # tracebacks are redacted too
     assert key not in out and token not in out
