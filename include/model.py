@@ -136,10 +136,13 @@ class TargetPlan:
     vcpus: int
     memory_mib: int
     networks: tuple[NetworkHint, ...] = ()
+    #: the NIC model of each of ``networks``, mapped by the target's driver from the source NIC in the same
+    #: place (empty in a plan made before the mapping: the driver's default)
+    nic_models: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TargetPlan:
-        return _load(cls, data, networks=lambda ns: tuple(NetworkHint(**n) for n in ns))
+        return _load(cls, data, networks=lambda ns: tuple(NetworkHint(**n) for n in ns), nic_models=tuple)
 
     @property
     def scope(self) -> str:

@@ -11,13 +11,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from include.compression import codec_from
 from include.errors import InvalidMigration
 from include.inventory import Resolved
 from include.model import CleanupPlan, Conversion, DiskPlan, Plan, SnapshotPlan, SourcePlan, StoragePlan, TargetPlan
-from include.providers.base import HypervisorDriver, VMInfo
+from include.providers.base import HypervisorDriver, NicInfo, VMInfo
 from include.registry import native_format, provider
 from include.status import Phase, human_bytes
 from include.store import dag_id_for
@@ -92,6 +93,11 @@ def _driver_class(type_name: str) -> type[HypervisorDriver]:
         return HypervisorDriver
 
 
+def _paired(hints: Sequence[Any], nics: Sequence[NicInfo]) -> list[NicInfo | None]:
+    """The source NIC in the place of each network hint (None past the source's last NIC)."""
+    return [nics[i] if i < len(nics) else None for i in range(len(hints))]
+
+
 def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
     migration = resolved.migration
     spec = migration.spec
@@ -128,7 +134,9 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
                           memory_mib=vm.memory_mib),
         target=TargetPlan(provider=resolved.target.ref, type=resolved.target.type, endpoint=resolved.target.endpoint,
                           vm=spec.targetName, storage=target_storage, vcpus=hints.cpu or vm.vcpus,
-                          memory_mib=hints.memory or vm.memory_mib, networks=tuple(spec.targetNetworkHints)),
+                          memory_mib=hints.memory or vm.memory_mib, networks=tuple(spec.targetNetworkHints),
+                          nic_models=tuple(target_driver.nic_model(nic.model if nic else None) for nic in
+                                           _paired(spec.targetNetworkHints, vm.interfaces))),
         storage=StoragePlan(type=spec.storage.type, prefix=prefix, compression=codec_from(migration.annotations),
                             spec={"type": spec.storage.type, "bucket": spec.storage.bucket,
                                   "endpoint": spec.storage.endpoint, "region": spec.storage.region,

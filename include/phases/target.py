@@ -192,8 +192,10 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
                 diskio.check(got.path, got.format)
             except diskio.QemuImgError as err:
                 problems.append(str(err))
-    wanted = [(n.bridge, n.network) for n in tgt.networks]
-    have = [(i.bridge, i.network) for i in desc.interfaces]
+    models = [tgt.nic_models[i] if i < len(tgt.nic_models) else ctx.target.nic_model(None)
+              for i in range(len(tgt.networks))]
+    wanted = [(n.bridge, n.network, m) for n, m in zip(tgt.networks, models)]
+    have = [(i.bridge, i.network, i.model) for i in desc.interfaces]
     if wanted != have:
         problems.append(f"interfaces {have} != {wanted}")
     if problems:

@@ -97,6 +97,15 @@ class HypervisorDriver(abc.ABC):
         """The bus a disk that was on ``source_bus`` elsewhere gets here (vSphere has no virtio)."""
         return source_bus
 
+    #: the NIC model a VM gets here when nothing says otherwise
+    DEFAULT_NIC_MODEL = "virtio"
+
+    @classmethod
+    def nic_model(cls, source_model: str | None) -> str:
+        """The device model a NIC that was ``source_model`` elsewhere gets here (vSphere's vmxnet3 is not
+        QEMU's; a hypervisor maps what it has an equivalent for and falls back to its default)."""
+        return source_model or cls.DEFAULT_NIC_MODEL
+
     # -- the target side as one run's session ---------------------------------------------------------
     def begin_target(self, plan: TargetPlan, owned: Ownership) -> TargetSession:
         """Open this run's session on the target (each task opens it again from the plan and the ledger).
@@ -185,9 +194,11 @@ class HypervisorDriver(abc.ABC):
 
     @abc.abstractmethod
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
-                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> str:
-        """Define the VM and return its unique id; ``owner`` (``<namespace>/<name> <run>``) is kept in the
-        VM's metadata."""
+                  networks: Sequence[NetworkHint], *, nic_models: Sequence[str] = (),
+                  owner: str | None = None) -> str:
+        """Define the VM and return its unique id; ``nic_models`` gives each of ``networks`` its device model
+        (:meth:`nic_model` of the source's); ``owner`` (``<namespace>/<name> <run>``) is kept in the VM's
+        metadata."""
 
     def vm_owner(self, vm_id: str) -> str | None:
         """The ``owner`` tag the VM was defined with, if the hypervisor keeps one."""

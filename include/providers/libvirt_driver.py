@@ -142,6 +142,13 @@ class LibvirtDriver(HypervisorDriver):
             return source_bus
         return "scsi" if source_bus in ("lsilogic", "lsilogicsas", "pvscsi", "buslogic") else "virtio"
 
+    @classmethod
+    def nic_model(cls, source_model: str | None) -> str:
+        """QEMU's emulated NICs as they are (e1000 stays e1000, so the guest's driver still binds); another
+        hypervisor's paravirtual NIC (vmxnet3, Hyper-V's netvsc) or one QEMU does not name becomes virtio."""
+        model = (source_model or "").lower()
+        return model if model in ("virtio", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet") else "virtio"
+
     def local_disk_path(self, disk: DiskInfo) -> str | None:
         """The disk's file when libvirtd runs on this host (``qemu:///...``) and the file is here."""
         return disk.path if is_local_uri(self.uri) and os.path.exists(disk.path) else None
@@ -453,7 +460,8 @@ class LibvirtDriver(HypervisorDriver):
         return True
 
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
-                  networks: Sequence[NetworkHint], *, owner: str | None = None) -> str:
+                  networks: Sequence[NetworkHint], *, nic_models: Sequence[str] = (),
+                  owner: str | None = None) -> str:
         libvirt = _libvirt()
         # built as a tree, never by formatting strings: a quote or "<" in a value stays in that value
         root = ET.Element("domain", type="kvm")
@@ -474,7 +482,7 @@ class LibvirtDriver(HypervisorDriver):
             _sub(disk_el, "driver", name="qemu", type=d.format)
             _sub(disk_el, "source", pool=d.pool, volume=d.volume)
             _sub(disk_el, "target", dev=d.name, bus=d.bus)
-        for hint in networks:
+        for index, hint in enumerate(networks):
             if hint.bridge:
                 nic = _sub(devices, "interface", type="bridge")
                 _sub(nic, "source", bridge=hint.bridge)
@@ -483,7 +491,7 @@ class LibvirtDriver(HypervisorDriver):
                 _sub(nic, "source", network=hint.network)
             else:
                 continue
-            _sub(nic, "model", type="virtio")
+            _sub(nic, "model", type=self.nic_model(nic_models[index] if index < len(nic_models) else None))
         _sub(devices, "serial", type="pty")
         _sub(devices, "console", type="pty")
         xml = _to_xml(root)

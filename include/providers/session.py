@@ -228,7 +228,7 @@ class VolumeTargetSession(TargetSession):
         try:
             vm_id = self.driver.define_vm(name, self.plan.vcpus, self.plan.memory_mib,
                                           [d.target_disk() for d in disks], list(self.plan.networks),
-                                          owner=self.owned.tag)
+                                          nic_models=self.plan.nic_models, owner=self.owned.tag)
         except TargetCreationError:
             if self.driver.vm_id(name) is not None:
                 raise Conflict(f"a VM named {name!r} appeared on the target while this migration was creating it",

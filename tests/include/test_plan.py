@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import pytest
 from include.errors import InvalidMigration
 from include.inventory import BundleInventory, resolve
 from include.plan import GB, STAGING_ENV, build_plan, choose_formats, describe, snapshot_name, staging_root
-from include.providers.base import DiskInfo, VMInfo
+from include.model import Plan
+from include.providers.base import DiskInfo, NicInfo, VMInfo
 from include.spec import API_VERSION, parse_vmmigration
 from include.store import index_documents
 
@@ -97,7 +99,7 @@ def test_plan_header():
                               "vm": "web-domain", "vmId": None, "running": False, "vcpus": 2, "memoryMiB": 2048}
     assert plan["target"] == {"provider": "apps/kvm-target", "type": "libvirt", "endpoint": "qemu:///system",
                               "vm": "web-new", "storage": "fast-pool", "vcpus": 2, "memoryMiB": 2048,
-                              "networks": []}
+                              "networks": [], "nicModels": []}
     assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web", "compression": None,
                                "spec": {"type": "nfs", "bucket": None, "endpoint": plan["storage"]["spec"]["endpoint"],
                                         "region": None, "path": plan["storage"]["spec"]["path"]},
@@ -294,3 +296,19 @@ def test_a_plan_saved_before_the_bus_was_mapped_still_reads():
     plan = Plan.from_dict(stored)
     assert [(d.bus, d.target_bus) for d in plan.disks] == [("virtio", "virtio"), ("scsi", "scsi")]
     assert plan.spec_files == ()
+
+
+def test_the_target_hypervisor_maps_each_nic_model():
+    """The plan gives each network hint the model of the source NIC in its place, as the target maps it."""
+    from include.providers.libvirt_driver import LibvirtDriver
+
+    assert [LibvirtDriver.nic_model(m) for m in ("virtio", "e1000", "E1000E", "vmxnet3", "netvsc", None)] == \
+        ["virtio", "e1000", "e1000e", "virtio", "virtio", "virtio"]
+    vm = dataclasses.replace(VM, interfaces=(NicInfo(network="VM Network", model="vmxnet3"),
+                                             NicInfo(network="Backup", model="e1000")))
+    hints = [{"name": "eth0", "network": "default"}, {"name": "eth1", "network": "backup"},
+             {"name": "eth2", "bridge": "br0"}]
+    plan = build_plan(resolved_for(targetNetworkHints=hints), vm, target_storage="pool")
+    assert plan.target.nic_models == ("virtio", "e1000", "virtio")
+    assert plan.to_dict()["target"]["nicModels"] == ["virtio", "e1000", "virtio"]
+    assert Plan.from_dict(plan.to_dict()).target.nic_models == plan.target.nic_models

@@ -122,3 +122,17 @@ def test_ssh_key_goes_to_a_private_file_named_in_the_uri(tmp_path):
     finally:
         os.unlink(keyfile)
     assert connection_uri("qemu:///system", {"ssh-privatekey": "k"}) == ("qemu:///system", None)
+
+
+def test_each_nic_gets_the_model_mapped_from_the_source(driver):
+    """define_vm gives each network its planned model: QEMU's own stay (an e1000 guest keeps its driver),
+    another hypervisor's paravirtual NIC becomes virtio; describe_vm reads the models back."""
+    name = f"nictest-{uuid.uuid4().hex[:8]}"
+    hints = [NetworkHint(name="eth0", network="default"), NetworkHint(name="eth1", network="default"),
+             NetworkHint(name="eth2", network="default")]
+    try:
+        vm_id = driver.define_vm(name, 1, 64, [], hints, nic_models=["e1000", "vmxnet3"])
+        models = [nic.model for nic in driver.describe_vm(vm_id).interfaces]
+        assert models == ["e1000", "virtio", "virtio"]
+    finally:
+        _undefine(driver, name)
