@@ -11,8 +11,8 @@ import pytest
 
 from include.errors import InvalidMigration
 from include.inventory import BundleInventory, resolve
-from include.plan import GB, STAGING_ENV, build_plan, choose_formats, describe, snapshot_name, staging_root
 from include.model import Plan
+from include.plan import GB, STAGING_ENV, build_plan, choose_formats, describe, snapshot_name, staging_root
 from include.providers.base import DiskInfo, NicInfo, VMInfo
 from include.spec import API_VERSION, parse_vmmigration
 from include.store import index_documents
