@@ -280,7 +280,7 @@ def start_libvirtd() -> None:
 
     with tempfile.TemporaryFile() as out:
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "libvirtd.sh")], stdout=out, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=60)
+                              stdin=subprocess.DEVNULL, timeout=180)
         if proc.returncode != 0:
             out.seek(0)
             raise RuntimeError(f"libvirtd did not start again: {out.read().decode(errors='replace')}")
