@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from include.bootcheck import BootCheckPlan
 from include.errors import InvalidMigration
 from include.providers.base import DiskInfo, TargetDisk
 from include.spec import NetworkHint
@@ -90,6 +91,8 @@ class DiskPlan:
     target_capacity: int
     #: the bus on the target (the target hypervisor's mapping of the source's ``bus``)
     target_bus: str
+    #: exported live: the VM runs, the disk is read as raw guest data from the run's point in time
+    live: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiskPlan:
@@ -180,6 +183,13 @@ class StoragePlan:
 class SnapshotPlan:
     name: str
     disks: tuple[str, ...]  # the disks a snapshot covers (none when the hypervisor cannot take one)
+    #: "snapshot" (the hypervisor's snapshot of a shut-off VM), or "point-in-time" (a running VM's disks
+    #: held at one instant while it runs, every disk exported from it)
+    mode: str = "snapshot"
+
+    @property
+    def live(self) -> bool:
+        return self.mode == "point-in-time"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SnapshotPlan:
@@ -191,6 +201,8 @@ class CleanupPlan:
     delete_intermediate: bool
     delete_snapshot: bool
     delete_source: bool
+    #: the spec says explicitly that a source validated running may be deleted (an annotation)
+    delete_running_source: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,13 +222,16 @@ class Plan:
     pin: dict[str, str] = field(default_factory=dict)
     #: the store files this migration's resolution reads: later phases read only these
     spec_files: tuple[str, ...] = ()
+    #: the opt-in boot check of ValidatingTarget (None: not asked)
+    boot_check: BootCheckPlan | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         return _load(cls, data, source=lambda v: _load(SourcePlan, v), target=TargetPlan.from_dict,
                      storage=lambda v: _load(StoragePlan, v), snapshot=SnapshotPlan.from_dict,
                      disks=lambda ds: tuple(DiskPlan.from_dict(d) for d in ds),
-                     cleanup=lambda v: _load(CleanupPlan, v), phases=tuple, spec_files=tuple)
+                     cleanup=lambda v: _load(CleanupPlan, v), phases=tuple, spec_files=tuple,
+                     boot_check=lambda v: _load(BootCheckPlan, v))
 
     def to_dict(self) -> dict[str, Any]:
         data = _dump(self)
@@ -245,6 +260,8 @@ class ExportMode(enum.StrEnum):
     STREAM = "stream"
     MAP = "map"
     STAGED = "staged"
+    #: the guest data as it was at the run's point in time, read from the running source (NBD)
+    POINT_IN_TIME = "point-in-time"
 
 
 @dataclass(frozen=True)

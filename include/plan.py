@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from include.bootcheck import boot_check_from, delete_running_from
 from include.compression import codec_from
 from include.errors import InvalidMigration
 from include.inventory import Resolved
@@ -24,6 +25,7 @@ from include.status import Phase, human_bytes
 from include.store import dag_id_for
 
 STAGING_ENV = "VMMIGRATION_STAGING"
+LIVE_ENV = "VMMIGRATION_LIVE_DIR"
 GB = 1000**3
 
 
@@ -33,6 +35,13 @@ def staging_root() -> Path:
     Each migration stages in a private folder of fresh, unpredictable name made inside it (0700), never
     in a predictable path another user could create first (``include.safefs``)."""
     return Path(os.environ.get(STAGING_ENV) or tempfile.gettempdir())
+
+
+def live_root() -> Path:
+    """Where a running source's point in time keeps its NBD socket and scratch files (the blocks the guest
+    overwrites while its disks are read): a folder QEMU's user can pass through, with room for what the
+    guest writes during the copy. Default: the staging root."""
+    return Path(os.environ.get(LIVE_ENV) or staging_root())
 
 
 def _digest(value: Any) -> str:
@@ -106,9 +115,19 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
     target_driver, source_driver = _driver_class(resolved.target.type), _driver_class(resolved.source.provider.type)
     prefix = f"{migration.namespace}/{migration.name}"
     hints = spec.targetResourceHints
+    boot_check, errors = boot_check_from(migration.annotations)
+    delete_running, more = delete_running_from(migration.annotations)
+    errors += more
+    if errors:
+        raise InvalidMigration("; ".join(str(e) for e in errors))
+    # a running VM is exported from one point in time while it runs: every disk leaves as its guest data
+    live = vm.running and source_driver.live_export
     disks = []
     for index, disk in enumerate(vm.disks):
-        transit, conversion = choose_formats(disk.format, target_format)
+        if live:
+            transit, conversion = "raw", ("none" if target_format == "raw" else "target")
+        else:
+            transit, conversion = choose_formats(disk.format, target_format)
         capacity = disk.capacity
         if index == 0 and hints.disk is not None:
             wanted = hints.disk * GB
@@ -123,7 +142,7 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
             transit_format=transit, conversion=Conversion(conversion), target_format=target_format,
             object_key=f"{prefix}/{disk.name}.{transit}", target_storage=target_storage,
             target_volume=target_driver.target_volume_name(spec.targetName, disk.name, target_format),
-            target_capacity=capacity, target_bus=target_driver.disk_bus(disk.bus)))
+            target_capacity=capacity, target_bus=target_driver.disk_bus(disk.bus), live=live))
     cleanup = spec.cleanupPolicy
     source = resolved.source.provider
     return Plan(
@@ -143,11 +162,15 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
                                   "path": spec.storage.path},
                             effective_endpoint=effective_storage_endpoint(resolved)),
         pin=pin_of(resolved),
-        snapshot=SnapshotPlan(name=snapshot_name(migration.name), disks=tuple(source_driver.snapshot_disks(vm.disks))),
+        snapshot=SnapshotPlan(name=snapshot_name(migration.name),
+                              disks=tuple(d.name for d in vm.disks) if live else
+                              tuple(source_driver.snapshot_disks(vm.disks)),
+                              mode="point-in-time" if live else "snapshot"),
+        boot_check=boot_check,
         disks=tuple(disks),
         phases=tuple(p.value for p in Phase if p not in (Phase.PENDING, Phase.FAILED)),
         cleanup=CleanupPlan(delete_intermediate=cleanup.deleteIntermediate, delete_snapshot=cleanup.deleteSnapshot,
-                            delete_source=cleanup.deleteSource),
+                            delete_source=cleanup.deleteSource, delete_running_source=delete_running),
     )
 
 
@@ -171,18 +194,28 @@ def describe(plan: Plan, storage_location: str | None = None) -> str:
         conv = {Conversion.NONE: "no conversion",
                 Conversion.SOURCE: f"convert {d.source_format} -> {d.target_format} before upload",
                 Conversion.TARGET: f"convert {d.transit_format} -> {d.target_format} after download"}[d.conversion]
+        live = "exported live from the point in time as raw guest data (holes left out); " if d.live else ""
         lines.append(f"    {d.name}: {human_bytes(d.size_bytes)} virtual, {human_bytes(d.allocated_bytes)} "
-                     f"allocated, {d.source_format}; {conv}; travels as {d.transit_format} "
+                     f"allocated, {d.source_format}; {live}{conv}; travels as {d.transit_format} "
                      f"({d.object_key}); lands as {d.target_storage}/{d.target_volume}")
     lines.append("  phases: " + " -> ".join(plan.phases))
     covered = ", ".join(plan.snapshot.disks) or "no disk (the source hypervisor cannot snapshot these disks)"
-    lines.append(f"  snapshot: {plan.snapshot.name} of {covered}")
+    if plan.snapshot.live:
+        lines.append(f"  snapshot: the VM keeps running; {covered} held at one point in time (quiesced through the "
+                     f"guest agent when it answers, else crash-consistent) and exported from it")
+    else:
+        lines.append(f"  snapshot: {plan.snapshot.name} of {covered}")
+    if plan.boot_check:
+        b = plan.boot_check
+        what = f"the marker {b.marker!r} on the serial console" if b.mode == "serial" else "the guest agent"
+        lines.append(f"  boot check: the target boots once with NIC links down; waits {b.timeout:g} s for {what}")
     c = plan.cleanup
     lines.append("  cleanup after success: "
                  + ", ".join([
                      "delete intermediate files" if c.delete_intermediate else "keep intermediate files",
                      "delete the snapshot" if c.delete_snapshot else "keep the snapshot",
-                     "DELETE THE SOURCE VM" if c.delete_source else "keep the source VM",
+                     ("DELETE THE SOURCE VM (running when validated)" if c.delete_source and plan.source.running
+                      else "DELETE THE SOURCE VM") if c.delete_source else "keep the source VM",
                  ]))
     lines.append("  after a failure: the partial target is removed, the source VM is always kept")
     return "\n".join(lines)

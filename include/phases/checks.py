@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from include.errors import Conflict, InvalidMigration, PlanChanged
+from include.ledger import Entry
 from include.model import DiskPlan
 from include.phases.context import MigrationContext
 from include.storage.base import MANIFEST_SUFFIX
@@ -34,6 +35,29 @@ def ensure_source_off(ctx: MigrationContext) -> None:
     if ctx.source.get_vm(ctx.plan.source.vm).running:
         raise InvalidMigration(f"VM {ctx.plan.source.vm} was started during the migration; its disks are no "
                                f"longer stable: shut it down and run the migration again", field="spec.sourceName")
+
+
+def point_in_time(ctx: MigrationContext) -> Entry | None:
+    """This run's point in time of the running source (its ledger entry), if Snapshotting took one."""
+    for entry in ctx.ledger.entries("point-in-time"):
+        if entry.scope == ctx.scope_source and entry.ident.get("vm") == ctx.plan.source.vm_id \
+                and entry.state == "created":
+            return entry
+    return None
+
+
+def ensure_source_stable(ctx: MigrationContext) -> Entry | None:
+    """The disks being read do not move: a shut-off VM is still off; a running VM's point in time is still
+    held (returned). A point in time lost midway is never replaced by a new one for some disks only."""
+    if not ctx.plan.snapshot.live:
+        ensure_source_off(ctx)
+        return None
+    entry = point_in_time(ctx)
+    if entry is None or not ctx.source.point_in_time_active(ctx.plan.source.vm, entry.ident["handle"]):
+        raise InvalidMigration(f"the point in time of VM {ctx.plan.source.vm} taken at Snapshotting is no longer "
+                               f"held (the VM stopped, libvirtd restarted or its job was aborted); every disk must "
+                               f"come from one instant: run the migration again", field="spec.sourceName")
+    return entry
 
 
 def local_source_path(ctx: MigrationContext, disk: DiskPlan) -> Path | None:

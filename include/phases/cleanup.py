@@ -15,9 +15,12 @@ from typing import Any
 
 from include import safefs
 from include import status as st
+from include.bootcheck import DELETE_RUNNING
 from include.claims import NameClaims
+from include.errors import NotFound
 from include.phases.checks import ensure_same_source
 from include.phases.context import MigrationContext, host_scope
+from include.phases.source import end_point_in_time
 from include.status import Phase
 
 
@@ -31,6 +34,9 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
         return {"removed": done}
     policy = plan.cleanup  # as validated at the start of the run, whatever the spec says now
     ledger = ctx.ledger
+    # a running source's point in time ends in every case (success, failure, a killed task's retry)
+    with _logged(ctx, "ending the point-in-time export of the source"):
+        done += end_point_in_time(ctx)
     here = host_scope()
     for entry in ledger.entries("dir"):
         if entry.scope == here and entry.ident.get("role") == "staging":
@@ -74,6 +80,10 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
     if succeeded and policy.delete_source:
         if not plan.source.vm_id:
             kept.append("the source VM (the plan has no id for it)")
+        elif _running_now(ctx) and not (plan.source.running and policy.delete_running_source):
+            # deleteSource never takes down a running VM unless the spec said so for a VM validated running
+            kept.append(f"the source VM {plan.source.vm} (it is running; deleteSource deletes a running VM only "
+                        f"with the annotation {DELETE_RUNNING}: \"true\")")
         else:
             volumes = [(d.source_pool, d.source_volume) for d in plan.disks if d.source_pool and d.source_volume]
             removed = ctx.source.delete_source_vm(plan.source.vm_id, volumes)  # type: ignore[arg-type]
@@ -84,6 +94,13 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
     for item in kept:
         ctx.logger.info("cleanup: kept %s", item)
     return {"removed": done, "kept": kept}
+
+
+def _running_now(ctx: MigrationContext) -> bool:
+    try:
+        return ctx.source.get_vm(ctx.plan.source.vm).running
+    except NotFound:
+        return False
 
 
 def _release_claims(ctx: MigrationContext, done: list[str]) -> None:

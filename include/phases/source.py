@@ -3,15 +3,28 @@ converting on this host only when the plan says so)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from include import diskio, safefs
-from include.errors import InvalidMigration, UnsupportedDiskFormat
+from include.errors import InvalidMigration, PlanChanged, UnsupportedDiskFormat
 from include.model import Conversion, ExportMode
 from include.phases.bookkeeping import begin, finish
-from include.phases.checks import ensure_same_source, ensure_source_off, local_source_path, source_file_size
-from include.phases.context import MigrationContext
+from include.phases.checks import (
+    ensure_same_source,
+    ensure_source_stable,
+    local_source_path,
+    point_in_time,
+    source_file_size,
+)
+from include.phases.context import MigrationContext, host_scope
 from include.phases.staging import convert, discard, ensure_space, seal, space_errors
+from include.plan import live_root
+from include.providers.base import DiskInfo
 from include.status import Phase
 
 
@@ -20,6 +33,8 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     snap, src = ctx.plan.snapshot, ctx.plan.source
     disks = [d.source_disk() for d in ctx.plan.disks]
     ensure_same_source(ctx)
+    if snap.live:
+        return _point_in_time(ctx, disks)
     if ctx.source.get_vm(src.vm).running:
         raise InvalidMigration(f"VM {src.vm} was started after Validating; shut it down", field="spec.sourceName")
     ident = {"vm": src.vm_id, "name": snap.name}
@@ -41,9 +56,86 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     for d in disks:
         if d.name not in covered:
             ctx.logger.warning("disk %s (%s) is not covered by the snapshot", d.name, d.format)
-    ctx.update_status(lambda s: s.__setitem__("snapshot", snap.name if covered else None))
+    def mutate(s: dict[str, Any]) -> None:
+        s["snapshot"] = snap.name if covered else None
+        s.pop("pointInTime", None)  # an earlier run's, of a VM that was running then
+        s.pop("bootCheck", None)
+
+    ctx.update_status(mutate)
     finish(ctx, Phase.SNAPSHOTTING, message)
     return {"snapshot": snap.name if covered else None, "disks": covered}
+
+
+def _live_folder(ctx: MigrationContext) -> Path:
+    """A fresh folder of this run for the point in time's socket and scratch files: ours, 0711 (QEMU's user
+    passes through to its own 0700 folder inside, nobody can list it), recorded in the ledger."""
+    base = live_root()
+    safefs.ensure_base(base)
+    path = Path(tempfile.mkdtemp(prefix=f"{ctx.namespace}.{ctx.name}.live.", dir=base))
+    os.chmod(path, 0o711)
+    ctx.ledger.record("dir", host_scope(), role="live", path=str(path))
+    return path
+
+
+def _point_in_time(ctx: MigrationContext, disks: list[DiskInfo]) -> dict[str, Any]:
+    """Snapshotting a running VM: every disk held at one instant while the VM keeps running."""
+    src = ctx.plan.source
+    if not ctx.source.get_vm(src.vm).running:
+        raise PlanChanged(f"VM {src.vm} was running at Validating and is shut off now; run the migration again "
+                          f"(a shut-off VM is exported from its own snapshot)", field="spec.sourceName")
+    held = point_in_time(ctx)
+    if held is not None and ctx.source.point_in_time_active(src.vm, held.ident["handle"]):
+        info = ctx.store.run_record(ctx.namespace, ctx.name).get("pointInTime") or {}
+        message = f"Point in time of {', '.join(d.name for d in disks)} already held since {info.get('takenAt')}"
+        finish(ctx, Phase.SNAPSHOTTING, message)
+        return {"snapshot": None, "disks": [d.name for d in disks], "pointInTime": info}
+    if held is not None:  # lost (the VM restarted): a new instant for every disk, never for some only
+        end_point_in_time(ctx)
+    folder = _live_folder(ctx)
+    pit = ctx.source.begin_point_in_time(src.vm, disks, str(folder))
+    # recorded as soon as it exists: every later failure, retry or kill ends it through the ledger
+    ctx.ledger.record("point-in-time", ctx.scope_source, vm=src.vm_id, handle=pit.handle)
+    info = {"takenAt": pit.taken_at, "consistency": pit.consistency, "detail": pit.detail,
+            "disks": list(pit.disks)}
+    ctx.store.update_run_record(ctx.namespace, ctx.name, pointInTime=info)
+    def mutate(s: dict[str, Any]) -> None:
+        s["snapshot"] = None
+        s["pointInTime"] = info
+        s.pop("bootCheck", None)
+
+    ctx.update_status(mutate)
+    message = (f"Point in time of {', '.join(pit.disks)} taken at {pit.taken_at} while VM {src.vm} keeps running: "
+               f"{pit.consistency} ({pit.detail})")
+    finish(ctx, Phase.SNAPSHOTTING, message)
+    return {"snapshot": None, "disks": list(pit.disks), "pointInTime": info}
+
+
+def end_point_in_time(ctx: MigrationContext) -> list[str]:
+    """End this run's point in time (if still held) and remove its folder; what was ended."""
+    done = []
+    for entry in ctx.ledger.entries("point-in-time"):
+        if entry.scope != ctx.scope_source:
+            continue
+        if ctx.source.end_point_in_time(ctx.plan.source.vm, entry.ident["handle"]):
+            done.append(f"point-in-time export of VM {ctx.plan.source.vm}")
+        ctx.ledger.forget(entry)
+    here = host_scope()
+    for entry in ctx.ledger.entries("dir"):
+        if entry.scope == here and entry.ident.get("role") == "live":
+            path = Path(entry.ident["path"])
+            if _own_live_folder(path):
+                shutil.rmtree(path)
+                done.append(f"point-in-time folder {path}")
+            ctx.ledger.forget(entry)
+    return done
+
+
+def _own_live_folder(path: Path) -> bool:
+    try:
+        st_ = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st_.st_mode) and st_.st_uid == os.geteuid() and stat.S_IMODE(st_.st_mode) == 0o711
 
 
 def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
@@ -51,7 +143,15 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     (a raw source, or a compact one bound for raw, which is read in place as guest data)."""
     d = ctx.disk_plan(disk)
     begin(ctx, Phase.EXPORTING, disk=disk, message=f"Exporting disk {disk}")
-    ensure_source_off(ctx)
+    held = ensure_source_stable(ctx)
+    if held is not None:
+        _segments, size, data = ctx.source.read_point_in_time(held.ident["handle"], d.source_disk())
+        _segments.close()  # type: ignore[attr-defined]
+        ctx.record(disk, export_mode=ExportMode.POINT_IN_TIME, export_path=None, export_format="raw",
+                   export_bytes=data)
+        finish(ctx, Phase.EXPORTING, f"Disk {disk} exported live from the point in time as raw guest data "
+                                     f"({data} bytes of data in {size} bytes)", disk=disk)
+        return {"disk": disk, "staged": False}
     if d.conversion is not Conversion.SOURCE:
         # The disk travels in its own format: it is streamed straight from the provider by Transferring.
         ctx.record(disk, export_mode=ExportMode.STREAM, export_path=None, export_format=d.source_format,

@@ -200,7 +200,37 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
         problems.append(f"interfaces {have} != {wanted}")
     if problems:
         raise TargetValidationError(f"target VM {tgt.vm} does not match the plan: " + "; ".join(problems))
+    booted = boot_check(ctx, handle)
     ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=ctx.ledger.run())
     finish(ctx, Phase.VALIDATING_TARGET, f"Target VM {tgt.vm} matches the plan (cpu, memory, "
-                                         f"{len(ctx.plan.disks)} disks, networks)")
+                                         f"{len(ctx.plan.disks)} disks, networks){booted}")
     return {"vm": tgt.vm}
+
+
+def boot_check(ctx: MigrationContext, handle: VMHandle) -> str:
+    """The opt-in boot check: the migrated VM booted once, NIC links down; what it showed, for the condition.
+    A target that cannot be booted from here is reported as not checked, never as passed."""
+    check = ctx.plan.boot_check
+    if check is None:
+        return ""
+    what = (f"marker {check.marker!r} on its serial console" if check.mode == "serial"
+            else "answer from its guest agent")
+    refusal = ctx.target.boot_check_refusal()
+    if refusal:
+        ctx.logger.warning("boot check not performed: %s", refusal)
+        ctx.update_status(lambda s: s.__setitem__("bootCheck", {"mode": check.mode, "result": "NotPerformed",
+                                                                "message": refusal}))
+        return f"; boot check NOT performed: {refusal}"
+    ctx.logger.info("boot check: starting %s once with its NIC links down, waiting up to %g s for a %s",
+                    handle.name, check.timeout, what)
+    result = ctx.target.boot_check(handle.id, mode=check.mode, marker=check.marker, timeout=check.timeout)
+    info = {"mode": check.mode, "result": "Passed" if result.passed else "Failed", "seconds": result.seconds,
+            "seen": result.seen}
+    ctx.update_status(lambda s: s.__setitem__("bootCheck", info))
+    if result.output:
+        ctx.logger.info("boot check: last lines of the serial console:\n%s", result.output)
+    if not result.passed:
+        raise TargetValidationError(
+            f"boot check failed: VM {handle.name} showed no {what} within {check.timeout:g} s; last lines of its "
+            f"serial console: {result.output or '(nothing)'}")
+    return f"; booted in {result.seconds:g} s ({result.seen!r} seen, NIC links down, powered off again)"

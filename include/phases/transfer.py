@@ -18,18 +18,24 @@ from include.model import DiskRecord, ExportMode
 from include.phases.bookkeeping import begin, finish
 from include.phases.checks import (
     ensure_object_key_free,
-    ensure_source_off,
+    ensure_source_stable,
     local_source_path,
     source_file_size,
     stat_key,
 )
 from include.phases.context import READ_CHUNK, MigrationContext
+from include.phases.source import end_point_in_time
 from include.status import Phase
 
 
 def _export_stream(ctx: MigrationContext, disk: str, rec: DiskRecord) -> tuple[Iterator[Segment], int, Path | None]:
     """(the disk's export as segments, its length, a local source file to check unchanged afterwards)."""
     d = ctx.disk_plan(disk)
+    if rec.export_mode is ExportMode.POINT_IN_TIME or d.live:
+        held = ensure_source_stable(ctx)
+        assert held is not None
+        segments, size, _data = ctx.source.read_point_in_time(held.ident["handle"], d.source_disk())
+        return segments, size, None
     if rec.export_mode is ExportMode.STAGED:
         staged = Path(rec.export_path or "")
         if staged.parent != ctx.staging:
@@ -50,7 +56,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     d = ctx.disk_plan(disk)
     rec = ctx.disk_record(disk)
     begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
-    ensure_source_off(ctx)
+    ensure_source_stable(ctx)
     source, total, watched = _export_stream(ctx, disk, rec)
     key = d.object_key
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
@@ -67,8 +73,9 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             for seg in encoder.encode(_counted(diskio.prefetched(source), tracker)):
                 writer.write(seg)
             tracker.total = encoder.logical
-            # the disk must not have changed while it was read: still shut off, file untouched
-            ensure_source_off(ctx)
+            # the disk must not have changed while it was read: still shut off and its file untouched, or
+            # its point in time still held
+            ensure_source_stable(ctx)
             if stat_key(watched) != before:
                 raise InvalidMigration(f"disk {disk} changed while it was read ({watched}); run the migration "
                                        f"again with the VM shut off", field="spec.sourceName")
@@ -101,6 +108,11 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         entry["sentBytes"] = stored
 
     ctx.update_status(mutate)
+    if ctx.plan.snapshot.live and all(ctx.disk_record(p.name).transit_sha256 for p in ctx.plan.disks):
+        # every disk is stored: the running source is released now rather than at cleanup (its scratch
+        # files grow with every block the guest overwrites)
+        for item in end_point_in_time(ctx):
+            ctx.logger.info("released %s", item)
     finish(ctx, Phase.TRANSFERRING, f"Disk {disk} stored at {ctx.storage.location(key)} "
                                     f"({written} bytes, sha256 {digest[:12]}...)", disk=disk)
     return {"disk": disk, "sha256": digest, "bytes": written}

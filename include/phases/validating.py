@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from include.bootcheck import DELETE_RUNNING, delete_running_from
 from include.claims import NameClaims
 from include.errors import InvalidMigration, NotFound
 from include.phases.bookkeeping import begin, finish
@@ -40,9 +41,14 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     except NotFound as err:
         raise NotFound(f"{err} (provider {resolved.source.provider.ref})", field="spec.sourceName") from err
     if vm.running:
-        raise InvalidMigration(
-            f"VM {vm.name} is running; shut it down first: this engine does cold migrations (warm migration "
-            f"is on the roadmap)", field="spec.sourceName")
+        refusal = ctx.source.live_export_refusal()
+        if refusal:
+            raise InvalidMigration(f"VM {vm.name} is running: {refusal}", field="spec.sourceName")
+        if spec.cleanupPolicy.deleteSource and not delete_running_from(migration.annotations)[0]:
+            raise InvalidMigration(
+                f"VM {vm.name} is running, and deleteSource would delete a running VM once the target is validated; "
+                f"set deleteSource: false, or say so explicitly with the annotation {DELETE_RUNNING}: \"true\"",
+                field="spec.cleanupPolicy.deleteSource")
     if not vm.disks:
         raise InvalidMigration(f"VM {vm.name} has no disk to migrate", field="spec.sourceName")
     ctx.logger.info("target %s", ctx.target.check())
@@ -66,6 +72,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
         s["dagId"] = plan.dag_id
 
     ctx.update_status(record_disks)
-    finish(ctx, Phase.VALIDATING, f"Source VM {vm.name} ({len(vm.disks)} disks) and target provider "
+    running = " (running: exported live from one point in time)" if plan.snapshot.live else ""
+    finish(ctx, Phase.VALIDATING, f"Source VM {vm.name}{running} ({len(vm.disks)} disks) and target provider "
                                   f"{resolved.target.ref} validated")
     return {"disks": plan.disk_names}

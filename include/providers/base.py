@@ -55,6 +55,31 @@ class VMInfo:
 
 
 @dataclass(frozen=True)
+class PointInTime:
+    """A running VM's disks held at one instant while the VM keeps running and writing (libvirt: a
+    pull-mode backup job; vSphere and Proxmox VE: a snapshot exported while the VM runs)."""
+
+    #: what the driver needs to find it again in a later task (JSON; kept in the ownership ledger)
+    handle: dict[str, Any]
+    disks: tuple[str, ...]
+    #: "crash-consistent", or "application-consistent" when the guest froze its filesystems around it
+    consistency: str
+    #: how it was taken and what the guest agent said
+    detail: str
+    taken_at: str
+
+
+@dataclass(frozen=True)
+class BootResult:
+    """What booting a migrated VM once showed (``HypervisorDriver.boot_check``)."""
+
+    passed: bool
+    seen: str  # what was seen: the marker line, the agent's answer, or nothing
+    seconds: float
+    output: str = ""  # the last lines of the serial console
+
+
+@dataclass(frozen=True)
 class TargetDisk:
     name: str  # guest-visible target, kept from the source
     pool: str
@@ -105,6 +130,41 @@ class HypervisorDriver(abc.ABC):
         """The device model a NIC that was ``source_model`` elsewhere gets here (vSphere's vmxnet3 is not
         QEMU's; a hypervisor maps what it has an equivalent for and falls back to its default)."""
         return source_model or cls.DEFAULT_NIC_MODEL
+
+    # -- a running source: a point in time exported while the VM runs ------------------------------------
+    #: whether this hypervisor can hold a running VM's disks at one instant and export them while it runs
+    live_export = False
+
+    def live_export_refusal(self) -> str | None:
+        """Why a running VM cannot be exported live through this connection (None: it can)."""
+        return None if self.live_export else f"the {type(self).__name__} source cannot export a running VM"
+
+    def begin_point_in_time(self, vm: str, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
+        """Hold every disk of the running ``vm`` at this instant (quiesced through the guest agent where it
+        answers, thawed in every case); ``workdir`` is a fresh folder of this run for sockets and scratch."""
+        raise NotImplementedError
+
+    def point_in_time_active(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        """Whether the point in time ``handle`` names is still held (and still this run's)."""
+        return False
+
+    def read_point_in_time(self, handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], int, int]:
+        """(the disk's guest data as it was at the point in time, its length, its data bytes); holes as holes."""
+        raise NotImplementedError
+
+    def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        """Release the point in time when it is still this run's; returns whether it ended one."""
+        return False
+
+    # -- the boot check -----------------------------------------------------------------------------------
+    def boot_check_refusal(self) -> str | None:
+        """Why a migrated VM cannot be booted here (None: :meth:`boot_check` works)."""
+        return f"a {type(self).__name__} target cannot be booted from here"
+
+    def boot_check(self, vm_id: str, *, mode: str, marker: str, timeout: float) -> BootResult:
+        """Start the VM once with its NICs' links down, wait for ``marker`` on the serial console
+        (``mode`` "serial") or for the guest agent to answer ("guest-agent"), then power it off."""
+        raise NotImplementedError
 
     # -- the target side as one run's session ---------------------------------------------------------
     def begin_target(self, plan: TargetPlan, owned: Ownership) -> TargetSession:

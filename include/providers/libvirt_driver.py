@@ -19,7 +19,16 @@ from urllib.parse import quote, urlsplit
 
 from include.diskio import CHUNK, Segment
 from include.errors import HypervisorError, NotFound, TargetCreationError, UnsupportedDiskFormat
-from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, TargetDisk, VMInfo
+from include.providers import libvirt_live
+from include.providers.base import (
+    BootResult,
+    DiskInfo,
+    HypervisorDriver,
+    NicInfo,
+    PointInTime,
+    TargetDisk,
+    VMInfo,
+)
 from include.spec import NetworkHint
 
 log = logging.getLogger(__name__)
@@ -314,7 +323,44 @@ class LibvirtDriver(HypervisorDriver):
             _abort(stream)
             raise
 
+    # -- a running source: a pull-mode backup job, read over NBD ---------------------------------------
+    live_export = True
+
+    def live_export_refusal(self) -> str | None:
+        """The NBD export is a unix socket on the libvirt host: read here only when libvirtd runs here."""
+        if not is_local_uri(self.uri):
+            return (f"a running VM on {_shown(self.uri)} is exported through a unix socket on that host, which a "
+                    f"worker elsewhere cannot read; run the worker on that host, or shut the VM down")
+        return None
+
+    def begin_point_in_time(self, vm: str, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
+        return libvirt_live.begin(self._domain(vm), disks, workdir)
+
+    def _active_domain(self, vm: str) -> Any | None:
+        try:
+            return self._domain(vm)
+        except NotFound:
+            return None
+
+    def point_in_time_active(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        return libvirt_live.active(self._active_domain(vm), handle)
+
+    def read_point_in_time(self, handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], int, int]:
+        return libvirt_live.read(handle, disk)
+
+    def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        return libvirt_live.end(self._active_domain(vm), handle)
+
     # -- target side -------------------------------------------------------------------------------
+    def boot_check_refusal(self) -> str | None:
+        return None
+
+    def boot_check(self, vm_id: str, *, mode: str, marker: str, timeout: float) -> BootResult:
+        dom = self._domain_by_id(vm_id)
+        if dom is None:
+            raise NotFound(f"VM {vm_id} not found on {self.uri}")
+        return libvirt_live.boot(self.conn, dom, mode=mode, marker=marker, timeout=timeout)
+
     def default_storage(self) -> str:
         return "default"
 
@@ -494,6 +540,9 @@ class LibvirtDriver(HypervisorDriver):
             _sub(nic, "model", type=self.nic_model(nic_models[index] if index < len(nic_models) else None))
         _sub(devices, "serial", type="pty")
         _sub(devices, "console", type="pty")
+        # the guest agent's channel, as virt-install adds it: the boot check and a later freeze talk to it
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "target", type="virtio", name=libvirt_live.AGENT_CHANNEL)
         xml = _to_xml(root)
         try:
             return self.conn.defineXML(xml).UUIDString()

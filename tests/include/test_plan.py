@@ -107,7 +107,8 @@ def test_plan_header():
     assert set(plan["pin"]) == {"spec", "source", "target", "storage"}
     assert plan["phases"] == ["Validating", "Snapshotting", "Exporting", "Transferring", "Converting", "Importing",
                               "Creating", "ValidatingTarget", "Ready"]
-    assert plan["cleanup"] == {"deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": False}
+    assert plan["cleanup"] == {"deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": False,
+                               "deleteRunningSource": False}
 
 
 def test_plan_disks_with_native_target_format():
@@ -119,7 +120,7 @@ def test_plan_disks_with_native_target_format():
         "sourcePath": "/var/lib/libvirt/images/web.qcow2", "sourcePool": "default", "sourceVolume": "web.qcow2",
         "bus": "virtio", "transitFormat": "qcow2", "conversion": "none", "targetFormat": "qcow2",
         "objectKey": "apps/move-web/vda.qcow2", "targetStorage": "fast-pool", "targetVolume": "web-new-vda.qcow2",
-        "targetCapacity": 10 * GB, "targetBus": "virtio",
+        "targetCapacity": 10 * GB, "targetBus": "virtio", "live": False,
     }
     # raw source: converted to qcow2 before it leaves
     assert (vdb["transitFormat"], vdb["conversion"], vdb["targetFormat"]) == ("qcow2", "source", "qcow2")
@@ -182,11 +183,11 @@ def test_disk_hint_smaller_than_the_source_disk_is_refused():
 
 def test_snapshot_covers_disks_only_when_all_are_qcow2():
     mixed = build_plan(resolved_for(), VM, target_storage="pool").to_dict()
-    assert mixed["snapshot"] == {"name": "vmmigration-move-web", "disks": []}
+    assert mixed["snapshot"] == {"name": "vmmigration-move-web", "disks": [], "mode": "snapshot"}
     all_qcow2 = VMInfo(name="web-domain", running=False, vcpus=1, memory_mib=512,
                        disks=(VDA, DiskInfo(name="vdc", format="qcow2", capacity=GB, allocation=GB, path="/x.qcow2")))
     plan = build_plan(resolved_for(), all_qcow2, target_storage="pool").to_dict()
-    assert plan["snapshot"] == {"name": "vmmigration-move-web", "disks": ["vda", "vdc"]}
+    assert plan["snapshot"] == {"name": "vmmigration-move-web", "disks": ["vda", "vdc"], "mode": "snapshot"}
     assert snapshot_name("move-web") == "vmmigration-move-web"
 
 
@@ -201,7 +202,8 @@ def test_vm_without_disks():
 def test_cleanup_policy_is_copied():
     plan = build_plan(resolved_for(cleanupPolicy={"deleteIntermediate": False, "deleteSource": True}), VM,
                       target_storage="pool").to_dict()
-    assert plan["cleanup"] == {"deleteIntermediate": False, "deleteSnapshot": True, "deleteSource": True}
+    assert plan["cleanup"] == {"deleteIntermediate": False, "deleteSnapshot": True, "deleteSource": True,
+                               "deleteRunningSource": False}
 
 
 def test_staging_root(monkeypatch, tmp_path):
@@ -312,3 +314,39 @@ def test_the_target_hypervisor_maps_each_nic_model():
     assert plan.target.nic_models == ("virtio", "e1000", "virtio")
     assert plan.to_dict()["target"]["nicModels"] == ["virtio", "e1000", "virtio"]
     assert Plan.from_dict(plan.to_dict()).target.nic_models == plan.target.nic_models
+
+
+# -- a running source --------------------------------------------------------------------------------------------------
+
+RUNNING = VMInfo(name="web-domain", running=True, vcpus=2, memory_mib=2048, disks=(VDA, VDB))
+
+
+def test_a_running_vm_is_planned_from_one_point_in_time():
+    plan = build_plan(resolved_for(), RUNNING, target_storage="pool")
+    assert plan.snapshot.live and plan.snapshot.disks == ("vda", "vdb")
+    # every disk leaves as its guest data, converted on arrival when the target is not raw
+    assert [(d.live, d.transit_format, d.conversion.value, d.target_format) for d in plan.disks] == [
+        (True, "raw", "target", "qcow2"), (True, "raw", "target", "qcow2")]
+    text = describe(plan)
+    assert "exported live from the point in time" in text and "keeps running" in text
+
+
+def test_a_running_vm_bound_for_raw_is_not_converted():
+    plan = build_plan(resolved_for(targetDiskFormat="raw"), RUNNING, target_storage="pool")
+    assert [(d.transit_format, d.conversion.value) for d in plan.disks] == [("raw", "none"), ("raw", "none")]
+
+
+def test_boot_check_annotations_are_planned_and_bad_ones_refused():
+    index = index_documents([(Path("bundle.yaml"), bundle())])
+    doc = index.migrations["apps/move-web"].doc
+    doc["metadata"]["annotations"] = {"vmmigration.virtrigaud.io/boot-check": "serial",
+                                      "vmmigration.virtrigaud.io/boot-check-timeout": "45"}
+    resolved = resolve(parse_vmmigration(doc), BundleInventory(index.objects))
+    plan = build_plan(resolved, VM, target_storage="pool")
+    assert plan.boot_check is not None and plan.boot_check.timeout == 45.0
+    assert Plan.from_dict(plan.to_dict()).boot_check == plan.boot_check
+    assert "boot check: the target boots once with NIC links down" in describe(plan)
+    doc["metadata"]["annotations"]["vmmigration.virtrigaud.io/boot-check"] = "maybe"
+    resolved = resolve(parse_vmmigration(doc), BundleInventory(index.objects))
+    with pytest.raises(InvalidMigration, match=r"metadata.annotations\[vmmigration.virtrigaud.io/boot-check\]"):
+        build_plan(resolved, VM, target_storage="pool")
