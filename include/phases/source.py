@@ -70,6 +70,8 @@ def _live_folder(ctx: MigrationContext) -> Path:
     """A fresh folder of this run for the point in time's socket and scratch files: ours, 0711 (QEMU's user
     passes through to its own 0700 folder inside, nobody can list it), recorded in the ledger."""
     base = live_root()
+    if not os.path.lexists(base):
+        os.makedirs(base, mode=0o711)  # made here: QEMU's user must pass through it (ensure_base would 0700 it)
     safefs.ensure_base(base)
     path = Path(tempfile.mkdtemp(prefix=f"{ctx.namespace}.{ctx.name}.live.", dir=base))
     os.chmod(path, 0o711)
@@ -92,8 +94,10 @@ def _point_in_time(ctx: MigrationContext, disks: list[DiskInfo]) -> dict[str, An
     if held is not None:  # lost (the VM restarted): a new instant for every disk, never for some only
         end_point_in_time(ctx)
     folder = _live_folder(ctx)
+    handle = ctx.source.point_in_time_handle(str(folder))
+    # recorded before it exists: a failure, a retry or a kill at any point has it ended through the ledger
+    ctx.ledger.record("point-in-time", ctx.scope_source, state="creating", vm=src.vm_id, handle=handle)
     pit = ctx.source.begin_point_in_time(src.vm, disks, str(folder))
-    # recorded as soon as it exists: every later failure, retry or kill ends it through the ledger
     ctx.ledger.record("point-in-time", ctx.scope_source, vm=src.vm_id, handle=pit.handle)
     info = {"takenAt": pit.taken_at, "consistency": pit.consistency, "detail": pit.detail,
             "disks": list(pit.disks)}

@@ -139,6 +139,11 @@ class HypervisorDriver(abc.ABC):
         """Why a running VM cannot be exported live through this connection (None: it can)."""
         return None if self.live_export else f"the {type(self).__name__} source cannot export a running VM"
 
+    def point_in_time_handle(self, workdir: str) -> dict[str, Any]:
+        """The handle :meth:`begin_point_in_time` will return for ``workdir``, known before it is taken (the
+        ledger records it first, so that a task killed midway still has it ended)."""
+        raise NotImplementedError
+
     def begin_point_in_time(self, vm: str, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
         """Hold every disk of the running ``vm`` at this instant (quiesced through the guest agent where it
         answers, thawed in every case); ``workdir`` is a fresh folder of this run for sockets and scratch."""

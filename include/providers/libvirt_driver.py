@@ -40,6 +40,18 @@ OWNER_NS = "urn:virtrigaud:vmmigration:owner"
 OWNER_XATTR = "user.vmmigration.owner"
 
 
+#: the domain type of the VMs the engine defines: kvm, or qemu (software emulation) on a host whose KVM
+#: cannot run guests (some nested setups)
+VIRT_TYPE_ENV = "VMMIGRATION_LIBVIRT_VIRT_TYPE"
+
+
+def virt_type() -> str:
+    value = (os.environ.get(VIRT_TYPE_ENV) or "kvm").strip().lower()
+    if value not in ("kvm", "qemu"):
+        raise TargetCreationError(f"{VIRT_TYPE_ENV}={value!r}: use kvm or qemu")
+    return value
+
+
 def _libvirt():
     import libvirt
 
@@ -333,6 +345,9 @@ class LibvirtDriver(HypervisorDriver):
                     f"worker elsewhere cannot read; run the worker on that host, or shut the VM down")
         return None
 
+    def point_in_time_handle(self, workdir: str) -> dict[str, Any]:
+        return libvirt_live.handle_for(workdir)
+
     def begin_point_in_time(self, vm: str, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
         return libvirt_live.begin(self._domain(vm), disks, workdir)
 
@@ -510,7 +525,7 @@ class LibvirtDriver(HypervisorDriver):
                   owner: str | None = None) -> str:
         libvirt = _libvirt()
         # built as a tree, never by formatting strings: a quote or "<" in a value stays in that value
-        root = ET.Element("domain", type="kvm")
+        root = ET.Element("domain", type=virt_type())
         _sub(root, "name", text=name)
         if owner:
             # who defined it: lets a retry recognise its own VM if it died before recording it

@@ -103,6 +103,10 @@ def _thaw(dom: Any) -> str | None:
     return last
 
 
+def handle_for(workdir: str) -> dict[str, Any]:
+    return {"method": "libvirt-backup", "socket": str(Path(workdir) / "qemu" / "nbd.sock")}
+
+
 def begin(dom: Any, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
     libvirt = _libvirt()
     uid, gid = qemu_owner(dom)
@@ -114,7 +118,7 @@ def begin(dom: Any, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
     folder = work / "qemu"
     folder.mkdir(mode=0o700)
     os.chown(folder, uid, gid)
-    sock = folder / "nbd.sock"
+    sock = Path(handle_for(workdir)["socket"])
     if len(str(sock)) > SOCKET_MAX:
         raise InvalidMigration(f"the socket path {sock} is longer than a unix socket takes; set "
                                f"VMMIGRATION_LIVE_DIR to a shorter folder")
@@ -138,7 +142,7 @@ def begin(dom: Any, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
         log.error("VM %s: thawing the guest's filesystems failed: %s", dom.name(), failed_thaw)
         detail += f"; THAW FAILED: {failed_thaw}"
     consistency = "application-consistent" if frozen and not failed_thaw else "crash-consistent"
-    return PointInTime(handle={"method": "libvirt-backup", "socket": str(sock)},
+    return PointInTime(handle=handle_for(workdir),
                        disks=tuple(d.name for d in disks), consistency=consistency, detail=detail, taken_at=taken)
 
 
@@ -220,8 +224,12 @@ def last_lines(text: str, n: int = 12, limit: int = 1500) -> str:
     """The console's last lines, control characters (escape sequences) removed, bounded."""
     clean = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
     clean = "".join(c for c in clean if c == "\n" or c == "\t" or ord(c) >= 0x20)
-    lines = [line for line in clean.split("\n") if line.strip()][-n:]
-    return "\n".join(lines)[-limit:]
+    lines = [line.rstrip() for line in clean.split("\n") if line.strip()]
+    tail = lines[-n:]
+    # a panic or error further up says more than the reboot after it: kept in front of the tail
+    notable = [line for line in lines[:-n] if re.search(r"panic|fatal|error|fail", line, re.IGNORECASE)][-3:]
+    text = "\n".join([*notable, "...", *tail] if notable else tail)
+    return text[-limit:]
 
 
 def _links_down(dom: Any) -> int:

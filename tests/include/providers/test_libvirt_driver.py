@@ -136,3 +136,13 @@ def test_each_nic_gets_the_model_mapped_from_the_source(driver):
         assert models == ["e1000", "virtio", "virtio"]
     finally:
         _undefine(driver, name)
+
+
+def test_serial_lines_keep_a_panic_above_the_tail():
+    from include.providers.libvirt_live import last_lines
+
+    text = "\x1b[2Jboot\r\n" + "Kernel panic - not syncing: VFS\r\n" + "".join(f"line {i}\r\n" for i in range(30))
+    out = last_lines(text, n=5)
+    assert out.splitlines() == ["Kernel panic - not syncing: VFS", "...", "line 25", "line 26", "line 27", "line 28",
+                                "line 29"]
+    assert "\x1b" not in last_lines("\x1b[1;31mred\x1b[0m")

@@ -1,0 +1,173 @@
+"""A running source VM migrated from one point in time while it keeps running and writing, and the boot
+check of the migrated VM: the test guest of tests/guest under KVM on the real libvirtd."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from include import phases
+from include.bootcheck import BOOT_CHECK, BOOT_MARKER, BOOT_TIMEOUT, DELETE_RUNNING
+from include.demo import DemoWorld, store_documents, teardown, write_store
+from include.diskio import qemu_img_path
+from include.errors import InvalidMigration, TargetValidationError
+from include.store import FileStatusSink, SpecStore
+from tests.e2e import live
+from tests.guest import records
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def guest_image():
+    return live.build_guest()
+
+
+@pytest.fixture
+def kind(guest_image, monkeypatch):
+    """The domain type that boots the guest here; the engine defines its targets with the same one."""
+    value = live.virt_type()
+    monkeypatch.setenv("VMMIGRATION_LIBVIRT_VIRT_TYPE", value)
+    return value
+
+
+@pytest.fixture
+def bridge():
+    b = live.Bridge()
+    yield b.name
+    b.remove()
+
+
+@pytest.fixture
+def live_world(libvirt_uri, monkeypatch):
+    root = live.reachable_root()
+    (root / "live").mkdir(mode=0o711)
+    os.chmod(root / "live", 0o711)
+    monkeypatch.setenv("VMMIGRATION_LIVE_DIR", str(root / "live"))
+    monkeypatch.setenv("VMMIGRATION_ALLOWED_ROOTS", str(root))
+    w = DemoWorld(uri=libvirt_uri, prefix=f"t{uuid.uuid4().hex[:8]}", root=root / "world")
+    w.share.mkdir(parents=True)
+    yield w
+    teardown(w)
+    live.remove_root(root)
+
+
+def _docs(world, name, *, annotations=None, target_format="qcow2", bridge=None, **spec):
+    docs = store_documents(world, name=name, target_format=target_format, bridge=bridge or "virbr0",
+                           extra_spec=spec or None)
+    if bridge is None:
+        docs[0]["spec"]["targetNetworkHints"] = []
+    docs[0]["metadata"]["annotations"] = annotations or {}
+    return docs
+
+
+def _copy_phases(ctx, disks=("vda", "vdb")):
+    for disk in disks:
+        for step in (phases.export_disk, phases.transfer_disk, phases.convert_disk, phases.import_disk):
+            step(ctx, disk)
+
+
+def _target_volume(world, disk, fmt):
+    return world.root / "pools" / "dst" / f"{world.vm_name}-migrated-{disk}.{fmt}"
+
+
+def _wait_records(path, at_least, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        report = records.scan(path)
+        if report.highest >= at_least or time.monotonic() > deadline:
+            return report
+        time.sleep(0.2)
+
+
+def test_a_running_vm_is_migrated_from_one_point_in_time_and_boots(store, live_world, guest_image, kind, bridge,
+                                                                   tmp_path):
+    world = live_world
+    src = live.define_guest(world, guest_image, bridge=bridge, kind=kind)
+    boot = live.start_and_wait(world)
+    before = _wait_records(src["vdb"], 20)
+    assert before.highest >= 20, "the test guest does not write records"
+    write_store(store, "live.yaml", _docs(world, "live", bridge=bridge, annotations={
+        BOOT_CHECK: "serial", BOOT_MARKER: live.MARKER, BOOT_TIMEOUT: "60"}))
+    ctx = phases.MigrationContext("default", "live", store=SpecStore(store))
+    phases.validate(ctx)
+    plan = SpecStore(store).load_plan("default", "live")
+    assert plan["snapshot"]["mode"] == "point-in-time" and all(d["live"] for d in plan["disks"])
+    assert [d["transitFormat"] for d in plan["disks"]] == ["raw", "raw"]
+    result = phases.snapshot(ctx)
+    # the guest has an agent channel and the test guest's agent freezes its writer around the point in time
+    assert result["pointInTime"]["consistency"] == "application-consistent", result["pointInTime"]
+    [entry] = ctx.ledger.entries("point-in-time")
+    sock = entry.ident["handle"]["socket"]
+    # an independent point-in-time copy, made by a plain tool through the same export
+    pit = {d: live.raw_copy(f"nbd+unix:///{d}?socket={sock}", "raw", tmp_path / f"pit-{d}.raw") for d in ("vda", "vdb")}
+    time.sleep(1.0)  # the guest goes on writing past the point in time
+    _copy_phases(ctx)
+    # every disk is stored: the point in time is released, its folder gone; the source never stopped
+    assert not ctx.ledger.entries("point-in-time")
+    assert not os.path.exists(os.path.dirname(os.path.dirname(sock)))
+    assert live.is_running(world)
+    phases.create_vm(ctx)
+    for disk in ("vda", "vdb"):
+        got = live.raw_copy(_target_volume(world, disk, "qcow2"), "qcow2", tmp_path / f"target-{disk}.raw")
+        cmp = subprocess.run([qemu_img_path(), "compare", "-q", "-f", "raw", "-F", "raw", str(got), str(pit[disk])])
+        assert cmp.returncode == 0, f"disk {disk} on the target differs from the point-in-time copy"
+    migrated = records.scan(tmp_path / "target-vdb.raw")
+    records.check_consistent(migrated)
+    assert migrated.highest >= before.highest
+    after = records.scan(src["vdb"])  # the source still writes, past what was migrated
+    records.check_consistent(after)
+    assert after.highest > migrated.highest and live.is_running(world)
+    phases.validate_target(ctx)
+    status = FileStatusSink(SpecStore(store)).get("default", "live")
+    assert status["bootCheck"]["result"] == "Passed" and live.MARKER in status["bootCheck"]["seen"]
+    assert status["pointInTime"]["consistency"] == "application-consistent"
+    phases.finalize(ctx, succeeded=True)
+    assert live.is_running(world)
+    print(f"source boot {boot:.1f} s; target boot {status['bootCheck']['seconds']} s; migrated {migrated.highest} "
+          f"records, source at {after.highest}")
+
+
+def test_deleting_a_running_source_needs_saying_so(store, live_world, guest_image, kind):
+    world = live_world
+    live.define_guest(world, guest_image, bridge=None, kind=kind)
+    live.start_and_wait(world)
+    write_store(store, "del.yaml", _docs(world, "del", cleanupPolicy={
+        "deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": True}))
+    ctx = phases.MigrationContext("default", "del", store=SpecStore(store))
+    with pytest.raises(InvalidMigration, match="spec.cleanupPolicy.deleteSource: .* is running.*" + DELETE_RUNNING):
+        phases.validate(ctx)
+    assert SpecStore(store).load_plan("default", "del") is None
+
+
+def test_a_damaged_boot_disk_fails_the_boot_check_and_is_rolled_back(store, live_world, guest_image, kind, tmp_path):
+    world = live_world
+    live.define_guest(world, guest_image, bridge=None, vda_format="raw", kind=kind)  # shut off: the cold path
+    write_store(store, "bad.yaml", _docs(world, "bad", target_format="raw", annotations={
+        BOOT_CHECK: "serial", BOOT_MARKER: live.MARKER, BOOT_TIMEOUT: "20"}))
+    ctx = phases.MigrationContext("default", "bad", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    _copy_phases(ctx)
+    phases.create_vm(ctx)
+    vda = _target_volume(world, "vda", "raw")
+    # the kernel's initramfs overwritten with garbage: syslinux and the kernel still start and say so
+    garbage = tmp_path / "initrd.img"
+    garbage.write_bytes(os.urandom(64 * 1024))
+    subprocess.run(["mcopy", "-o", "-i", str(vda), str(garbage), "::initrd.img"], check=True)
+    with pytest.raises(TargetValidationError, match="boot check failed: .* no marker") as err:
+        phases.validate_target(ctx)
+    assert "Kernel panic" in str(err.value) or "initramfs" in str(err.value).lower()
+    status = FileStatusSink(SpecStore(store)).get("default", "bad")
+    assert status["bootCheck"]["result"] == "Failed"
+    phases.finalize(ctx, succeeded=False, failure=str(err.value))
+    conn = world.conn()
+    try:
+        assert f"{world.vm_name}-migrated" not in [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
+    assert not vda.exists()  # rolled back per the ledger
