@@ -169,6 +169,12 @@ def end(dom: Any | None, handle: Mapping[str, Any]) -> bool:
         if active(dom, handle):
             raise HypervisorError(f"ending the point-in-time export of VM {dom.name()} failed: "
                                   f"{err.get_error_message()}") from err
+    # the job ends asynchronously: its scratch files are QEMU's until it has
+    deadline = time.monotonic() + 60
+    while active(dom, handle):
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"the point-in-time export of VM {dom.name()} did not end within 60 s of its abort")
+        time.sleep(0.1)
     return True
 
 
@@ -177,6 +183,10 @@ def read(handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], 
     try:
         ranges = nbd.extents(sock, disk.name)
     except OSError as err:
+        if not os.path.exists(sock):
+            raise InvalidMigration(f"disk {disk.name}: the point in time is no longer held (its NBD socket is gone: "
+                                   f"the VM stopped or its backup job ended); every disk must come from one instant: "
+                                   f"run the migration again", field="spec.sourceName") from err
         raise HypervisorError(f"disk {disk.name}: the point-in-time export cannot be read: {err}") from err
     size = max((int(e["start"]) + int(e["length"]) for e in ranges), default=0)
     return nbd.segments(sock, disk.name, ranges=ranges), size, nbd.data_bytes(ranges)

@@ -17,6 +17,7 @@ from include.diskio import qemu_img_path
 from include.errors import InvalidMigration, TargetValidationError
 from include.store import FileStatusSink, SpecStore
 from tests.e2e import live
+from tests.e2e.helpers import run_migration, task_states, unknown_status_fields
 from tests.guest import records
 
 pytestmark = pytest.mark.e2e
@@ -171,3 +172,69 @@ def test_a_damaged_boot_disk_fails_the_boot_check_and_is_rolled_back(store, live
     finally:
         conn.close()
     assert not vda.exists()  # rolled back per the ledger
+
+
+def _backup_job(world) -> bool:
+    """Whether the source domain has a backup job (``virsh domjobinfo`` names it)."""
+    import libvirt
+
+    conn = world.conn()
+    try:
+        conn.lookupByName(world.vm_name).backupGetXMLDesc(0)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+def test_the_generated_dag_migrates_a_running_vm_without_an_agent_crash_consistent(airflow_db, store, live_world,
+                                                                                   guest_image, kind):
+    """``dag.test()`` of the generated DAG: every task, the status as the Kubernetes writer would send it."""
+    world = live_world
+    src = live.define_guest(world, guest_image, bridge=None, kind=kind, agent=False)
+    live.start_and_wait(world)
+    _wait_records(src["vdb"], 10)
+    write_store(store, "dagrun.yaml", _docs(world, "dagrun", annotations={
+        BOOT_CHECK: "serial", BOOT_MARKER: live.MARKER, BOOT_TIMEOUT: "90"}))
+    dagrun = run_migration("vmmigration__default__dagrun")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    status = FileStatusSink(SpecStore(store)).get("default", "dagrun")
+    assert status["phase"] == "Ready" and unknown_status_fields(status) == []
+    assert status["pointInTime"]["consistency"] == "crash-consistent"
+    assert "no guest agent channel" in status["pointInTime"]["detail"]
+    snapped = next(c for c in status["conditions"] if c["type"] == "Snapshotted")
+    assert "crash-consistent" in snapped["message"] and "keeps running" in snapped["message"]
+    assert status["bootCheck"]["result"] == "Passed"
+    validated = next(c for c in status["conditions"] if c["type"] == "TargetValidated")
+    assert "booted in" in validated["message"]
+    assert live.is_running(world) and not _backup_job(world)
+    migrated = records.scan_image(_target_volume(world, "vdb", "qcow2"), "qcow2")
+    records.check_consistent(migrated)  # what it received, plus what its one boot appended
+
+
+def test_a_point_in_time_lost_midway_fails_and_a_failure_ends_it(store, live_world, guest_image, kind):
+    world = live_world
+    live.define_guest(world, guest_image, bridge=None, kind=kind, agent=False)
+    live.start_and_wait(world)
+    write_store(store, "lost.yaml", _docs(world, "lost"))
+    ctx = phases.MigrationContext("default", "lost", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    assert _backup_job(world)
+    subprocess.run(["virsh", "-c", world.uri, "domjobabort", world.vm_name], check=True, capture_output=True)
+    for _ in range(100):  # the abort completes asynchronously
+        if not _backup_job(world):
+            break
+        time.sleep(0.1)
+    with pytest.raises(InvalidMigration, match="no longer held"):
+        phases.export_disk(ctx, "vda")
+    # a new point in time on the retry of Snapshotting, never for one disk only
+    phases.snapshot(ctx)
+    [entry] = ctx.ledger.entries("point-in-time")
+    folder = os.path.dirname(os.path.dirname(entry.ident["handle"]["socket"]))
+    phases.export_disk(ctx, "vda")
+    phases.finalize(ctx, succeeded=False, failure="stopped by the test")
+    assert not _backup_job(world) and not os.path.exists(folder)
+    assert live.is_running(world)  # the source was never touched
+    assert not ctx.ledger.entries("point-in-time")
