@@ -188,15 +188,16 @@ def _backup_job(world) -> bool:
         conn.close()
 
 
-def test_the_generated_dag_migrates_a_running_vm_without_an_agent_crash_consistent(airflow_db, store, live_world,
-                                                                                   guest_image, kind):
+def test_the_dag_migrates_a_running_vm_without_agent_then_boots_it_to_its_agent(airflow_db, store, live_world,
+                                                                                guest_image, kind):
     """``dag.test()`` of the generated DAG: every task, the status as the Kubernetes writer would send it."""
     world = live_world
     src = live.define_guest(world, guest_image, bridge=None, kind=kind, agent=False)
     live.start_and_wait(world)
     _wait_records(src["vdb"], 10)
-    write_store(store, "dagrun.yaml", _docs(world, "dagrun", annotations={
-        BOOT_CHECK: "serial", BOOT_MARKER: live.MARKER, BOOT_TIMEOUT: "90"}))
+    # the target gets a guest agent channel from the engine (the source had none): its agent answers
+    write_store(store, "dagrun.yaml", _docs(world, "dagrun", annotations={BOOT_CHECK: "guest-agent",
+                                                                          BOOT_TIMEOUT: "90"}))
     dagrun = run_migration("vmmigration__default__dagrun")
     assert str(dagrun.state) == "success", task_states(dagrun)
     status = FileStatusSink(SpecStore(store)).get("default", "dagrun")
@@ -205,7 +206,7 @@ def test_the_generated_dag_migrates_a_running_vm_without_an_agent_crash_consiste
     assert "no guest agent channel" in status["pointInTime"]["detail"]
     snapped = next(c for c in status["conditions"] if c["type"] == "Snapshotted")
     assert "crash-consistent" in snapped["message"] and "keeps running" in snapped["message"]
-    assert status["bootCheck"]["result"] == "Passed"
+    assert status["bootCheck"]["result"] == "Passed" and "guest agent answered" in status["bootCheck"]["seen"]
     validated = next(c for c in status["conditions"] if c["type"] == "TargetValidated")
     assert "booted in" in validated["message"]
     assert live.is_running(world) and not _backup_job(world)
