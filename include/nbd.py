@@ -123,8 +123,13 @@ def extents(socket_path: str, export: str) -> list[dict[str, Any]]:
     return json.loads(proc.stdout)
 
 
+def _has_data(extent: dict[str, Any]) -> bool:
+    """Read unless it reads as zeros: a hole without the zero flag has unknown content (the NBD spec)."""
+    return not extent.get("zero")
+
+
 def data_bytes(ranges: list[dict[str, Any]]) -> int:
-    return sum(int(e["length"]) for e in ranges if e.get("data") and not e.get("zero"))
+    return sum(int(e["length"]) for e in ranges if _has_data(e))
 
 
 def segments(socket_path: str, export: str, *, chunk: int = MAX_READ,
@@ -142,5 +147,5 @@ def segments(socket_path: str, export: str, *, chunk: int = MAX_READ,
                 left -= n
 
         data = ((int(e["start"]), int(e["length"]), read(int(e["start"]), int(e["length"])))
-                for e in ranges if e.get("data") and not e.get("zero"))
+                for e in ranges if _has_data(e))
         yield from fill_gaps(data, client.size)

@@ -73,7 +73,8 @@ def _live_folder(ctx: MigrationContext) -> Path:
     if not os.path.lexists(base):
         os.makedirs(base, mode=0o711)  # made here: QEMU's user must pass through it (ensure_base would 0700 it)
     safefs.ensure_base(base)
-    path = Path(tempfile.mkdtemp(prefix=f"{ctx.namespace}.{ctx.name}.live.", dir=base))
+    # a short name: the socket inside must fit a unix socket path (107 bytes) whatever the migration is called
+    path = Path(tempfile.mkdtemp(prefix="vmm-", dir=base))
     os.chmod(path, 0o711)
     ctx.ledger.record("dir", host_scope(), role="live", path=str(path))
     return path
@@ -91,8 +92,11 @@ def _point_in_time(ctx: MigrationContext, disks: list[DiskInfo]) -> dict[str, An
         message = f"Point in time of {', '.join(d.name for d in disks)} already held since {info.get('takenAt')}"
         finish(ctx, Phase.SNAPSHOTTING, message)
         return {"snapshot": None, "disks": [d.name for d in disks], "pointInTime": info}
-    if held is not None:  # lost (the VM restarted): a new instant for every disk, never for some only
-        end_point_in_time(ctx)
+    # anything left (lost, or started by a task killed before it recorded it as taken) ends first: a new
+    # instant for every disk, never for some only; what earlier disks stored from the old one is void
+    end_point_in_time(ctx)
+    for d in ctx.plan.disks:
+        ctx.record(d.name, export_mode=None, transit_sha256=None)
     folder = _live_folder(ctx)
     handle = ctx.source.point_in_time_handle(str(folder))
     # recorded before it exists: a failure, a retry or a kill at any point has it ended through the ledger
@@ -120,18 +124,24 @@ def end_point_in_time(ctx: MigrationContext) -> list[str]:
     for entry in ctx.ledger.entries("point-in-time"):
         if entry.scope != ctx.scope_source:
             continue
+        ensure_same_source(ctx)  # the job is looked up on the VM of that name: it must be the VM validated
         if ctx.source.end_point_in_time(ctx.plan.source.vm, entry.ident["handle"]):
             done.append(f"point-in-time export of VM {ctx.plan.source.vm}")
-        ctx.ledger.forget(entry)
+        ctx.ledger.forget(entry)  # reached only when it is ended or gone (errors propagate, the entry stays)
     here = host_scope()
     for entry in ctx.ledger.entries("dir"):
         if entry.scope == here and entry.ident.get("role") == "live":
             path = Path(entry.ident["path"])
             if _own_live_folder(path):
-                shutil.rmtree(path)
+                shutil.rmtree(path, onerror=_gone_ok)  # a parallel task may be removing it too
                 done.append(f"point-in-time folder {path}")
             ctx.ledger.forget(entry)
     return done
+
+
+def _gone_ok(func: Any, path: str, exc_info: Any) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def _own_live_folder(path: Path) -> bool:

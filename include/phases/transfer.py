@@ -111,8 +111,11 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     if ctx.plan.snapshot.live and all(ctx.disk_record(p.name).transit_sha256 for p in ctx.plan.disks):
         # every disk is stored: the running source is released now rather than at cleanup (its scratch
         # files grow with every block the guest overwrites)
-        for item in end_point_in_time(ctx):
-            ctx.logger.info("released %s", item)
+        try:
+            for item in end_point_in_time(ctx):
+                ctx.logger.info("released %s", item)
+        except Exception:  # noqa: BLE001 - the disk is stored; cleanup ends the point in time in any case
+            ctx.logger.warning("releasing the point in time failed; cleanup ends it", exc_info=True)
     finish(ctx, Phase.TRANSFERRING, f"Disk {disk} stored at {ctx.storage.location(key)} "
                                     f"({written} bytes, sha256 {digest[:12]}...)", disk=disk)
     return {"disk": disk, "sha256": digest, "bytes": written}

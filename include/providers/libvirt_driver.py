@@ -352,6 +352,7 @@ class LibvirtDriver(HypervisorDriver):
         return libvirt_live.begin(self._domain(vm), disks, workdir)
 
     def _active_domain(self, vm: str) -> Any | None:
+        """The source domain by name; the phases check it is the VM validated (its UUID) before calling."""
         try:
             return self._domain(vm)
         except NotFound:

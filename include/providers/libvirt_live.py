@@ -82,6 +82,7 @@ def _quiesce(dom: Any) -> tuple[bool, str]:
     try:
         count = dom.fsFreeze(None, 0)
     except libvirt.libvirtError as err:
+        _thaw(dom)  # an agent that timed out may still have frozen them: thawing is harmless otherwise
         return False, f"the guest agent did not freeze the filesystems ({err.get_error_message()})"
     if not count:
         _thaw(dom)
@@ -110,6 +111,9 @@ def handle_for(workdir: str) -> dict[str, Any]:
 def begin(dom: Any, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
     libvirt = _libvirt()
     uid, gid = qemu_owner(dom)
+    if os.geteuid() not in (0, uid):
+        raise InvalidMigration(f"a live export hands QEMU (uid {uid}) a folder of its own: run the worker as root or "
+                               f"as QEMU's user, or shut the VM down", field="spec.sourceName")
     work = Path(workdir)
     blocked = _reachable(work, uid, gid)
     if blocked:
@@ -119,7 +123,7 @@ def begin(dom: Any, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
     folder.mkdir(mode=0o700)
     os.chown(folder, uid, gid)
     sock = Path(handle_for(workdir)["socket"])
-    if len(str(sock)) > SOCKET_MAX:
+    if len(os.fsencode(sock)) > SOCKET_MAX:
         raise InvalidMigration(f"the socket path {sock} is longer than a unix socket takes; set "
                                f"VMMIGRATION_LIVE_DIR to a shorter folder")
     root = ET.Element("domainbackup", mode="pull")
@@ -153,8 +157,14 @@ def active(dom: Any | None, handle: Mapping[str, Any]) -> bool:
         return False
     try:
         xml = dom.backupGetXMLDesc(0)
-    except libvirt.libvirtError:
-        return False
+    except libvirt.libvirtError as err:
+        # only "no backup job" and "not running" mean it is gone; anything else (a lock, a daemon hiccup) is
+        # not taken for an ended job, which would leave it running with nothing recorded to end it
+        if err.get_error_code() in (getattr(libvirt, "VIR_ERR_NO_DOMAIN_BACKUP", 104),
+                                    libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+            return False
+        raise HypervisorError(f"cannot tell whether VM {dom.name()} still holds its point in time: "
+                              f"{err.get_error_message()}") from err
     server = ET.fromstring(xml).find("server")
     return server is not None and server.get("socket") == handle.get("socket")
 
@@ -164,6 +174,9 @@ def end(dom: Any | None, handle: Mapping[str, Any]) -> bool:
     if not active(dom, handle):
         return False
     try:
+        # libvirt names no job id: checked again right before, so another job started meanwhile is not hit
+        if not active(dom, handle):
+            return False
         dom.abortJob()
     except libvirt.libvirtError as err:
         if active(dom, handle):
@@ -275,7 +288,9 @@ def _agent_answers(dom: Any) -> str | None:
 def boot(conn: Any, dom: Any, *, mode: str, marker: str, timeout: float) -> BootResult:
     libvirt = _libvirt()
     if dom.isActive():
-        raise HypervisorError(f"boot check: VM {dom.name()} is already running; it is never started twice")
+        # this run's own VM (the caller checked), left running by a boot check that was killed: off first
+        log.warning("boot check: VM %s is running (an earlier check was interrupted); powering it off", dom.name())
+        dom.destroy()
     try:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as err:

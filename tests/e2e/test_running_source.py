@@ -182,10 +182,24 @@ def _backup_job(world) -> bool:
     try:
         conn.lookupByName(world.vm_name).backupGetXMLDesc(0)
         return True
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != 104:  # VIR_ERR_NO_DOMAIN_BACKUP; anything else is not an answer
+            raise
         return False
     finally:
         conn.close()
+
+
+def _foreign_backup(world, folder) -> None:
+    """A backup job of someone else's (its own socket), begun with virsh."""
+    os.makedirs(folder, mode=0o777)
+    os.chmod(folder, 0o777)
+    xml = os.path.join(folder, "backup.xml")
+    with open(xml, "w") as fh:
+        fh.write(f"<domainbackup mode='pull'><server transport='unix' socket='{folder}/theirs.sock'/><disks>"
+                 f"<disk name='vda' backup='yes' type='file'><scratch file='{folder}/vda.scratch'/></disk>"
+                 f"<disk name='vdb' backup='no'/></disks></domainbackup>")
+    subprocess.run(["virsh", "-c", world.uri, "backup-begin", world.vm_name, xml], check=True, capture_output=True)
 
 
 def test_the_dag_migrates_a_running_vm_without_agent_then_boots_it_to_its_agent(airflow_db, store, live_world,
@@ -239,3 +253,25 @@ def test_a_point_in_time_lost_midway_fails_and_a_failure_ends_it(store, live_wor
     assert not _backup_job(world) and not os.path.exists(folder)
     assert live.is_running(world)  # the source was never touched
     assert not ctx.ledger.entries("point-in-time")
+
+
+def test_a_backup_job_that_is_not_ours_is_never_ended(store, live_world, guest_image, kind):
+    world = live_world
+    live.define_guest(world, guest_image, bridge=None, kind=kind, agent=False)
+    live.start_and_wait(world)
+    write_store(store, "theirs.yaml", _docs(world, "theirs"))
+    ctx = phases.MigrationContext("default", "theirs", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    subprocess.run(["virsh", "-c", world.uri, "domjobabort", world.vm_name], check=True, capture_output=True)
+    for _ in range(100):
+        if not _backup_job(world):
+            break
+        time.sleep(0.1)
+    # someone else starts a backup job on the VM while our entry is still in the ledger
+    _foreign_backup(world, str(world.root / "theirs"))
+    with pytest.raises(InvalidMigration, match="no longer held"):
+        phases.transfer_disk(ctx, "vda")
+    phases.finalize(ctx, succeeded=False, failure="stopped by the test")
+    assert _backup_job(world), "cleanup ended a backup job this run did not start"
+    subprocess.run(["virsh", "-c", world.uri, "domjobabort", world.vm_name], check=True, capture_output=True)
