@@ -120,6 +120,8 @@ def test_a_running_vm_is_migrated_from_one_point_in_time_and_boots(store, live_w
     migrated = records.scan(tmp_path / "target-vdb.raw")
     records.check_consistent(migrated)
     assert migrated.highest >= before.highest
+    # quiesced: the writer was paused between records, its header already past the last one
+    assert migrated.header_next == migrated.highest + 1, records.summary(migrated)
     after = records.scan(src["vdb"])  # the source still writes, past what was migrated
     records.check_consistent(after)
     assert after.highest > migrated.highest and live.is_running(world)
