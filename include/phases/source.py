@@ -125,6 +125,11 @@ def end_point_in_time(ctx: MigrationContext) -> list[str]:
         if entry.scope != ctx.scope_source:
             continue
         ensure_same_source(ctx)  # the job is looked up on the VM of that name: it must be the VM validated
+        if entry.state == "creating":  # its task died while taking it: the guest may still be frozen
+            thawed = ctx.source.recover_point_in_time(ctx.plan.source.vm, entry.ident["handle"])
+            if thawed:
+                ctx.logger.warning("%s", thawed)
+                done.append(thawed)
         if ctx.source.end_point_in_time(ctx.plan.source.vm, entry.ident["handle"]):
             done.append(f"point-in-time export of VM {ctx.plan.source.vm}")
         ctx.ledger.forget(entry)  # reached only when it is ended or gone (errors propagate, the entry stays)

@@ -161,6 +161,11 @@ class HypervisorDriver(abc.ABC):
         """Release the point in time when it is still this run's; returns whether it ended one."""
         return False
 
+    def recover_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> str | None:
+        """After a task died while taking the point in time (between quiescing the guest and resuming it):
+        undo what it left on the VM, such as frozen filesystems; says what it did (None: nothing)."""
+        return None
+
     # -- the boot check -----------------------------------------------------------------------------------
     def boot_check_refusal(self) -> str | None:
         """Why a migrated VM cannot be booted here (None: :meth:`boot_check` works)."""

@@ -367,6 +367,9 @@ class LibvirtDriver(HypervisorDriver):
     def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:
         return libvirt_live.end(self._active_domain(vm), handle)
 
+    def recover_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> str | None:
+        return libvirt_live.thaw_if_frozen(self._active_domain(vm))
+
     # -- target side -------------------------------------------------------------------------------
     def boot_check_refusal(self) -> str | None:
         return None

@@ -108,6 +108,25 @@ def handle_for(workdir: str) -> dict[str, Any]:
     return {"method": "libvirt-backup", "socket": str(Path(workdir) / "qemu" / "nbd.sock")}
 
 
+def thaw_if_frozen(dom: Any | None) -> str | None:
+    """Thaw the guest's filesystems when its agent says they are frozen (left so by a task that died
+    between the freeze and the thaw of :func:`begin`)."""
+    if dom is None or not dom.isActive():
+        return None
+    try:
+        import libvirt_qemu
+
+        answer = str(libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-fsfreeze-status"}', 5, 0))
+    except Exception:  # noqa: BLE001 - no agent, or it does not answer: nothing it could have frozen
+        return None
+    if '"frozen"' not in answer:
+        return None
+    failed = _thaw(dom)
+    if failed:
+        raise HypervisorError(f"VM {dom.name()} was left with frozen filesystems and thawing them failed: {failed}")
+    return f"thawed the filesystems of VM {dom.name()} (left frozen by an interrupted Snapshotting)"
+
+
 def begin(dom: Any, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
     libvirt = _libvirt()
     uid, gid = qemu_owner(dom)

@@ -15,6 +15,7 @@ from include.bootcheck import BOOT_CHECK, BOOT_MARKER, BOOT_TIMEOUT, DELETE_RUNN
 from include.demo import DemoWorld, store_documents, teardown, write_store
 from include.diskio import qemu_img_path
 from include.errors import InvalidMigration, TargetValidationError
+from include.phases import source as source_phase
 from include.store import FileStatusSink, SpecStore
 from tests.e2e import live
 from tests.e2e.helpers import run_migration, task_states, unknown_status_fields
@@ -277,3 +278,47 @@ def test_a_backup_job_that_is_not_ours_is_never_ended(store, live_world, guest_i
     phases.finalize(ctx, succeeded=False, failure="stopped by the test")
     assert _backup_job(world), "cleanup ended a backup job this run did not start"
     subprocess.run(["virsh", "-c", world.uri, "domjobabort", world.vm_name], check=True, capture_output=True)
+
+
+def test_a_guest_left_frozen_by_an_interrupted_snapshotting_is_thawed_by_the_retry(store, live_world, guest_image,
+                                                                                  kind):
+    world = live_world
+    src = live.define_guest(world, guest_image, bridge=None, kind=kind)
+    live.start_and_wait(world)
+    _wait_records(src["vdb"], 5)
+    write_store(store, "frozen.yaml", _docs(world, "frozen"))
+    ctx = phases.MigrationContext("default", "frozen", store=SpecStore(store))
+    phases.validate(ctx)
+    # what a Snapshotting killed between its freeze and its thaw leaves: the ledger entry recorded before the
+    # job (state creating) and a frozen guest; the freeze itself is libvirt's, through the guest agent
+    folder = source_phase._live_folder(ctx)
+    ctx.ledger.record("point-in-time", ctx.scope_source, state="creating", vm=ctx.plan.source.vm_id,
+                      handle=ctx.source.point_in_time_handle(str(folder)))
+    subprocess.run(["virsh", "-c", world.uri, "domfsfreeze", world.vm_name], check=True, capture_output=True)
+    frozen = records.scan(src["vdb"]).highest
+    time.sleep(1.5)
+    assert records.scan(src["vdb"]).highest == frozen  # the writer is paused
+    result = phases.snapshot(ctx)  # the retry
+    assert result["pointInTime"]["consistency"] == "application-consistent"
+    after = _wait_records(src["vdb"], frozen + 5)
+    assert after.highest >= frozen + 5, "the guest was left frozen"
+    assert not os.path.exists(folder)  # the interrupted try's folder is gone
+    phases.finalize(ctx, succeeded=False, failure="stopped by the test")
+    assert not _backup_job(world)
+
+
+def test_delete_source_keeps_a_vm_started_during_the_migration(store, live_world, guest_image, kind):
+    world = live_world
+    src = live.define_guest(world, guest_image, bridge=None, kind=kind)  # shut off: the cold path
+    write_store(store, "started.yaml", _docs(world, "started", cleanupPolicy={
+        "deleteIntermediate": True, "deleteSnapshot": True, "deleteSource": True}))
+    ctx = phases.MigrationContext("default", "started", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    _copy_phases(ctx)
+    phases.create_vm(ctx)
+    phases.validate_target(ctx)
+    live.start_and_wait(world)  # someone starts the source before cleanup
+    result = phases.finalize(ctx, succeeded=True)
+    assert any("it is running" in k for k in result["kept"]), result
+    assert live.is_running(world) and src["vda"].exists() and src["vdb"].exists()
