@@ -8,10 +8,15 @@ if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G /dev/kvm)" 
 fi
 if virsh -c qemu:///system version >/dev/null 2>&1; then exit 0; fi
 logdir="${VMMIG_CACHE:-$HOME/.cache/vmmigration}/logs"; mkdir -p "$logdir"
-pgrep -x virtlogd >/dev/null || setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null &
-pgrep -x libvirtd >/dev/null || setsid nohup /usr/sbin/libvirtd >"$logdir/libvirtd.log" 2>&1 < /dev/null &
+# running, not a zombie: a daemon killed after its parent went away stays a zombie where PID 1 does not reap
+# (a Firecracker VM's init), and pgrep alone would take it for a live one and start nothing
+alive() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
+alive virtlogd || setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null &
+alive libvirtd || setsid nohup /usr/sbin/libvirtd >"$logdir/libvirtd.log" 2>&1 < /dev/null &
 # a loaded host (or a restart right after a stop) can take several seconds to answer
-for _ in $(seq 1 600); do
+# (measured: more than 60 s once in a while after a restart during a migration; callers wait 180 s)
+deadline=$((SECONDS + ${LIBVIRTD_WAIT:-170}))
+while ((SECONDS < deadline)); do
   virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
   sleep 0.1
 done
