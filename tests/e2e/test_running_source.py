@@ -231,12 +231,12 @@ def test_the_dag_migrates_a_running_vm_without_agent_then_boots_it_to_its_agent(
     records.check_consistent(migrated)  # what it received, plus what its one boot appended
 
 
-def test_a_point_in_time_lost_midway_fails_and_a_failure_ends_it(store, live_world, guest_image, kind):
-    world = live_world
+def _snapshotted_then_aborted(store, world, guest_image, kind, name):
+    """A running guest without agent, validated and snapshotted; then its backup job aborted behind our back."""
     live.define_guest(world, guest_image, bridge=None, kind=kind, agent=False)
     live.start_and_wait(world)
-    write_store(store, "lost.yaml", _docs(world, "lost"))
-    ctx = phases.MigrationContext("default", "lost", store=SpecStore(store))
+    write_store(store, f"{name}.yaml", _docs(world, name))
+    ctx = phases.MigrationContext("default", name, store=SpecStore(store))
     phases.validate(ctx)
     phases.snapshot(ctx)
     assert _backup_job(world)
@@ -245,6 +245,12 @@ def test_a_point_in_time_lost_midway_fails_and_a_failure_ends_it(store, live_wor
         if not _backup_job(world):
             break
         time.sleep(0.1)
+    return ctx
+
+
+def test_a_point_in_time_lost_midway_fails_and_a_failure_ends_it(store, live_world, guest_image, kind):
+    world = live_world
+    ctx = _snapshotted_then_aborted(store, world, guest_image, kind, "lost")
     with pytest.raises(InvalidMigration, match="no longer held"):
         phases.export_disk(ctx, "vda")
     # a new point in time on the retry of Snapshotting, never for one disk only
@@ -260,17 +266,7 @@ def test_a_point_in_time_lost_midway_fails_and_a_failure_ends_it(store, live_wor
 
 def test_a_backup_job_that_is_not_ours_is_never_ended(store, live_world, guest_image, kind):
     world = live_world
-    live.define_guest(world, guest_image, bridge=None, kind=kind, agent=False)
-    live.start_and_wait(world)
-    write_store(store, "theirs.yaml", _docs(world, "theirs"))
-    ctx = phases.MigrationContext("default", "theirs", store=SpecStore(store))
-    phases.validate(ctx)
-    phases.snapshot(ctx)
-    subprocess.run(["virsh", "-c", world.uri, "domjobabort", world.vm_name], check=True, capture_output=True)
-    for _ in range(100):
-        if not _backup_job(world):
-            break
-        time.sleep(0.1)
+    ctx = _snapshotted_then_aborted(store, world, guest_image, kind, "theirs")
     # someone else starts a backup job on the VM while our entry is still in the ledger
     _foreign_backup(world, str(world.root / "theirs"))
     with pytest.raises(InvalidMigration, match="no longer held"):
