@@ -67,6 +67,14 @@ def ensure_pool(conn, name: str, path: Path) -> Any:
     return pool
 
 
+def ensure_world_pools(conn, world: DemoWorld) -> tuple[Any, Path]:
+    """The world's source and target pools (made if missing); returns the source pool and its folder."""
+    src = world.root / "pools" / "src"
+    pool = ensure_pool(conn, world.source_pool, src)
+    ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
+    return pool, src
+
+
 def _write_pattern(path: Path, size: int, extents: list[tuple[int, int]], seed: int) -> str:
     """A sparse raw image of ``size`` bytes with random data at ``extents`` (offset, length)."""
     rng = random.Random(seed)
@@ -94,9 +102,7 @@ def create_source_vm(world: DemoWorld, *, vda_mib: int = 256, vdb_mib: int = 128
     """
     conn = world.conn()
     try:
-        pool = ensure_pool(conn, world.source_pool, world.root / "pools" / "src")
-        ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
-        pool_dir = world.root / "pools" / "src"
+        pool, pool_dir = ensure_world_pools(conn, world)
         vda = pool_dir / f"{world.vm_name}-vda.qcow2"
         vdb = pool_dir / f"{world.vm_name}-vdb.{vdb_format}"
         sums = {}

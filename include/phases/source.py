@@ -56,6 +56,7 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
     for d in disks:
         if d.name not in covered:
             ctx.logger.warning("disk %s (%s) is not covered by the snapshot", d.name, d.format)
+
     def mutate(s: dict[str, Any]) -> None:
         s["snapshot"] = snap.name if covered else None
         s.pop("pointInTime", None)  # an earlier run's, of a VM that was running then
@@ -106,6 +107,7 @@ def _point_in_time(ctx: MigrationContext, disks: list[DiskInfo]) -> dict[str, An
     info = {"takenAt": pit.taken_at, "consistency": pit.consistency, "detail": pit.detail,
             "disks": list(pit.disks)}
     ctx.store.update_run_record(ctx.namespace, ctx.name, pointInTime=info)
+
     def mutate(s: dict[str, Any]) -> None:
         s["snapshot"] = None
         s["pointInTime"] = info

@@ -14,6 +14,7 @@ from include import status as st
 from include.bytepath import Encoder, Manifest, decode
 from include.diskio import Segment
 from include.errors import ChecksumError, InvalidMigration
+from include.ledger import Entry
 from include.model import DiskRecord, ExportMode
 from include.phases.bookkeeping import begin, finish
 from include.phases.checks import (
@@ -28,12 +29,12 @@ from include.phases.source import end_point_in_time
 from include.status import Phase
 
 
-def _export_stream(ctx: MigrationContext, disk: str, rec: DiskRecord) -> tuple[Iterator[Segment], int, Path | None]:
-    """(the disk's export as segments, its length, a local source file to check unchanged afterwards)."""
+def _export_stream(ctx: MigrationContext, disk: str, rec: DiskRecord,
+                   held: Entry | None) -> tuple[Iterator[Segment], int, Path | None]:
+    """(the disk's export as segments, its length, a local source file to check unchanged afterwards);
+    ``held``: the running source's point in time, which every disk of a live plan is read from."""
     d = ctx.disk_plan(disk)
-    if rec.export_mode is ExportMode.POINT_IN_TIME or d.live:
-        held = ensure_source_stable(ctx)
-        assert held is not None
+    if held is not None:
         segments, size, _data = ctx.source.read_point_in_time(held.ident["handle"], d.source_disk())
         return segments, size, None
     if rec.export_mode is ExportMode.STAGED:
@@ -56,8 +57,8 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     d = ctx.disk_plan(disk)
     rec = ctx.disk_record(disk)
     begin(ctx, Phase.TRANSFERRING, disk=disk, message=f"Uploading disk {disk}")
-    ensure_source_stable(ctx)
-    source, total, watched = _export_stream(ctx, disk, rec)
+    held = ensure_source_stable(ctx)
+    source, total, watched = _export_stream(ctx, disk, rec, held)
     key = d.object_key
     tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
     before = stat_key(watched)

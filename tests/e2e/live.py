@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from include.demo import DemoWorld, ensure_pool
+from include.demo import DemoWorld, ensure_world_pools
 from include.diskio import qemu_img_path
 from include.providers.libvirt_live import AGENT_CHANNEL, SerialConsole
 
@@ -61,9 +61,7 @@ def define_guest(world: DemoWorld, image: Path, *, bridge: str | None, data_mib:
     """The test guest as the world's source VM: vda its boot disk (``vda_format``), vdb a raw data disk."""
     conn = world.conn()
     try:
-        pool = ensure_pool(conn, world.source_pool, world.root / "pools" / "src")
-        ensure_pool(conn, world.target_pool, world.root / "pools" / "dst")
-        src = world.root / "pools" / "src"
+        pool, src = ensure_world_pools(conn, world)
         vda = src / f"{world.vm_name}-vda.{vda_format}"
         vdb = src / f"{world.vm_name}-vdb.raw"
         subprocess.run([qemu_img_path(), "convert", "-q", "-f", "raw", "-O", vda_format, str(image), str(vda)],
