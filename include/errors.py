@@ -69,6 +69,13 @@ class HypervisorError(MigrationFailure):
     reason = "HypervisorError"
 
 
+class HypervisorAuthError(HypervisorError):
+    """The hypervisor refused the Provider's credentials (permanent: a retry is refused the same way)."""
+
+    permanent = True
+    reason = "HypervisorAuthenticationFailed"
+
+
 class StorageError(MigrationFailure):
     """Intermediate storage failed (transient)."""
 

@@ -89,6 +89,9 @@ PROVIDERS: tuple[ProviderType, ...] = (
     ProviderType("libvirt", driver="include.providers.libvirt_driver:LibvirtDriver",
                  hook="hooks.libvirt_hook:LibvirtHook", connection_type="libvirt", native_format="qcow2",
                  aliases=("qemu",)),
+    ProviderType("vsphere", driver="include.providers.vsphere_driver:VSphereDriver",
+                 hook="hooks.vsphere_hook:VSphereHook", connection_type="vsphere", native_format="vmdk",
+                 pool_slots=4),
 )
 
 STORAGES: tuple[StorageType, ...] = (

@@ -4,8 +4,10 @@ still shut off, an intermediate object is free to write, and where a source disk
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+from include.diskio import Segment
 from include.errors import Conflict, InvalidMigration, PlanChanged
 from include.ledger import Entry
 from include.model import DiskPlan
@@ -64,6 +66,13 @@ def local_source_path(ctx: MigrationContext, disk: DiskPlan) -> Path | None:
     """The disk's file when the source hypervisor keeps it on this host, for qemu-img to read."""
     path = ctx.source.local_disk_path(disk.source_disk())
     return Path(path) if path else None
+
+
+def source_stream(ctx: MigrationContext, disk: DiskPlan) -> Iterator[Segment]:
+    """The disk's bytes through the source driver, from the run's snapshot where it covers the disk."""
+    snap = ctx.plan.snapshot
+    return ctx.source.read_disk(disk.source_disk(), vm=ctx.plan.source.vm,
+                                snapshot=snap.name if disk.name in snap.disks and not snap.live else None)
 
 
 def source_file_size(ctx: MigrationContext, disk: DiskPlan) -> int:

@@ -20,6 +20,7 @@ from include.phases.checks import (
     local_source_path,
     point_in_time,
     source_file_size,
+    source_stream,
 )
 from include.phases.context import MigrationContext, host_scope
 from include.phases.staging import convert, discard, ensure_space, seal, space_errors
@@ -202,7 +203,7 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             fetched = staging / f"{disk}.export.src.{d.source_format}"
             tracker = ctx.progress(Phase.EXPORTING, disk, source_file_size(ctx, d), "exporting")
             with space_errors(disk, fetched), safefs.create_private(fetched) as fh:
-                diskio.write_segments(ctx.source.read_disk(d.source_disk()), fh, tracker)
+                diskio.write_segments(source_stream(ctx, d), fh, tracker)
             tracker.finish()
             local = fetched
         with space_errors(disk, staged):

@@ -22,6 +22,7 @@ from include.phases.checks import (
     ensure_source_stable,
     local_source_path,
     source_file_size,
+    source_stream,
     stat_key,
 )
 from include.phases.context import READ_CHUNK, MigrationContext
@@ -50,7 +51,7 @@ def _export_stream(ctx: MigrationContext, disk: str, rec: DiskRecord,
     if local is not None:  # on this host the (shut-off) disk's file is read directly
         return diskio.file_segments(local, chunk=READ_CHUNK), source_file_size(ctx, d), local
     # elsewhere through the driver's stream
-    return ctx.source.read_disk(d.source_disk()), source_file_size(ctx, d), None
+    return source_stream(ctx, d), source_file_size(ctx, d), None
 
 
 def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:

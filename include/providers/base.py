@@ -224,8 +224,10 @@ class HypervisorDriver(abc.ABC):
     def has_snapshot(self, vm: str, snapshot: str) -> bool: ...
 
     @abc.abstractmethod
-    def read_disk(self, disk: DiskInfo) -> Iterator[Segment]:
-        """Stream a disk's bytes (in its own format), holes reported as holes."""
+    def read_disk(self, disk: DiskInfo, *, vm: str | None = None, snapshot: str | None = None) -> Iterator[Segment]:
+        """Stream a disk's bytes (in its own format), holes reported as holes; ``snapshot`` of ``vm`` names the
+        run's snapshot where it covers the disk (vSphere exports a disk from its snapshot; libvirt reads the
+        shut-off VM's volume)."""
 
     @abc.abstractmethod
     def create_volume(self, storage: str, volume: str, fmt: str, capacity: int) -> str: ...

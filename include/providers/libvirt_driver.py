@@ -309,7 +309,7 @@ class LibvirtDriver(HypervisorDriver):
             return False
         return True
 
-    def read_disk(self, disk: DiskInfo) -> Iterator[Segment]:
+    def read_disk(self, disk: DiskInfo, *, vm: str | None = None, snapshot: str | None = None) -> Iterator[Segment]:
         libvirt = _libvirt()
         vol = self._volume(disk.pool or "", disk.volume or "")
         stream = self.conn.newStream(0)
