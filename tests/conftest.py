@@ -84,6 +84,9 @@ def s3(tmp_path: Path, request: pytest.FixtureRequest):
     server.stop()
 
 
+from tests.servers.vsphere import vcsim  # noqa: E402, F401 - session fixture: a vCenter simulator (govmomi)
+
+
 @pytest.fixture
 def world(libvirt_uri: str, tmp_path: Path):
     """A demo world on the real libvirtd: source and target pools, an NFS-style share; removed after."""

@@ -34,20 +34,20 @@ def test_drivers_and_backends_come_from_the_registry(tmp_path):
 
 
 def test_an_unsupported_type_names_the_field():
-    with pytest.raises(InvalidMigration, match=r"spec.targetProviderRef: provider type 'vsphere' is not supported"):
-        registry.provider("vsphere")
+    with pytest.raises(InvalidMigration, match=r"spec.targetProviderRef: provider type 'proxmox' is not supported"):
+        registry.provider("proxmox")
     with pytest.raises(InvalidMigration, match=r"spec.storage.type: .*'ftp'"):
         registry.storage("ftp")
 
 
 def test_a_new_provider_type_is_one_registry_line(monkeypatch):
     """What the next hypervisor adds: one entry; the inventory, the pools and the factories follow."""
-    extra = registry.ProviderType("vsphere", driver="include.providers.libvirt_driver:LibvirtDriver",
-                                  hook="hooks.libvirt_hook:LibvirtHook", connection_type="vsphere",
-                                  native_format="vmdk")
+    extra = registry.ProviderType("proxmox", driver="include.providers.libvirt_driver:LibvirtDriver",
+                                  hook="hooks.libvirt_hook:LibvirtHook", connection_type="proxmox",
+                                  native_format="raw")
     monkeypatch.setattr(registry, "PROVIDERS", (*registry.PROVIDERS, extra))
-    assert "vsphere" in registry.supported_provider_types()
-    assert registry.native_format("vsphere") == "vmdk"
-    assert registry.provider_pool("vsphere") == "vsphere_io"
-    assert registry.pools()["vsphere_io"]["slots"] > 0
+    assert "proxmox" in registry.supported_provider_types()
+    assert registry.native_format("proxmox") == "raw"
+    assert registry.provider_pool("proxmox") == "proxmox_io"
+    assert registry.pools()["proxmox_io"]["slots"] > 0
     assert registry.provider_pool("no-such-type") == "default_pool"
