@@ -124,8 +124,9 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
     live = vm.running and source_driver.live_export
     disks = []
     for index, disk in enumerate(vm.disks):
-        if live:
-            transit, conversion = "raw", ("none" if target_format == "raw" else "target")
+        if live:  # in the point in time's own format (raw guest data, or the hypervisor's export)
+            transit = source_driver.live_format
+            conversion = "none" if target_format == transit else "target"
         else:
             transit, conversion = choose_formats(disk.format, target_format)
         capacity = disk.capacity
@@ -194,7 +195,8 @@ def describe(plan: Plan, storage_location: str | None = None) -> str:
         conv = {Conversion.NONE: "no conversion",
                 Conversion.SOURCE: f"convert {d.source_format} -> {d.target_format} before upload",
                 Conversion.TARGET: f"convert {d.transit_format} -> {d.target_format} after download"}[d.conversion]
-        live = "exported live from the point in time as raw guest data (holes left out); " if d.live else ""
+        held = "raw guest data (holes left out)" if d.transit_format == "raw" else f"a {d.transit_format} stream"
+        live = f"exported live from the point in time as {held}; " if d.live else ""
         lines.append(f"    {d.name}: {human_bytes(d.size_bytes)} virtual, {human_bytes(d.allocated_bytes)} "
                      f"allocated, {d.source_format}; {live}{conv}; travels as {d.transit_format} "
                      f"({d.object_key}); lands as {d.target_storage}/{d.target_volume}")

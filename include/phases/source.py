@@ -169,9 +169,10 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     if held is not None:
         _segments, size, data = ctx.source.read_point_in_time(held.ident["handle"], d.source_disk())
         _segments.close()  # type: ignore[attr-defined]
-        ctx.record(disk, export_mode=ExportMode.POINT_IN_TIME, export_path=None, export_format="raw",
+        ctx.record(disk, export_mode=ExportMode.POINT_IN_TIME, export_path=None, export_format=d.transit_format,
                    export_bytes=data)
-        finish(ctx, Phase.EXPORTING, f"Disk {disk} exported live from the point in time as raw guest data "
+        what = "raw guest data" if d.transit_format == "raw" else f"a {d.transit_format} stream"
+        finish(ctx, Phase.EXPORTING, f"Disk {disk} exported live from the point in time as {what} "
                                      f"({data} bytes of data in {size} bytes)", disk=disk)
         return {"disk": disk, "staged": False}
     if d.conversion is not Conversion.SOURCE:

@@ -134,6 +134,9 @@ class HypervisorDriver(abc.ABC):
     # -- a running source: a point in time exported while the VM runs ------------------------------------
     #: whether this hypervisor can hold a running VM's disks at one instant and export them while it runs
     live_export = False
+    #: the format :meth:`read_point_in_time` yields: "raw" guest data with holes as holes (libvirt's NBD
+    #: export), or the hypervisor's own export format (vSphere's NFC: a streamOptimized "vmdk")
+    live_format = "raw"
 
     def live_export_refusal(self) -> str | None:
         """Why a running VM cannot be exported live through this connection (None: it can)."""
@@ -154,7 +157,8 @@ class HypervisorDriver(abc.ABC):
         return False
 
     def read_point_in_time(self, handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], int, int]:
-        """(the disk's guest data as it was at the point in time, its length, its data bytes); holes as holes."""
+        """(the disk as it was at the point in time, in :attr:`live_format`, its length, its data bytes); holes as
+        holes. The stream opens nothing until its first segment is asked for."""
         raise NotImplementedError
 
     def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:

@@ -135,6 +135,10 @@ class VSphere:
             self._si = None
             return fn()
 
+    def reset(self) -> None:
+        """Forget the session (it expired): the next call logs in again."""
+        self._si = None
+
     def logout(self) -> None:
         if self._si is None or self._connect is not None:
             return

@@ -2,7 +2,9 @@
 
 Source: the VM by name; its disks on every controller type, NICs, CPUs, memory and firmware; a
 snapshot; every disk read as it is at that snapshot through an NFC ``ExportSnapshot`` lease (a
-streamOptimized VMDK stream), kept alive while it streams and completed or aborted.
+streamOptimized VMDK stream), kept alive while it streams and completed or aborted. A running VM is
+exported the same way from a snapshot taken while it runs (without its memory; quiesced by VMware Tools
+where they run in the guest): the point-in-time port of :class:`HypervisorDriver`.
 
 Target: each disk is uploaded into the VM's folder on the datastore of ``targetStorageHint`` (``/folder``
 HTTP PUT of a monolithicSparse VMDK written by qemu-img, with its length announced), and the VM is
@@ -20,10 +22,13 @@ else its size and modification time: a delete acts only on the file the ledger r
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
+import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from include.diskio import Segment
 from include.errors import (
@@ -35,8 +40,8 @@ from include.errors import (
     TargetCreationError,
     UnsupportedDiskFormat,
 )
-from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, TargetDisk, VMInfo
-from include.providers.vsphere_api import Lease, TaskFault, VSphere
+from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, PointInTime, TargetDisk, VMInfo
+from include.providers.vsphere_api import Lease, TaskFault, VSphere, fault_message
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
     from include.providers.session import Ownership, TargetSession
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: extraConfig key of the owner tag (``<namespace>/<name> <run>``) on the VMs the engine creates
 OWNER_KEY = "vmmigration.owner"
@@ -71,6 +77,31 @@ def _vim() -> Any:
     from pyVmomi import vim
 
     return vim
+
+
+def _vsphere_faults(fn: Callable[..., T]) -> Callable[..., T]:
+    """A public driver call: a vSphere fault becomes a HypervisorError with the fault's message (no traceback
+    of SOAP internals); ``NotAuthenticated`` (the session expired) logs in again and runs the call once more."""
+
+    @functools.wraps(fn)
+    def wrapper(self: VSphereDriver, *args: Any, **kwargs: Any) -> T:
+        from pyVmomi import vmodl
+
+        vim = _vim()
+        for attempt in (1, 2):
+            try:
+                return fn(self, *args, **kwargs)
+            except vim.fault.NotAuthenticated:
+                if attempt == 2:
+                    raise HypervisorError(f"vSphere {self.endpoint}: the session was refused again after logging "
+                                          f"in anew") from None
+                log.info("vSphere session at %s is no longer authenticated: logging in again", self.endpoint)
+                self.api.reset()
+            except vmodl.MethodFault as err:
+                raise HypervisorError(f"vSphere {self.endpoint}: {fn.__name__}: {fault_message(err)}") from None
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def _bus_of(controller: Any) -> str:
@@ -332,14 +363,22 @@ class VSphereDriver(HypervisorDriver):
         return self._export(obj, snap, disk)
 
     def _export(self, vm: Any, snap: Any, disk: DiskInfo) -> Iterator[Segment]:
+        """The lease is opened when the first segment is asked for, and ended when the stream ends or is closed."""
+        from pyVmomi import vmodl
+
         what = f"exporting disk {disk.name} of VM {vm.name}"
-        lease = Lease(self.api, self.api.call(lambda: snap.ExportSnapshot()), what)
+        try:
+            lease = Lease(self.api, snap.ExportSnapshot(), what)
+        except vmodl.MethodFault as err:
+            raise HypervisorError(f"{what}: ExportSnapshot: {fault_message(err)}") from None
         try:
             info = lease.ready()
             url = self._device_url(vm, info, disk)
             total = max(disk.allocation, 1)
             yield from self.api.get_stream(url, what, tick=lambda done: lease.progress(100.0 * done / total))
             lease.complete()
+        except vmodl.MethodFault as err:
+            raise HypervisorError(f"{what}: {fault_message(err)}") from None
         finally:
             lease.abort()  # a no-op after complete
 
@@ -375,6 +414,68 @@ class VSphereDriver(HypervisorDriver):
             return self.api.nfc_url(urls[index].url)
         raise HypervisorError(f"the NFC lease of VM {vm.name} has no URL for disk {disk.name} "
                               f"({[u.key for u in urls]})")
+
+    # -- a running source: a snapshot of the running VM, exported while it runs ------------------------------
+    live_export = True
+    live_format = "vmdk"
+
+    def point_in_time_handle(self, workdir: str) -> dict[str, Any]:
+        """The snapshot's name, from the run's fresh folder (known before it is taken, unique per run)."""
+        return {"snapshot": f"vmmigration-live-{os.path.basename(os.path.normpath(workdir))}"}
+
+    def begin_point_in_time(self, vm: str, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
+        """A snapshot of the running VM without its memory; quiesced by VMware Tools when they run in the guest
+        (application-consistent), crash-consistent otherwise."""
+        from pyVmomi import vmodl
+
+        handle = self.point_in_time_handle(workdir)
+        obj = self._vm(vm)
+        tools = getattr(getattr(obj, "guest", None), "toolsRunningStatus", None) == "guestToolsRunning"
+        taken = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        detail = "VMware Tools quiesced the guest's filesystems"
+        try:
+            self.api.wait(obj.CreateSnapshot_Task(name=handle["snapshot"], description="point in time of the VM "
+                                                  "migration engine", memory=False, quiesce=tools),
+                          f"snapshot {handle['snapshot']} of the running VM {vm}")
+        except (TaskFault, vmodl.MethodFault) as err:
+            if not tools:
+                raise
+            detail = f"quiescing failed ({fault_message(err)}); taken without it"
+            tools = False
+            self.api.wait(obj.CreateSnapshot_Task(name=handle["snapshot"], description="point in time of the VM "
+                                                  "migration engine", memory=False, quiesce=False),
+                          f"snapshot {handle['snapshot']} of the running VM {vm}")
+        if not tools and detail.startswith("VMware"):
+            detail = "VMware Tools do not run in the guest: nothing was quiesced"
+        return PointInTime(handle={**handle, "vm": obj.config.instanceUuid}, disks=tuple(d.name for d in disks),
+                           consistency="application-consistent" if tools else "crash-consistent",
+                           detail=detail, taken_at=taken)
+
+    def _held(self, handle: Mapping[str, Any]) -> tuple[Any, Any] | None:
+        vm = self._vm_by_id(str(handle.get("vm") or "")) if handle.get("vm") else None
+        if vm is None:
+            return None
+        snap = self._snapshot(vm, str(handle.get("snapshot")))
+        return (vm, snap) if snap is not None else None
+
+    def point_in_time_active(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        return self._held(handle) is not None
+
+    def read_point_in_time(self, handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], int, int]:
+        held = self._held(handle)
+        if held is None:
+            raise NotFound(f"the point in time {handle.get('snapshot')} is gone; run the migration again",
+                           field="spec.sourceName")
+        size = max(disk.allocation, 1)
+        return self._export(held[0], held[1], disk), size, disk.allocation
+
+    def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        held = self._held(handle)
+        if held is None:
+            return False
+        self.api.wait(held[1].RemoveSnapshot_Task(removeChildren=False),
+                      f"removing the point-in-time snapshot {handle.get('snapshot')} of VM {vm}")
+        return True
 
     # -- datastore files ------------------------------------------------------------------------------------
     def _dc_name(self, datastore: str) -> tuple[Any, Any]:
@@ -590,23 +691,25 @@ class VSphereDriver(HypervisorDriver):
                                                                       connected=False))
 
     def delete_vm(self, vm_id: str) -> bool:
-        """Remove the VM (its registration and its own files such as the .vmx), its disks detached first:
-        they stay on the datastore, for the ledger to decide about."""
-        vim = _vim()
+        """Remove the VM: unregistered, then its own files (configuration, NVRAM, logs: what vCenter lists in
+        its file layout, other than disks) deleted one by one. Its disks stay on the datastore for the ledger to
+        decide about, and nothing else in its folder is touched (``Destroy_Task`` would remove disks, and a
+        simulator removes the whole folder)."""
         vm = self._vm_by_id(vm_id)
         if vm is None:
             return False
         self._power_off(vm)
-        disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
-        if disks:
-            spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="remove", device=d)
-                                                   for d in disks])
-            self.api.wait(vm.ReconfigVM_Task(spec=spec), f"detaching the disks of VM {vm.name}")
-        what = f"removing VM {vm.name}"
-        self.api.wait(vm.Destroy_Task(), what)
+        layout = getattr(vm, "layoutEx", None)
+        own = [f.name for f in (getattr(layout, "file", None) or [])
+               if f.type not in ("diskDescriptor", "diskExtent", "digestDescriptor", "digestExtent")]
+        name = vm.name
+        vm.UnregisterVM()
+        for path in own:
+            datastore, inside = split_ds_path(path)
+            if self._file_info(datastore, inside) is not None:
+                self.delete_file(datastore, inside)
+        log.info("VM %s (%s) removed: unregistered, its files %s deleted", name, vm_id, ", ".join(own) or "(none)")
         return True
-
-    delete_vm_keeping_disks = delete_vm
 
     def _power_off(self, vm: Any) -> None:
         vim = _vim()
@@ -639,3 +742,11 @@ class VSphereDriver(HypervisorDriver):
         return ("a vSphere target is not booted from here: the VM would start on an ESXi host this worker "
                 "cannot watch the console of")
 
+
+for _name in ("check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner", "storage_exists", "default_storage",
+              "network_exists", "create_snapshot", "delete_snapshot", "has_snapshot", "read_disk", "volume_key",
+              "volume_created_at", "make_folder", "folder_empty", "delete_file", "create_volume", "write_volume",
+              "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths",
+              "begin_point_in_time", "point_in_time_active", "read_point_in_time", "end_point_in_time"):
+    setattr(VSphereDriver, _name, _vsphere_faults(getattr(VSphereDriver, _name)))
+VSphereDriver.delete_vm_keeping_disks = VSphereDriver.delete_vm

@@ -245,8 +245,70 @@ def test_driver_refuses_what_is_not_there(vsphere):
                                          "caBundle": vsphere.ca_file.read_text()})
     try:
         assert driver.storage_exists("datastore2") and not driver.storage_exists("datastore9")
+        driver.api.si.content.sessionManager.Logout()  # the session ends (expired, or ended by an admin)
+        assert driver.network_exists("VM Network 2"), "a call after the session ended logs in again"
         with pytest.raises(NotFound, match="no-such"):
             driver.get_vm("no-such")
         assert "not booted from here" in (driver.boot_check_refusal() or "")
     finally:
         driver.close()
+
+
+def test_a_running_vsphere_vm_is_exported_from_a_snapshot_taken_while_it_runs(airflow_db, store, world, vsphere,
+                                                                                tmp_path):
+    """Powered on, it stays on: one snapshot of every disk (the point in time), each exported through NFC while
+    the VM runs, the snapshot removed once the disks are stored."""
+    from include.demo import ensure_world_pools
+
+    conn = world.conn()
+    ensure_world_pools(conn, world)
+    vm = f"{world.prefix}-vlive"
+    raws = vw.create_vm(vsphere, vm, [("a", 16), ("b", 8)], work=tmp_path)
+    si, obj = vw.find_vm(vsphere, vm)
+    try:
+        vw._wait(obj.PowerOnVM_Task())
+    finally:
+        vsphere.disconnect(si)
+    storage = {"type": "nfs", "path": str(world.share), "endpoint": "nfs.local"}
+    write_store(store, "vlive.yaml", vsphere_source_docs(world, vsphere, "vlive", vm, storage=storage))
+    dagrun = run_migration("vmmigration__default__vlive")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    status = FileStatusSink(SpecStore(store)).get("default", "vlive")
+    assert status["phase"] == "Ready"
+    assert status["pointInTime"]["consistency"] == "crash-consistent"
+    assert "VMware Tools do not run" in status["pointInTime"]["detail"]
+    pool = conn.storagePoolLookupByName(world.target_pool)
+    pool.refresh(0)
+    for disk, label in (("sda", "a"), ("sdb", "b")):
+        dst = pool.storageVolLookupByName(f"{vm}-kvm-{disk}.qcow2").path()
+        assert diskio.compare(raws[label], dst, "raw", "qcow2"), f"{disk} differs from its source"
+    si, obj = vw.find_vm(vsphere, vm)
+    try:
+        assert str(obj.runtime.powerState) == "poweredOn", "the source kept running"
+        assert not getattr(obj, "snapshot", None), "the point-in-time snapshot is removed"
+    finally:
+        vsphere.disconnect(si)
+    conn.close()
+
+
+def test_a_boot_check_on_a_vsphere_target_is_reported_not_performed(store, world, s3, vsphere):
+    create_source_vm(world)
+    target = f"boot-{uuid.uuid4().hex[:6]}"
+    docs = scenario1_docs(world, vsphere, s3, target_name=target)
+    docs[0]["metadata"]["annotations"] = {"vmmigration.virtrigaud.io/boot-check": "serial"}
+    write_store(store, "kvm-to-vsphere.yaml", docs)
+    ctx = phases.MigrationContext("default", "kvm-to-vsphere", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    for disk in ("vda", "vdb"):
+        for step in (phases.export_disk, phases.transfer_disk, phases.convert_disk, phases.import_disk):
+            step(ctx, disk)
+    phases.create_vm(ctx)
+    phases.validate_target(ctx)
+    phases.finalize(ctx, succeeded=True)
+    status = FileStatusSink(SpecStore(store)).get("default", "kvm-to-vsphere")
+    assert status["phase"] == "Ready"
+    assert status["bootCheck"]["result"] == "NotPerformed"
+    assert "not booted from here" in status["bootCheck"]["message"]
+    validated = next(c for c in status["conditions"] if c["type"] == "TargetValidated")
+    assert "boot check NOT performed" in validated["message"]
