@@ -12,4 +12,6 @@ def driver_for(provider: ProviderInfo) -> HypervisorDriver:
     """A driver connected lazily to ``provider`` (nothing is opened until first use)."""
     from include import registry
 
-    return registry.provider(provider.type).driver_class().for_provider(provider.endpoint, provider.credentials)
+    driver = registry.provider(provider.type).driver_class().for_provider(provider.endpoint, provider.credentials)
+    driver.configure(provider)
+    return driver

@@ -11,6 +11,7 @@ from include.diskio import Segment
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
+    from include.inventory import ProviderInfo
     from include.model import TargetPlan
     from include.providers.session import Ownership, TargetSession
 
@@ -102,6 +103,10 @@ class HypervisorDriver(abc.ABC):
         """A driver on an Airflow hook's session (the pipeline's path): ``hook.get_conn()`` is the SDK's
         client or connection, and the hook is where secrets are read and masked."""
         raise NotImplementedError
+
+    def configure(self, provider: ProviderInfo) -> None:  # noqa: B027 - optional
+        """Take the Provider's other settings (``spec.insecureSkipVerify``, ``spec.defaults`` such as a default
+        datastore, cluster or folder) before the first connection; the factories call it after building."""
 
     # -- what the planner asks of a hypervisor type (no connection needed) --------------------------
     #: the VMDK subformat qemu-img writes for this hypervisor when the target format is vmdk

@@ -45,13 +45,17 @@ def fault_message(err: BaseException) -> str:
     return f"{name}: {msg}" if msg and name not in msg else (msg or name)
 
 
-def ssl_context(credentials: Mapping[str, str] | None, endpoint: str) -> ssl.SSLContext:
+def insecure(credentials: Mapping[str, str] | None) -> bool:
+    return str((credentials or {}).get("insecureSkipVerify") or "").lower() in ("true", "1", "yes")
+
+
+def ssl_context(credentials: Mapping[str, str] | None, endpoint: str, *, skip_verify: bool = False) -> ssl.SSLContext:
     """Certificate verification by default (system CAs, or ``caBundle``/``ca.crt`` from the Secret);
-    ``insecureSkipVerify: "true"`` in the Secret turns it off, with a warning each time."""
+    ``insecureSkipVerify`` (the Provider's, or ``"true"`` in its Secret) turns it off, with a warning."""
     from include.storage.tls import ca_bundle_file
 
     creds = credentials or {}
-    if str(creds.get("insecureSkipVerify") or "").lower() in ("true", "1", "yes"):
+    if skip_verify or insecure(creds):
         log.warning("TLS verification is DISABLED for vSphere %s (its Secret sets insecureSkipVerify)", endpoint)
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -83,7 +87,14 @@ class VSphere:
         self._credentials = credentials
         self._connect = connect
         self._si: Any = None
+        self.skip_verify = insecure(credentials)
         self.ssl = ssl_context(credentials, endpoint)
+
+    def insecure(self) -> None:
+        """The Provider's ``spec.insecureSkipVerify``: no certificate verification (said in a warning)."""
+        if not self.skip_verify:
+            self.skip_verify = True
+            self.ssl = ssl_context(self._credentials, self.endpoint, skip_verify=True)
 
     # -- the session ------------------------------------------------------------------------------------
     def _login(self) -> Any:
@@ -239,7 +250,7 @@ class VSphere:
         from include.storage.tls import ca_bundle_file
 
         creds = self._credentials or {}
-        if str(creds.get("insecureSkipVerify") or "").lower() in ("true", "1", "yes"):
+        if self.skip_verify:
             return False
         bundle = creds.get("caBundle") or creds.get("ca.crt")
         return ca_bundle_file(bundle) if bundle else True

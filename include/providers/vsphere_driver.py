@@ -45,6 +45,7 @@ from include.providers.vsphere_api import Lease, TaskFault, VSphere, fault_messa
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
+    from include.inventory import ProviderInfo
     from include.model import TargetPlan
     from include.providers.session import Ownership, TargetSession
 
@@ -140,6 +141,14 @@ class VSphereDriver(HypervisorDriver):
                  api: VSphere | None = None) -> None:
         self.endpoint = endpoint
         self.api = api or VSphere(endpoint, credentials)
+
+    #: the Provider's ``spec.defaults`` (datastore, cluster, resourcePool, folder)
+    defaults: Mapping[str, Any] = {}
+
+    def configure(self, provider: ProviderInfo) -> None:
+        if provider.insecure_skip_verify:
+            self.api.insecure()
+        self.defaults = dict(provider.defaults or {})
 
     @classmethod
     def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> VSphereDriver:
@@ -293,6 +302,9 @@ class VSphereDriver(HypervisorDriver):
         return bool(self.api.find_named(_vim().Datastore, hint))
 
     def default_storage(self) -> str:
+        """The Provider's ``spec.defaults.datastore``, else the datastore with the most free space."""
+        if self.defaults.get("datastore"):
+            return str(self.defaults["datastore"])
         stores = sorted(self.api.objects(_vim().Datastore), key=lambda d: -int(d.summary.freeSpace or 0))
         if not stores:
             raise NotFound(f"vSphere {self.endpoint} has no datastore")
@@ -594,17 +606,26 @@ class VSphereDriver(HypervisorDriver):
 
         return VSphereTargetSession(self, plan, owned)
 
-    def _placement(self, datastore: str) -> tuple[Any, Any, Any]:
-        """(datacenter, VM folder, resource pool) for a VM on ``datastore``."""
+    def placement(self, datastore: str) -> tuple[Any, Any, Any]:
+        """(datacenter, VM folder, resource pool) for a VM on ``datastore``: the Provider's ``spec.defaults``
+        (``resourcePool``, or ``cluster``; ``folder``) where set, else the first host of the datastore's root
+        pool and the datacenter's VM folder."""
+        vim = _vim()
         dc, ds = self._dc_name(datastore)
-        hosts = [m.key for m in (ds.host or [])]
-        if not hosts:
-            raise NotFound(f"datastore {datastore} is not mounted on any host", field="spec.targetStorageHint")
-        compute = hosts[0].parent
-        pool = getattr(compute, "resourcePool", None)
-        if pool is None:
-            raise HypervisorError(f"no resource pool for hosts of datastore {datastore}")
-        return dc, dc.vmFolder, pool
+        if self.defaults.get("resourcePool"):
+            pool = self.api.named(vim.ResourcePool, str(self.defaults["resourcePool"]), "resource pool")
+        elif self.defaults.get("cluster"):
+            pool = self.api.named(vim.ClusterComputeResource, str(self.defaults["cluster"]), "cluster").resourcePool
+        else:
+            hosts = [m.key for m in (ds.host or [])]
+            if not hosts:
+                raise NotFound(f"datastore {datastore} is not mounted on any host", field="spec.targetStorageHint")
+            pool = getattr(hosts[0].parent, "resourcePool", None)
+            if pool is None:
+                raise HypervisorError(f"no resource pool for hosts of datastore {datastore}")
+        folder = (self.api.named(vim.Folder, str(self.defaults["folder"]), "VM folder")
+                  if self.defaults.get("folder") else dc.vmFolder)
+        return dc, folder, pool
 
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
                   networks: Sequence[NetworkHint], *, nic_models: Sequence[str] = (),
@@ -613,7 +634,7 @@ class VSphereDriver(HypervisorDriver):
         if not disks:
             raise TargetCreationError("a VM needs at least one disk")
         datastore = disks[0].pool
-        dc, folder, pool = self._placement(datastore)
+        dc, folder, pool = self.placement(datastore)
         changes: list[Any] = []
         extra = [vim.option.OptionValue(key=OWNER_KEY, value=owner)] if owner else []
         controllers: dict[str, tuple[int, int, int]] = {}  # bus -> (device key, bus number, next unit)
@@ -746,7 +767,7 @@ class VSphereDriver(HypervisorDriver):
 for _name in ("check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner", "storage_exists", "default_storage",
               "network_exists", "create_snapshot", "delete_snapshot", "has_snapshot", "read_disk", "volume_key",
               "volume_created_at", "make_folder", "folder_empty", "delete_file", "create_volume", "write_volume",
-              "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths",
+              "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths", "placement",
               "begin_point_in_time", "point_in_time_active", "read_point_in_time", "end_point_in_time"):
     setattr(VSphereDriver, _name, _vsphere_faults(getattr(VSphereDriver, _name)))
 VSphereDriver.delete_vm_keeping_disks = VSphereDriver.delete_vm

@@ -34,6 +34,7 @@ class VSphereTargetSession(TargetSession):
                 and self.driver.vm_owner(vm_id) != self.owned.tag:
             raise Conflict(f"a VM named {name!r} already exists on provider {self.plan.provider} and was not "
                            f"created by this migration", field="spec.targetName")
+        self.driver.placement(self.plan.storage)  # the Provider's default pool, cluster or folder exists
         for index, hint in enumerate(self.plan.networks):
             net = hint.network or hint.bridge
             if net and not self.driver.network_exists(net):

@@ -19,7 +19,9 @@ def driver_from_hook(provider: ProviderInfo) -> HypervisorDriver:
     """The hypervisor driver of ``provider``, built through its Airflow hook."""
     entry = registry.provider(provider.type)
     hook = entry.hook_class()(uri=provider.endpoint, credentials=provider.credentials)
-    return entry.driver_class().from_hook(hook)
+    driver = entry.driver_class().from_hook(hook)
+    driver.configure(provider)
+    return driver
 
 
 def storage_from_hook(storage: StorageSpec, credentials: Credentials | None) -> StorageBackend:

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "vmmigration__default__steps"
 
 
-def tasks_test(task_id: str, map_index: int | None = None) -> str:
-    cmd = [str(Path(sys.executable).parent / "airflow"), "tasks", "test", DAG_ID, task_id]
+def tasks_test(task_id: str, map_index: int | None = None, *, dag_id: str = DAG_ID) -> str:
+    cmd = [str(Path(sys.executable).parent / "airflow"), "tasks", "test", dag_id, task_id]
     if map_index is not None:
         cmd += ["--map-index", str(map_index)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

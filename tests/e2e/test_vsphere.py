@@ -312,3 +312,70 @@ def test_a_boot_check_on_a_vsphere_target_is_reported_not_performed(store, world
     assert "not booted from here" in status["bootCheck"]["message"]
     validated = next(c for c in status["conditions"] if c["type"] == "TargetValidated")
     assert "boot check NOT performed" in validated["message"]
+
+
+def test_a_vsphere_export_of_one_disk_with_airflow_tasks_test(airflow_db, store, world, vsphere, tmp_path):
+    """As a user tries one step locally: Validating, Snapshotting, then Exporting and Transferring of disk 0,
+    each a separate ``airflow tasks test``; the stored object is the disk as the snapshot's NFC export gave it."""
+    from include.demo import ensure_world_pools
+    from tests.e2e.test_tasks_test_per_phase import tasks_test
+
+    conn = world.conn()
+    ensure_world_pools(conn, world)
+    conn.close()
+    vm = f"{world.prefix}-vtt"
+    vw.create_vm(vsphere, vm, [("a", 8), ("b", 4)], work=tmp_path)
+    storage = {"type": "nfs", "path": str(world.share), "endpoint": "nfs.local"}
+    write_store(store, "vtt.yaml", vsphere_source_docs(world, vsphere, "vtt", vm, storage=storage))
+    dag_id = "vmmigration__default__vtt"
+    out = tasks_test("validate_migration", dag_id=dag_id)
+    assert "plan:" in out and "sda" in out and "vmdk" in out
+    tasks_test("snapshot_vm", dag_id=dag_id)
+    out = tasks_test("disk.export_disk", 0, dag_id=dag_id)
+    assert "exported as a vmdk stream" in out
+    out = tasks_test("disk.transfer_disk", 0, dag_id=dag_id)
+    stored = world.share / "default" / "vtt" / "sda.vmdk"
+    source = vsphere.datastore_path("datastore1", f"{vm}/{vm}-a.vmdk")
+    assert stored.read_bytes() == source.read_bytes(), "the object is the snapshot's export of the disk"
+    assert vsphere.password not in out
+    result = phases.finalize(phases.MigrationContext("default", "vtt", store=SpecStore(store)), succeeded=False)
+    assert any("intermediate object" in item for item in result["removed"]), result
+
+
+def test_certificates_are_verified_unless_the_provider_says_otherwise(vsphere, caplog):
+    """Without the CA the simulator's certificate is refused; the Provider's insecureSkipVerify connects, with a
+    warning in the log."""
+    from include.errors import HypervisorError
+    from include.inventory import ProviderInfo
+    from include.providers import driver_for
+
+    creds = {"username": vsphere.username, "password": vsphere.password}
+    refused = driver_for(ProviderInfo(name="vc", namespace="default", type="vsphere", endpoint=vsphere.url,
+                                      credentials=creds))
+    with pytest.raises(HypervisorError, match="TLS failed"):
+        refused.check()
+    insecure = driver_for(ProviderInfo(name="vc", namespace="default", type="vsphere", endpoint=vsphere.url,
+                                       credentials=creds, insecure_skip_verify=True))
+    try:
+        assert "vCenter" in insecure.check()
+    finally:
+        insecure.close()
+    assert "TLS verification is DISABLED" in caplog.text
+
+
+def test_the_providers_defaults_place_the_vm_and_an_unknown_one_is_named(vsphere):
+    from include.inventory import ProviderInfo
+    from include.providers import driver_for
+
+    creds = {"username": vsphere.username, "password": vsphere.password, "caBundle": vsphere.ca_file.read_text()}
+    driver = driver_for(ProviderInfo(name="vc", namespace="default", type="vsphere", endpoint=vsphere.url,
+                                     credentials=creds, defaults={"datastore": "datastore2", "cluster": "DC0_C0"}))
+    try:
+        assert driver.default_storage() == "datastore2"
+        _dc, _folder, pool = driver.placement("datastore2")
+        assert pool.owner.name == "DC0_C0"
+        driver.defaults = {"resourcePool": "no-such-pool"}
+        with pytest.raises(NotFound, match="no-such-pool"):
+            driver.placement("datastore1")
+    finally:
+        driver.close()
