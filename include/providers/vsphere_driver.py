@@ -767,7 +767,7 @@ class VSphereDriver(HypervisorDriver):
 for _name in ("check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner", "storage_exists", "default_storage",
               "network_exists", "create_snapshot", "delete_snapshot", "has_snapshot", "read_disk", "volume_key",
               "volume_created_at", "make_folder", "folder_empty", "delete_file", "create_volume", "write_volume",
-              "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths", "placement",
-              "begin_point_in_time", "point_in_time_active", "read_point_in_time", "end_point_in_time"):
+              "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths",
+              "placement", "begin_point_in_time", "point_in_time_active", "read_point_in_time", "end_point_in_time"):
     setattr(VSphereDriver, _name, _vsphere_faults(getattr(VSphereDriver, _name)))
 VSphereDriver.delete_vm_keeping_disks = VSphereDriver.delete_vm
