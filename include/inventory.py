@@ -91,6 +91,9 @@ class ProviderInfo:
     credentials: Credentials | None = field(default=None, repr=False)
     insecure_skip_verify: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the Provider's ``metadata.annotations`` (engine settings a hypervisor adapter reads, such as how vSphere
+    #: disks are uploaded)
+    annotations: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -182,7 +185,9 @@ def _provider(inventory: Inventory, namespace: str, name: str, where: str) -> Pr
         credentials = decode_secret(secret, where)
     return ProviderInfo(name=name, namespace=namespace, type=ptype, endpoint=endpoint, credentials=credentials,
                         insecure_skip_verify=bool(spec.get("insecureSkipVerify", False)),
-                        defaults=dict(spec.get("defaults") or {}))
+                        defaults=dict(spec.get("defaults") or {}),
+                        annotations={str(k): str(v) for k, v in
+                                     ((doc.get("metadata") or {}).get("annotations") or {}).items()})
 
 
 def resolve(migration: VMMigration, inventory: Inventory) -> Resolved:

@@ -142,10 +142,14 @@ class TargetPlan:
     #: the NIC model of each of ``networks``, mapped by the target's driver from the source NIC in the same
     #: place (empty in a plan made before the mapping: the driver's default)
     nic_models: tuple[str, ...] = ()
+    #: the target adapter's choices for this run, made at Validating from its Provider (vSphere: how disks are
+    #: uploaded); pinned with the plan, so a Provider edited mid-run does not change them
+    options: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TargetPlan:
-        return _load(cls, data, networks=lambda ns: tuple(NetworkHint(**n) for n in ns), nic_models=tuple)
+        return _load(cls, data, networks=lambda ns: tuple(NetworkHint(**n) for n in ns), nic_models=tuple,
+                     options=dict)
 
     @property
     def scope(self) -> str:

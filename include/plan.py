@@ -156,7 +156,8 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
                           vm=spec.targetName, storage=target_storage, vcpus=hints.cpu or vm.vcpus,
                           memory_mib=hints.memory or vm.memory_mib, networks=tuple(spec.targetNetworkHints),
                           nic_models=tuple(target_driver.nic_model(nic.model if nic else None) for nic in
-                                           _paired(spec.targetNetworkHints, vm.interfaces))),
+                                           _paired(spec.targetNetworkHints, vm.interfaces)),
+                          options=target_driver.plan_options(resolved.target)),
         storage=StoragePlan(type=spec.storage.type, prefix=prefix, compression=codec_from(migration.annotations),
                             spec={"type": spec.storage.type, "bucket": spec.storage.bucket,
                                   "endpoint": spec.storage.endpoint, "region": spec.storage.region,
@@ -185,6 +186,8 @@ def describe(plan: Plan, storage_location: str | None = None) -> str:
         f"  target: VM {tgt.vm} on {tgt.type} provider {tgt.provider} ({tgt.endpoint}), "
         f"storage {tgt.storage}, {tgt.vcpus} vCPU, {tgt.memory_mib} MiB",
     ]
+    if tgt.options:
+        lines.append("          " + ", ".join(f"{k}: {v}" for k, v in sorted(tgt.options.items())))
     for net in tgt.networks:
         where = f"bridge {net.bridge}" if net.bridge else f"network {net.network}"
         lines.append(f"          nic {net.name} -> {where}")

@@ -60,7 +60,7 @@ def convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing,
-                       vmdk_subformat=ctx.target.vmdk_subformat,
+                       vmdk_subformat=ctx.target.vmdk_subformat_for(ctx.plan.target.options),
                        progress=lambda pct: tracker.add(int(total * pct / 100) - tracker.done))
     except (diskio.UnsafeImage, diskio.QemuImgError) as err:
         if not into_existing:

@@ -106,13 +106,15 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             for seg in (stream if expected else hash_segments(stream, hasher)):
                 tracker.add(seg.length)
                 yield seg
-
-        try:
-            ctx.target_session.import_disk(d, counted(), length)
+            # checked before the stream ends, so that a target writing through a lease or a transaction
+            # aborts it rather than committing a corrupt disk
             if rec.converted_sha256 and hasher.hexdigest() != rec.converted_sha256:
                 raise ChecksumError(f"disk {disk}: the converted image {rec.converted_path} has sha256 "
                                     f"{hasher.hexdigest()}, but Converting wrote {rec.converted_sha256}: it "
                                     f"changed in staging; run the migration again")
+
+        try:
+            ctx.target_session.import_disk(d, counted(), length)
         except ChecksumError:
             ctx.target_session.discard_disk(d)
             raise

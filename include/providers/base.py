@@ -113,6 +113,17 @@ class HypervisorDriver(abc.ABC):
     vmdk_subformat = "monolithicSparse"
 
     @classmethod
+    def plan_options(cls, provider: ProviderInfo) -> dict[str, str]:
+        """The target's choices for a run, read from its Provider at Validating and pinned in the plan
+        (``TargetPlan.options``); raise InvalidMigration naming the field for a bad one."""
+        return {}
+
+    @classmethod
+    def vmdk_subformat_for(cls, options: Mapping[str, str]) -> str:
+        """The VMDK subformat a disk bound here is converted to, for a plan with these options."""
+        return cls.vmdk_subformat
+
+    @classmethod
     def target_volume_name(cls, vm: str, disk: str, fmt: str) -> str:
         """The name of the volume a migrated disk lands in (a hypervisor with its own naming overrides it)."""
         return f"{vm}-{disk}.{fmt}"

@@ -9,7 +9,7 @@ the ledger (``Ownership``) before it is created, which is what makes rollback sa
 a crash, and on a retry.
 
 ``VolumeTargetSession`` is the session of a hypervisor whose disks are volumes made before the VM
-(libvirt). How vSphere (an NFC import lease that brings disks and VM together) and Proxmox VE (volumes
+(libvirt); vSphere's is ``include.providers.vsphere_session``. How Proxmox VE (volumes
 owned by a VMID taken in ``begin``) map onto the same calls is in docs/architecture.md.
 """
 

@@ -40,6 +40,8 @@ def _vim() -> Any:
 
 def fault_message(err: BaseException) -> str:
     """A vSphere fault as one line: its class and message (``msg``), never a traceback."""
+    if isinstance(err, str):
+        return err
     msg = getattr(err, "msg", None) or str(err)
     name = type(err).__name__.rsplit(".", 1)[-1]
     return f"{name}: {msg}" if msg and name not in msg else (msg or name)
@@ -299,14 +301,15 @@ class VSphere:
                 except OSError as err:
                     raise HypervisorError(f"{what}: the download broke off after {done} bytes: {err}") from None
 
-    def put_stream(self, url: str, segments: Iterator[Segment], length: int, what: str) -> None:
-        """PUT ``length`` bytes (holes sent as zeros: HTTP has no holes) to ``url``, with a Content-Length
-        (vSphere's file access refuses chunked uploads)."""
-        body = _SegmentReader(segments, length, what)
+    def put_stream(self, url: str, segments: Iterator[Segment], length: int, what: str, *, method: str = "PUT",
+                   content_type: str = "application/octet-stream", tick: Callable[[int], None] | None = None) -> None:
+        """Send ``length`` bytes (holes as zeros: HTTP has no holes) to ``url`` with a Content-Length (vSphere's
+        file access refuses chunked uploads); ``tick(bytes so far)`` as they go (an NFC lease's keep-alive)."""
+        body = _SegmentReader(segments, length, what, tick)
         with self._http() as http:
             try:
-                resp = http.put(url, data=body, headers={"Content-Type": "application/octet-stream"},
-                                timeout=(30, 600), verify=self._verify)
+                resp = http.request(method, url, data=body, headers={"Content-Type": content_type},
+                                    timeout=(30, 600), verify=self._verify)
             except OSError as err:
                 raise HypervisorError(f"{what}: {err}") from None
             if resp.status_code >= 400:
@@ -318,7 +321,9 @@ class VSphere:
 class _SegmentReader:
     """Segments as a file-like body of known length (requests sends it with a Content-Length)."""
 
-    def __init__(self, segments: Iterator[Segment], length: int, what: str) -> None:
+    def __init__(self, segments: Iterator[Segment], length: int, what: str,
+                 tick: Callable[[int], None] | None = None) -> None:
+        self._tick = tick
         self._segments = iter(segments)
         self._length = length
         self._buf = memoryview(b"")
@@ -334,6 +339,9 @@ class _SegmentReader:
         while not self._buf and not self._hole:
             seg = next(self._segments, None)
             if seg is None:
+                if self.sent < self._length:  # the server would wait for the rest until it times out
+                    raise HypervisorError(f"{self.what}: the stream ended after {self.sent} of the {self._length} "
+                                          f"bytes announced")
                 return b""
             if seg.data is None:
                 self._hole = seg.length
@@ -347,6 +355,8 @@ class _SegmentReader:
             out = bytes(self._buf[:size])
             self._buf = self._buf[len(out):]
         self.sent += len(out)
+        if self._tick is not None:
+            self._tick(self.sent)
         if self.sent > self._length:
             raise HypervisorError(f"{self.what}: more than the {self._length} bytes announced")
         return out
@@ -381,7 +391,8 @@ class Lease:
                 self._last = time.monotonic()
                 return self.lease.info
             if state == vim.HttpNfcLease.State.error:
-                raise HypervisorError(f"{self.what}: the NFC lease failed: {fault_message(self.lease.error)}")
+                raise HypervisorError(f"{self.what}: the NFC lease failed: "
+                                      f"{fault_message(getattr(self.lease, 'error', None) or 'no reason given')}")
             if state == vim.HttpNfcLease.State.done:
                 raise HypervisorError(f"{self.what}: the NFC lease ended before it was used")
             if time.monotonic() > deadline:

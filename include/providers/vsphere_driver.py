@@ -56,6 +56,11 @@ T = TypeVar("T")
 OWNER_KEY = "vmmigration.owner"
 #: extraConfig key prefix of a disk's name (``vmmigration.disk.<controller bus>-<unit>`` = ``vda``)
 DISK_NAME_KEY = "vmmigration.disk."
+#: the Provider annotation choosing how disks are uploaded to vSphere (see VSphereDriver.plan_options)
+UPLOAD_ANNOTATION = "vmmigration.virtrigaud.io/vsphere-disk-upload"
+UPLOAD_METHODS = ("nfc", "datastore")
+#: what a streamOptimized disk is sent as to an NFC import lease
+STREAM_VMDK = "application/x-vnd.vmware-streamVmdk"
 #: the guest OS id given to a migrated VM when nothing better is known
 DEFAULT_GUEST_ID = "otherGuest64"
 
@@ -160,6 +165,23 @@ class VSphereDriver(HypervisorDriver):
         return cls(hook.endpoint, api=hook.api)
 
     # -- planning (no connection) --------------------------------------------------------------------------
+    @classmethod
+    def plan_options(cls, provider: ProviderInfo) -> dict[str, str]:
+        """How disks are uploaded, from the Provider's annotation :data:`UPLOAD_ANNOTATION`: ``nfc`` (the
+        default: an NFC import of a streamOptimized disk, which a real ESXi runs from) or ``datastore`` (an
+        HTTP PUT of a monolithicSparse file into the datastore, attached as it is)."""
+        from include.errors import InvalidMigration
+
+        value = (provider.annotations.get(UPLOAD_ANNOTATION) or "nfc").strip().lower()
+        if value not in UPLOAD_METHODS:
+            raise InvalidMigration(f"Provider {provider.ref} annotation {UPLOAD_ANNOTATION}={value!r}: use one of "
+                                   f"{', '.join(UPLOAD_METHODS)}", field="spec.targetProviderRef")
+        return {"upload": value}
+
+    @classmethod
+    def vmdk_subformat_for(cls, options: Mapping[str, str]) -> str:
+        return "streamOptimized" if options.get("upload", "datastore") == "nfc" else "monolithicSparse"
+
     @classmethod
     def target_volume_name(cls, vm: str, disk: str, fmt: str) -> str:
         """A disk lands in the VM's own folder on the datastore, as vSphere keeps it."""
@@ -600,6 +622,81 @@ class VSphereDriver(HypervisorDriver):
         self.delete_file(storage, volume)
         return True
 
+    # -- NFC import: a one-disk carrier VM made by ImportVApp, its disk then moved where it belongs ----------
+    def import_carrier(self, name: str, datastore: str, capacity: int, segments: Iterator[Segment], length: int,
+                       *, owner: str, created: Callable[[str], None]) -> str:
+        """Import a streamOptimized disk through an NFC lease as the only disk of a new VM ``name`` (tagged with
+        ``owner``); ``created(vm id)`` is called as soon as that VM exists. Returns the VM's id."""
+        from pyVmomi import vmodl
+
+        vim = _vim()
+        _dc, folder, pool = self.placement(datastore)
+        ds = self._datastore(datastore)
+        cisp = vim.OvfManager.CreateImportSpecParams(entityName=name, diskProvisioning="thin")
+        result = self.api.content.ovfManager.CreateImportSpec(ovfDescriptor=carrier_ovf(name, capacity, length),
+                                                              resourcePool=pool, datastore=ds, cisp=cisp)
+        if getattr(result, "error", None):
+            raise TargetCreationError(f"importing a disk as {name}: vCenter refused the import: "
+                                      f"{'; '.join(fault_message(e) for e in result.error)}")
+        spec = result.importSpec
+        config = getattr(spec, "configSpec", None)
+        if config is not None:
+            config.extraConfig = [*(config.extraConfig or []), vim.option.OptionValue(key=OWNER_KEY, value=owner)]
+        what = f"importing a disk as {name}"
+        try:
+            lease = Lease(self.api, pool.ImportVApp(spec=spec, folder=folder), what)
+        except vmodl.MethodFault as err:
+            raise TargetCreationError(f"{what}: {fault_message(err)}") from None
+        try:
+            info = lease.ready()
+            vm_id = info.entity.config.instanceUuid
+            created(vm_id)
+            urls = [u for u in info.deviceUrl if getattr(u, "disk", True)]
+            if len(urls) != 1:
+                raise TargetCreationError(f"{what}: the lease has {len(urls)} disk URLs, expected 1")
+            self.api.put_stream(self.api.nfc_url(urls[0].url), segments, length, what, method="POST",
+                                content_type=STREAM_VMDK, tick=lambda done: lease.progress(100.0 * done / length))
+            lease.complete()
+            log.info("%s: %d bytes streamed into the NFC lease, lease completed", what, length)
+            return vm_id
+        except BaseException:
+            log.warning("%s: the NFC lease is aborted", what)
+            raise
+        finally:
+            lease.abort()  # a no-op after complete
+
+    def detach_disks(self, vm_id: str) -> list[str]:
+        """Take every disk off the VM, files kept; returns their datastore paths."""
+        vim = _vim()
+        vm = self._vm_by_id(vm_id)
+        if vm is None:
+            return []
+        disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        if disks:
+            spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="remove", device=d)
+                                                   for d in disks])
+            self.api.wait(vm.ReconfigVM_Task(spec=spec), f"detaching the disks of VM {vm.name}")
+        return [d.backing.fileName for d in disks]
+
+    def move_disk(self, datastore: str, source: str, dest: str) -> None:
+        """Move a native virtual disk (every extent) within the datastore."""
+        dc, _ds = self._dc_name(datastore)
+        try:
+            self.api.wait(self.api.content.virtualDiskManager.MoveVirtualDisk_Task(
+                sourceName=f"[{datastore}] {source}", sourceDatacenter=dc, destName=f"[{datastore}] {dest}",
+                destDatacenter=dc, force=False), f"moving disk [{datastore}] {source} to {dest}")
+        except TaskFault as err:
+            raise TargetCreationError(str(err)) from None
+
+    def delete_disk(self, datastore: str, volume: str, *, key: str) -> bool:
+        """Delete a native virtual disk (every extent), only if it is still the one recorded."""
+        if self.volume_key(datastore, volume) != key:
+            return False
+        dc, _ds = self._dc_name(datastore)
+        self.api.wait(self.api.content.virtualDiskManager.DeleteVirtualDisk_Task(
+            name=f"[{datastore}] {volume}", datacenter=dc), f"deleting disk [{datastore}] {volume}")
+        return True
+
     # -- the VM ----------------------------------------------------------------------------------------------
     def begin_target(self, plan: TargetPlan, owned: Ownership) -> TargetSession:
         from include.providers.vsphere_session import VSphereTargetSession
@@ -768,6 +865,45 @@ for _name in ("check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner",
               "network_exists", "create_snapshot", "delete_snapshot", "has_snapshot", "read_disk", "volume_key",
               "volume_created_at", "make_folder", "folder_empty", "delete_file", "create_volume", "write_volume",
               "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths",
-              "placement", "begin_point_in_time", "point_in_time_active", "read_point_in_time", "end_point_in_time"):
+              "placement", "import_carrier", "detach_disks", "move_disk", "delete_disk", "begin_point_in_time",
+              "point_in_time_active", "read_point_in_time", "end_point_in_time"):
     setattr(VSphereDriver, _name, _vsphere_faults(getattr(VSphereDriver, _name)))
 VSphereDriver.delete_vm_keeping_disks = VSphereDriver.delete_vm
+
+
+def carrier_ovf(name: str, capacity: int, size: int) -> str:
+    """An OVF 1.0 descriptor of a VM with one streamOptimized disk of ``capacity`` bytes (``size`` bytes to
+    upload) on an LSI Logic controller, and no NIC: what ImportVApp needs to bring one disk in."""
+    from xml.sax.saxutils import quoteattr
+
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+ xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+ xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
+ xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References><File ovf:href="disk.vmdk" ovf:id="file1" ovf:size="{int(size)}"/></References>
+  <DiskSection><Info>Virtual disks</Info><Disk ovf:capacity="{int(capacity)}" ovf:capacityAllocationUnits="byte"
+   ovf:diskId="vmdisk1" ovf:fileRef="file1"
+   ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/></DiskSection>
+  <VirtualSystem ovf:id={quoteattr(name)}>
+    <Info>A disk being imported by the VM migration engine</Info>
+    <OperatingSystemSection ovf:id="102" vmw:osType="{DEFAULT_GUEST_ID}"><Info>os</Info></OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>hardware</Info>
+      <System><vssd:ElementName>Virtual Hardware Family</vssd:ElementName><vssd:InstanceID>0</vssd:InstanceID>
+       <vssd:VirtualSystemType>vmx-13</vssd:VirtualSystemType></System>
+      <Item><rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits><rasd:ElementName>1 CPU</rasd:ElementName>
+       <rasd:InstanceID>1</rasd:InstanceID><rasd:ResourceType>3</rasd:ResourceType>
+       <rasd:VirtualQuantity>1</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:ElementName>32 MB</rasd:ElementName>
+       <rasd:InstanceID>2</rasd:InstanceID><rasd:ResourceType>4</rasd:ResourceType>
+       <rasd:VirtualQuantity>32</rasd:VirtualQuantity></Item>
+      <Item><rasd:ElementName>SCSI</rasd:ElementName><rasd:InstanceID>3</rasd:InstanceID>
+       <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType></Item>
+      <Item><rasd:AddressOnParent>0</rasd:AddressOnParent><rasd:ElementName>disk0</rasd:ElementName>
+       <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource><rasd:InstanceID>4</rasd:InstanceID>
+       <rasd:Parent>3</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""

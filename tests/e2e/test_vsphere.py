@@ -379,3 +379,114 @@ def test_the_providers_defaults_place_the_vm_and_an_unknown_one_is_named(vsphere
             driver.placement("datastore1")
     finally:
         driver.close()
+
+
+def test_libvirt_to_vsphere_through_the_nfc_import(airflow_db, store, world, s3, vsphere, capfd, caplog):
+    """The default upload for a real vCenter: each disk, streamOptimized, streamed into an ImportVApp lease of
+    a one-disk carrier VM (kept alive with progress calls, then completed), detached and moved into the
+    migrated VM's folder; the carriers are gone afterwards. The simulator accepts the lease's bytes but keeps
+    none of them (its imported disk stays an empty one), so what is checked here is the protocol and the
+    result's shape, not the data; the datastore path above is checked by content."""
+    import logging
+
+    from pyVmomi import vim
+
+    caplog.set_level(logging.INFO)
+    create_source_vm(world)
+    target = f"nfc-{uuid.uuid4().hex[:6]}"
+    docs = scenario1_docs(world, vsphere, s3, target_name=target)
+    for doc in docs:
+        if doc["kind"] == "Provider" and doc["metadata"]["name"] == "vcenter-prod":
+            doc["metadata"].pop("annotations")  # the engine's default
+    write_store(store, "kvm-to-vsphere.yaml", docs)
+    dagrun = run_migration("vmmigration__default__kvm-to-vsphere")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    assert FileStatusSink(SpecStore(store)).get("default", "kvm-to-vsphere")["phase"] == "Ready"
+    out, err = capfd.readouterr()
+    assert (out + err + caplog.text).count("streamed into the NFC lease, lease completed") == 2
+    folder = vsphere.datastore_path("datastore1", target)
+    assert {f"{target}-vda.vmdk", f"{target}-vdb.vmdk"} <= {p.name for p in folder.iterdir()}
+    si, vm = vw.find_vm(vsphere, target)
+    try:
+        disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        assert sorted(d.backing.fileName for d in disks) == \
+            [f"[datastore1] {target}/{target}-vda.vmdk", f"[datastore1] {target}/{target}-vdb.vmdk"]
+        assert sorted(d.capacityInBytes for d in disks) == [128 << 20, 256 << 20]
+    finally:
+        vsphere.disconnect(si)
+    for disk in ("vda", "vdb"):
+        si, carrier = vw.find_vm(vsphere, f"{target}-{disk}-import")
+        vsphere.disconnect(si)
+        assert carrier is None, "the import's carrier VM is removed"
+        assert not vsphere.datastore_path("datastore1", f"{target}-{disk}-import").exists()
+
+
+def test_a_stream_that_fails_its_checksum_aborts_the_nfc_lease(store, world, s3, vsphere, caplog):
+    """The converted image changes in staging after Converting (a byte flipped for real): Importing's hash
+    no longer matches before the stream's end, so the NFC lease is aborted, never completed, and the carrier
+    VM with its disk is removed."""
+    import logging
+
+    from include.errors import ChecksumError
+
+    caplog.set_level(logging.INFO)
+    create_source_vm(world)
+    target = f"abort-{uuid.uuid4().hex[:6]}"
+    docs = scenario1_docs(world, vsphere, s3, target_name=target)
+    for doc in docs:
+        if doc["kind"] == "Provider" and doc["metadata"]["name"] == "vcenter-prod":
+            doc["metadata"].pop("annotations")
+    write_store(store, "kvm-to-vsphere.yaml", docs)
+    ctx = phases.MigrationContext("default", "kvm-to-vsphere", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    for step in (phases.export_disk, phases.transfer_disk, phases.convert_disk):
+        step(ctx, "vda")
+    staged = Path(ctx.disk_record("vda").converted_path)
+    with open(staged, "r+b") as fh:
+        fh.seek(staged.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="changed in staging"):
+        phases.import_disk(phases.MigrationContext("default", "kvm-to-vsphere", store=SpecStore(store)), "vda")
+    assert "the NFC lease is aborted" in caplog.text
+    assert "lease completed" not in caplog.text
+    si, carrier = vw.find_vm(vsphere, f"{target}-vda-import")
+    vsphere.disconnect(si)
+    assert carrier is None
+    assert not vsphere.datastore_path("datastore1", f"{target}/{target}-vda.vmdk").exists()
+    result = phases.finalize(phases.MigrationContext("default", "kvm-to-vsphere", store=SpecStore(store)),
+                             succeeded=False)
+    left = vsphere.datastore_path("datastore1", target)
+    assert not left.exists(), "the run's folder goes with it"
+    assert f"empty folder [datastore1] {target}" in result["removed"]
+
+
+def test_delete_source_removes_the_vsphere_vm_after_the_target_is_validated(airflow_db, store, world, vsphere,
+                                                                             tmp_path):
+    from include.demo import ensure_world_pools
+
+    conn = world.conn()
+    ensure_world_pools(conn, world)
+    conn.close()
+    vm = f"{world.prefix}-vdel"
+    raws = vw.create_vm(vsphere, vm, [("a", 8)], work=tmp_path)
+    storage = {"type": "nfs", "path": str(world.share), "endpoint": "nfs.local"}
+    docs = vsphere_source_docs(world, vsphere, "vdel", vm, storage=storage)
+    docs[0]["spec"]["cleanupPolicy"]["deleteSource"] = True
+    write_store(store, "vdel.yaml", docs)
+    dagrun = run_migration("vmmigration__default__vdel")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    si, src = vw.find_vm(vsphere, vm)
+    vsphere.disconnect(si)
+    assert src is None, "deleteSource removed the source VM"
+    assert not vsphere.datastore_path("datastore1", f"{vm}/{vm}-a.vmdk").exists()
+    conn = world.conn()
+    try:
+        pool = conn.storagePoolLookupByName(world.target_pool)
+        pool.refresh(0)
+        dst = pool.storageVolLookupByName(f"{vm}-kvm-sda.qcow2").path()
+        assert diskio.compare(raws["a"], dst, "raw", "qcow2")
+    finally:
+        conn.close()

@@ -121,11 +121,15 @@ def download(server: Any, datastore: str, path: str, dest: Path) -> Path:
     return dest
 
 
-def provider_docs(server: Any, name: str, namespace: str = "default", *, password: str | None = None) -> list[dict]:
-    """A vsphere Provider on the simulator and its Secret (username, password, the simulator's CA)."""
+def provider_docs(server: Any, name: str, namespace: str = "default", *, password: str | None = None,
+                  upload: str | None = "datastore") -> list[dict]:
+    """A vsphere Provider on the simulator and its Secret (username, password, the simulator's CA); disks are
+    uploaded to it through the datastore unless ``upload`` says otherwise (None: the engine's default, NFC)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if upload:
+        meta["annotations"] = {"vmmigration.virtrigaud.io/vsphere-disk-upload": upload}
     return [
-        {"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "Provider", "metadata": {"name": name,
-                                                                                      "namespace": namespace},
+        {"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "Provider", "metadata": meta,
          "spec": {"type": "vsphere", "endpoint": server.url, "credentialSecretRef": {"name": f"{name}-creds"},
                   "runtime": {"mode": "Remote", "image": "virtrigaud/provider-vsphere:latest"}}},
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-creds", "namespace": namespace},

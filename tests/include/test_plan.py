@@ -99,7 +99,7 @@ def test_plan_header():
                               "vm": "web-domain", "vmId": None, "running": False, "vcpus": 2, "memoryMiB": 2048}
     assert plan["target"] == {"provider": "apps/kvm-target", "type": "libvirt", "endpoint": "qemu:///system",
                               "vm": "web-new", "storage": "fast-pool", "vcpus": 2, "memoryMiB": 2048,
-                              "networks": [], "nicModels": []}
+                              "networks": [], "nicModels": [], "options": {}}
     assert plan["storage"] == {"type": "nfs", "prefix": "apps/move-web", "compression": None,
                                "spec": {"type": "nfs", "bucket": None, "endpoint": plan["storage"]["spec"]["endpoint"],
                                         "region": None, "path": plan["storage"]["spec"]["path"]},
