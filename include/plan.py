@@ -55,9 +55,16 @@ def effective_storage_endpoint(resolved: Resolved) -> str | None:
     return from_secret or resolved.migration.spec.storage.endpoint
 
 
+def _provider_settings(provider: Any) -> list[Any]:
+    """What else of a Provider a driver acts on: TLS verification, placement defaults, the engine's annotations
+    (a Provider edited mid-run must not move the VM elsewhere or turn verification off)."""
+    notes = {k: v for k, v in sorted((provider.annotations or {}).items()) if k.startswith("vmmigration.")}
+    return [bool(provider.insecure_skip_verify), dict(sorted((provider.defaults or {}).items())), notes]
+
+
 def pin_of(resolved: Resolved) -> dict[str, str]:
     """What a run is pinned to: digests of the spec (and the annotations the engine reads), both
-    providers' type and endpoint, and where the storage is (its block, plus the endpoint and proxy a
+    providers' type, endpoint and settings, and where the storage is (its block, plus the endpoint and proxy a
     Secret may set). Phases after Validating compare them with the plan's (a mid-run edit fails the run)."""
     from include.compression import ANNOTATION
 
@@ -67,8 +74,10 @@ def pin_of(resolved: Resolved) -> dict[str, str]:
     return {
         "spec": _digest({"spec": spec, "annotations": {ANNOTATION: migration.annotations.get(ANNOTATION)}}),
         "source": _digest([resolved.source.provider.ref, resolved.source.provider.type,
-                           resolved.source.provider.endpoint, resolved.source.provider_vm_id]),
-        "target": _digest([resolved.target.ref, resolved.target.type, resolved.target.endpoint]),
+                           resolved.source.provider.endpoint, resolved.source.provider_vm_id,
+                           *_provider_settings(resolved.source.provider)]),
+        "target": _digest([resolved.target.ref, resolved.target.type, resolved.target.endpoint,
+                           *_provider_settings(resolved.target)]),
         "storage": _digest([spec["storage"], effective_storage_endpoint(resolved),
                             creds.first("proxy") if creds is not None else None]),
     }
@@ -113,6 +122,9 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
     target_format = spec.targetDiskFormat or native_format(resolved.target.type)
     # naming and snapshot capability belong to the hypervisors (their driver classes, no connection)
     target_driver, source_driver = _driver_class(resolved.target.type), _driver_class(resolved.source.provider.type)
+    if target_driver.target_formats is not None and target_format not in target_driver.target_formats:
+        raise InvalidMigration(f"a {resolved.target.type} target takes {', '.join(target_driver.target_formats)} "
+                               f"disks, not {target_format}", field="spec.targetDiskFormat")
     prefix = f"{migration.namespace}/{migration.name}"
     hints = spec.targetResourceHints
     boot_check, errors = boot_check_from(migration.annotations)

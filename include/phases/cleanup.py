@@ -17,7 +17,7 @@ from include import safefs
 from include import status as st
 from include.bootcheck import DELETE_RUNNING
 from include.claims import NameClaims
-from include.errors import NotFound
+from include.errors import NotFound, PlanChanged
 from include.phases.checks import ensure_same_source
 from include.phases.context import MigrationContext, host_scope
 from include.phases.source import end_point_in_time
@@ -90,8 +90,12 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
                         f"with the annotation {DELETE_RUNNING}: \"true\")")
         else:
             volumes = [(d.source_pool, d.source_volume) for d in plan.disks if d.source_pool and d.source_volume]
-            removed = ctx.source.delete_source_vm(plan.source.vm_id, volumes)  # type: ignore[arg-type]
-            done += [f"{item} (deleteSource)" for item in removed]
+            try:
+                removed = ctx.source.delete_source_vm(plan.source.vm_id, volumes)  # type: ignore[arg-type]
+                done += [f"{item} (deleteSource)" for item in removed]
+            except PlanChanged as err:  # the source is not what was validated any more: kept, and said so
+                ctx.logger.warning("cleanup: deleteSource skipped: %s", err)
+                kept.append(f"the source VM {plan.source.vm} ({err})")
     _release_claims(ctx, done)
     for item in done:
         ctx.logger.info("cleanup: removed %s", item)

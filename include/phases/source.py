@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from include import diskio, safefs
-from include.errors import InvalidMigration, PlanChanged, UnsupportedDiskFormat
+from include.errors import Conflict, InvalidMigration, PlanChanged, UnsupportedDiskFormat
 from include.model import Conversion, ExportMode
 from include.phases.bookkeeping import begin, finish
 from include.phases.checks import (
@@ -40,6 +40,18 @@ def snapshot(ctx: MigrationContext) -> dict[str, Any]:
         raise InvalidMigration(f"VM {src.vm} was started after Validating; shut it down", field="spec.sourceName")
     ident = {"vm": src.vm_id, "name": snap.name}
     existed = ctx.source.has_snapshot(src.vm, snap.name)
+    owned = ctx.ledger.find("snapshot", ctx.scope_source, **ident)
+    if existed and ctx.source.exports_from_snapshot:
+        # the disks are read from the snapshot itself: one left by an earlier run (kept for its rollback) or by a
+        # killed try would hand over the disks as they were then; this run takes its own
+        if owned is None:
+            raise Conflict(f"VM {src.vm} already has a snapshot named {snap.name!r} that this migration did not "
+                           f"take; its disks would be exported as they were then: remove or rename it",
+                           field="spec.sourceName")
+        ctx.logger.info("removing snapshot %s of an earlier try, to take this run's", snap.name)
+        ctx.source.delete_snapshot(src.vm, snap.name)
+        ctx.ledger.forget(owned)
+        existed = False
     # a snapshot that appears between this check and the create makes the create fail (and the retry
     # finds it existing, not ours): it is never recorded as made by this migration
     covered = ctx.source.create_snapshot(src.vm, snap.name, disks, exists_ok=existed)

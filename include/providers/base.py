@@ -148,6 +148,12 @@ class HypervisorDriver(abc.ABC):
         return source_model or cls.DEFAULT_NIC_MODEL
 
     # -- a running source: a point in time exported while the VM runs ------------------------------------
+    #: whether a disk is read from the snapshot itself (vSphere's NFC export), not from the shut-off VM's volume
+    #: (libvirt): then a snapshot an earlier run left is never reused, as it holds the disks as they were then
+    exports_from_snapshot = False
+    #: the disk formats this hypervisor takes as ``targetDiskFormat`` (None: every format the engine converts to)
+    target_formats: tuple[str, ...] | None = None
+
     #: whether this hypervisor can hold a running VM's disks at one instant and export them while it runs
     live_export = False
     #: the format :meth:`read_point_in_time` yields: "raw" guest data with holes as holes (libvirt's NBD

@@ -139,14 +139,9 @@ class VSphere:
         return self.call(lambda: self.si.RetrieveContent())
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` against the session; once more after logging in again if the session had expired."""
-        vim = _vim()
-        try:
-            return fn()
-        except vim.fault.NotAuthenticated:
-            log.info("vSphere session at %s is no longer authenticated: logging in again", self.endpoint)
-            self._si = None
-            return fn()
+        """Run ``fn`` against the session (the driver's calls handle an expired session: they log in again
+        and look everything up anew, as objects bound to the old session would fail again)."""
+        return fn()
 
     def reset(self) -> None:
         """Forget the session (it expired): the next call logs in again."""
@@ -179,17 +174,35 @@ class VSphere:
 
         return self.call(listing)
 
-    def named(self, kind: Any, name: str, what: str) -> Any:
-        found = [o for o in self.objects(kind) if o.name == name]
+    def named(self, kind: Any, name: str, what: str, *, field: str | None = None) -> Any:
+        found = self.find_named(kind, name)
         if not found:
-            raise NotFound(f"{what} {name!r} not found on vSphere {self.endpoint}")
+            raise NotFound(f"{what} {name!r} not found on vSphere {self.endpoint}", field=field)
         if len(found) > 1:
             raise InvalidMigration(f"{len(found)} {what}s are named {name!r} on vSphere {self.endpoint}; name one "
-                                   f"that is unique")
+                                   f"that is unique", field=field)
         return found[0]
 
     def find_named(self, kind: Any, name: str) -> list[Any]:
-        return [o for o in self.objects(kind) if o.name == name]
+        """The objects of ``kind`` named ``name``: every name read in one PropertyCollector call, not one round
+        trip per object."""
+        from pyVmomi import vmodl
+
+        def lookup() -> list[Any]:
+            content = self.si.RetrieveContent()
+            view = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
+            try:
+                pc = vmodl.query.PropertyCollector
+                spec = pc.FilterSpec(
+                    objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[
+                        pc.TraversalSpec(name="view", path="view", skip=False, type=type(view))])],
+                    propSet=[pc.PropertySpec(type=kind, all=False, pathSet=["name"])])
+                found = content.propertyCollector.RetrieveContents([spec]) or []
+                return [o.obj for o in found if any(p.name == "name" and p.val == name for p in (o.propSet or []))]
+            finally:
+                view.Destroy()
+
+        return self.call(lookup)
 
     def vm_by_uuid(self, uuid: str) -> Any | None:
         return self.call(lambda: self.si.RetrieveContent().searchIndex.FindByUuid(
@@ -284,7 +297,7 @@ class VSphere:
             try:
                 resp = http.get(url, stream=True, timeout=(30, 300), verify=self._verify)
             except OSError as err:
-                raise HypervisorError(f"{what}: {err}") from None
+                raise HypervisorError(f"{what}: {type(err).__name__}: {_redacted(err)}") from None
             with resp:
                 if resp.status_code == 404:
                     raise NotFound(f"{what}: not found ({resp.status_code})")
@@ -299,7 +312,8 @@ class VSphere:
                             if tick is not None:
                                 tick(done)
                 except OSError as err:
-                    raise HypervisorError(f"{what}: the download broke off after {done} bytes: {err}") from None
+                    raise HypervisorError(f"{what}: the download broke off after {done} bytes: "
+                                          f"{type(err).__name__}: {_redacted(err)}") from None
 
     def put_stream(self, url: str, segments: Iterator[Segment], length: int, what: str, *, method: str = "PUT",
                    content_type: str = "application/octet-stream", tick: Callable[[int], None] | None = None) -> None:
@@ -311,7 +325,7 @@ class VSphere:
                 resp = http.request(method, url, data=body, headers={"Content-Type": content_type},
                                     timeout=(30, 600), verify=self._verify)
             except OSError as err:
-                raise HypervisorError(f"{what}: {err}") from None
+                raise HypervisorError(f"{what}: {type(err).__name__}: {_redacted(err)}") from None
             if resp.status_code >= 400:
                 raise HypervisorError(f"{what}: HTTP {resp.status_code} {resp.reason}")
             if body.sent != length:
@@ -362,6 +376,17 @@ class _SegmentReader:
         return out
 
 
+def redact_urls(text: str) -> str:
+    """``text`` without the paths of the URLs in it (an NFC URL's path is its lease's ticket)."""
+    import re
+
+    return re.sub(r"(https?://[^/\s'\"]+)/[^\s'\")]*", r"\1/...", re.sub(r"url: /\S+", "url: /...", text))
+
+
+def _redacted(err: BaseException) -> str:
+    return redact_urls(str(err))
+
+
 class TaskFault(HypervisorError):
     """A vCenter task ended in error; ``fault`` is the vSphere fault object."""
 
@@ -381,6 +406,7 @@ class Lease:
         self.api, self.lease, self.what = api, lease, what
         self._last = 0.0
         self.done = False
+        self.calls = 0  # progress calls made
 
     def ready(self, timeout: float = LEASE_TIMEOUT) -> Any:
         vim = _vim()
@@ -408,6 +434,8 @@ class Lease:
         self._last = now
         try:
             self.lease.HttpNfcLeaseProgress(int(max(0, min(99, percent))))
+            self.calls += 1
+            log.info("%s: NFC lease told %d%% done", self.what, int(percent))
         except Exception as err:  # noqa: BLE001 - a lease that went away fails the transfer next
             log.warning("%s: NFC lease progress call failed: %s", self.what, fault_message(err))
 

@@ -1,23 +1,21 @@
 """VMware vSphere (vCenter or ESXi) through pyvmomi.
 
-Source: the VM by name; its disks on every controller type, NICs, CPUs, memory and firmware; a
-snapshot; every disk read as it is at that snapshot through an NFC ``ExportSnapshot`` lease (a
-streamOptimized VMDK stream), kept alive while it streams and completed or aborted. A running VM is
-exported the same way from a snapshot taken while it runs (without its memory; quiesced by VMware Tools
-where they run in the guest): the point-in-time port of :class:`HypervisorDriver`.
+Source: the VM by name (or instance UUID); its disks on every controller type, NICs, CPUs and memory (not
+its firmware or guest OS id); a snapshot; every disk read as it is at that snapshot through an NFC
+``ExportSnapshot`` lease (a streamOptimized VMDK stream), kept alive while it streams and completed or
+aborted. A running VM is exported the same way from a snapshot taken while it runs (without its memory;
+quiesced by VMware Tools where they run in the guest): the point-in-time port of :class:`HypervisorDriver`.
 
-Target: each disk is uploaded into the VM's folder on the datastore of ``targetStorageHint`` (``/folder``
-HTTP PUT of a monolithicSparse VMDK written by qemu-img, with its length announced), and the VM is
-created on those disks with ``CreateVM_Task``. A real ESXi runs a VM only from its own disk types, which
-needs one more step there (``CopyVirtualDisk_Task`` into a thin disk, or the NFC ``ImportVApp`` path of a
-streamOptimized disk); neither is built yet, as the simulator the tests run against cannot check either
-(its disk copy needs a flat extent, its NFC import drops the bytes): see the README. The VM carries its owner tag in
-``extraConfig`` and every file the run makes is in its ownership ledger before it is made. Disk names
-(``sda``, ``vda``...) are kept in ``extraConfig`` too, so that a disk is recognised by name after the
-migration whatever controller it landed on.
+Target (:mod:`include.providers.vsphere_session`): each disk comes in through an NFC ``ImportVApp`` lease of a
+one-disk carrier VM (streamOptimized, the default) and is moved into the VM's folder, or, with the Provider's
+``datastore`` upload, is PUT into that folder through ``/folder`` as a monolithicSparse VMDK; the VM is then
+created on those disks with ``CreateVM_Task``. It carries its owner tag in ``extraConfig`` (how a retry
+recognises a VM its own try created but died before recording), and so do the disk names (``sda``,
+``vda``...), so that a disk is recognised by name after the migration whatever controller it landed on.
 
-Disk identity on a datastore is the disk's UUID (``QueryVirtualDiskUuid``) where the datastore gives one,
-else its size and modification time: a delete acts only on the file the ledger recorded.
+Disk identity on a datastore is its UUID (``QueryVirtualDiskUuid``) where the datastore gives one, with its
+size and modification time (the simulator derives the UUID from the path): a delete acts only on the file the
+ledger recorded. What the tests could and could not verify against govmomi's simulator is in the README.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from include.diskio import Segment
 from include.errors import (
     Conflict,
+    HypervisorAuthError,
     HypervisorError,
     InvalidMigration,
     NotFound,
@@ -41,7 +40,7 @@ from include.errors import (
     UnsupportedDiskFormat,
 )
 from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, PointInTime, TargetDisk, VMInfo
-from include.providers.vsphere_api import Lease, TaskFault, VSphere, fault_message
+from include.providers.vsphere_api import Lease, TaskFault, VSphere, fault_message, redact_urls
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
@@ -85,12 +84,21 @@ def _vim() -> Any:
     return vim
 
 
+#: faults a retry cannot cure: the account lacks a privilege, or the request itself is wrong
+_PERMANENT_FAULTS = ("NoPermission", "InvalidLogin", "InvalidArgument", "InvalidName", "NotSupported",
+                     "InvalidDatastorePath", "InvalidDatastore", "NotFound")
+
+
 def _vsphere_faults(fn: Callable[..., T]) -> Callable[..., T]:
-    """A public driver call: a vSphere fault becomes a HypervisorError with the fault's message (no traceback
-    of SOAP internals); ``NotAuthenticated`` (the session expired) logs in again and runs the call once more."""
+    """A public driver call: a vSphere fault becomes an engine error with the fault's message (no traceback of
+    SOAP internals): permanent for a missing privilege or a refused request, transient otherwise. An expired
+    session (``NotAuthenticated``) logs in again; the call is run once more only when it changes nothing
+    (:data:`_IDEMPOTENT`), else it fails transient and Airflow's retry runs the whole phase again."""
 
     @functools.wraps(fn)
     def wrapper(self: VSphereDriver, *args: Any, **kwargs: Any) -> T:
+        from http.client import HTTPException
+
         from pyVmomi import vmodl
 
         vim = _vim()
@@ -98,13 +106,22 @@ def _vsphere_faults(fn: Callable[..., T]) -> Callable[..., T]:
             try:
                 return fn(self, *args, **kwargs)
             except vim.fault.NotAuthenticated:
-                if attempt == 2:
-                    raise HypervisorError(f"vSphere {self.endpoint}: the session was refused again after logging "
-                                          f"in anew") from None
-                log.info("vSphere session at %s is no longer authenticated: logging in again", self.endpoint)
                 self.api.reset()
+                if attempt == 2 or fn.__name__ not in _IDEMPOTENT:
+                    raise HypervisorError(f"vSphere {self.endpoint}: {fn.__name__}: the session expired midway; "
+                                          f"logged in again for the retry") from None
+                log.info("vSphere session at %s is no longer authenticated: logging in again", self.endpoint)
             except vmodl.MethodFault as err:
-                raise HypervisorError(f"vSphere {self.endpoint}: {fn.__name__}: {fault_message(err)}") from None
+                kind = type(err).__name__.rsplit(".", 1)[-1]
+                message = f"vSphere {self.endpoint}: {fn.__name__}: {fault_message(err)}"
+                if kind == "NoPermission":
+                    raise HypervisorAuthError(f"{message} (the Provider's account lacks this privilege)") from None
+                if kind in _PERMANENT_FAULTS:
+                    raise InvalidMigration(message) from None
+                raise HypervisorError(message) from None
+            except (OSError, HTTPException) as err:
+                raise HypervisorError(f"vSphere {self.endpoint}: {fn.__name__}: {type(err).__name__}: "
+                                      f"{redact_urls(str(err))}") from None
         raise AssertionError("unreachable")
 
     return wrapper
@@ -141,6 +158,8 @@ class VSphereDriver(HypervisorDriver):
     #: for an NFC import)
     vmdk_subformat = "monolithicSparse"
     DEFAULT_NIC_MODEL = "vmxnet3"
+    exports_from_snapshot = True
+    target_formats = ("vmdk",)
 
     def __init__(self, endpoint: str, credentials: Mapping[str, str] | None = None, *,
                  api: VSphere | None = None) -> None:
@@ -242,7 +261,7 @@ class VSphereDriver(HypervisorDriver):
         devices = config.hardware.device
         by_key = {d.key: d for d in devices}
         extra = {o.key: o.value for o in (config.extraConfig or [])}
-        sizes = self._file_sizes(vm)
+        sizes = self._base_sizes(vm)
         disks, counters = [], {"sd": 0, "hd": 0, "nvme": 0}
         for dev in devices:
             if not isinstance(dev, vim.vm.device.VirtualDisk):
@@ -266,7 +285,7 @@ class VSphereDriver(HypervisorDriver):
             datastore, inside = split_ds_path(base)
             capacity = int(dev.capacityInBytes or dev.capacityInKB * 1024)
             disks.append(DiskInfo(name=name, format="vmdk", capacity=capacity,
-                                  allocation=int(sizes.get(base) or capacity), path=base, pool=datastore,
+                                  allocation=int(sizes.get(dev.key) or capacity), path=base, pool=datastore,
                                   volume=inside, bus=bus))
         nics = []
         for dev in devices:
@@ -291,18 +310,32 @@ class VSphereDriver(HypervisorDriver):
             return key
         return getattr(backing, "deviceName", None)
 
-    def _file_sizes(self, vm: Any) -> dict[str, int]:
+    def _base_sizes(self, vm: Any) -> dict[int, int]:
+        """Per disk (device key), the bytes of its base disk on the datastore: the descriptor and its extents
+        (``-flat``, ``-sesparse``...), the first link of the disk's chain in the VM's file layout."""
         layout = getattr(vm, "layoutEx", None)
-        return {f.name: int(f.size or 0) for f in (getattr(layout, "file", None) or [])}
+        files = {f.key: int(f.size or 0) for f in (getattr(layout, "file", None) or [])}
+        out: dict[int, int] = {}
+        for disk in getattr(layout, "disk", None) or []:
+            chain = list(getattr(disk, "chain", None) or [])
+            if chain:
+                out[disk.key] = sum(files.get(k, 0) for k in (chain[0].fileKey or []))
+        return out
 
     def vm_id(self, name: str) -> str | None:
+        """The instance UUID of the VM named ``name`` (or whose instance UUID ``name`` is), None if none is."""
         vim = _vim()
         found = self.api.find_named(vim.VirtualMachine, name)
+        if not found and re.fullmatch(r"[0-9a-fA-F-]{36}", name):
+            found = [vm for vm in [self.api.vm_by_uuid(name)] if vm is not None]
         if not found:
             return None
         if len(found) > 1:
             raise Conflict(f"{len(found)} VMs are named {name!r} on vSphere {self.endpoint}")
-        return found[0].config.instanceUuid
+        config = getattr(found[0], "config", None)
+        if config is None:
+            raise HypervisorError(f"VM {name} has no configuration (it is being created or is inaccessible)")
+        return config.instanceUuid
 
     def describe_vm(self, vm_id: str) -> VMInfo:
         vm = self._vm_by_id(vm_id)
@@ -312,7 +345,7 @@ class VSphereDriver(HypervisorDriver):
 
     def vm_owner(self, vm_id: str) -> str | None:
         vm = self._vm_by_id(vm_id)
-        if vm is None or vm.config is None:
+        if vm is None or getattr(vm, "config", None) is None:
             return None
         return next((o.value for o in (vm.config.extraConfig or []) if o.key == OWNER_KEY), None)
 
@@ -485,26 +518,32 @@ class VSphereDriver(HypervisorDriver):
                            consistency="application-consistent" if tools else "crash-consistent",
                            detail=detail, taken_at=taken)
 
-    def _held(self, handle: Mapping[str, Any]) -> tuple[Any, Any] | None:
-        vm = self._vm_by_id(str(handle.get("vm") or "")) if handle.get("vm") else None
+    def _held(self, handle: Mapping[str, Any], vm_name: str | None = None) -> tuple[Any, Any] | None:
+        """(VM, snapshot) of a point in time; a handle recorded before the snapshot was taken has no VM id yet,
+        and then the VM is the one named (which the caller checked is still the VM validated)."""
+        try:
+            vm = self._vm_by_id(str(handle["vm"])) if handle.get("vm") else (self._vm(vm_name) if vm_name else None)
+        except NotFound:
+            return None
         if vm is None:
             return None
         snap = self._snapshot(vm, str(handle.get("snapshot")))
         return (vm, snap) if snap is not None else None
 
     def point_in_time_active(self, vm: str, handle: Mapping[str, Any]) -> bool:
-        return self._held(handle) is not None
+        return self._held(handle, vm) is not None
 
     def read_point_in_time(self, handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], int, int]:
         held = self._held(handle)
         if held is None:
             raise NotFound(f"the point in time {handle.get('snapshot')} is gone; run the migration again",
                            field="spec.sourceName")
+        # the export's length is known only at its end; the base disk's size on the datastore is the hint
         size = max(disk.allocation, 1)
         return self._export(held[0], held[1], disk), size, disk.allocation
 
     def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:
-        held = self._held(handle)
+        held = self._held(handle, vm)
         if held is None:
             return False
         self.api.wait(held[1].RemoveSnapshot_Task(removeChildren=False),
@@ -536,8 +575,13 @@ class VSphereDriver(HypervisorDriver):
                 return f
         return None
 
-    def _exists(self, datastore: str, path: str) -> bool:
+    def file_exists(self, datastore: str, path: str) -> bool:
+        """Whether ``[datastore] path`` (a file or a folder) is there."""
         return self._file_info(datastore, path) is not None
+
+    def server_time(self) -> float:
+        """vCenter's clock (what the datastore's modification times are on), as a POSIX time."""
+        return self.api.si.CurrentTime().timestamp()
 
     def volume_key(self, storage: str, volume: str) -> str | None:
         """The disk's UUID where the datastore gives one, its size and its modification time; None when the
@@ -630,7 +674,7 @@ class VSphereDriver(HypervisorDriver):
         from pyVmomi import vmodl
 
         vim = _vim()
-        _dc, folder, pool = self.placement(datastore)
+        _dc, folder, pool, host = self.placement(datastore)
         ds = self._datastore(datastore)
         cisp = vim.OvfManager.CreateImportSpecParams(entityName=name, diskProvisioning="thin")
         result = self.api.content.ovfManager.CreateImportSpec(ovfDescriptor=carrier_ovf(name, capacity, length),
@@ -644,7 +688,7 @@ class VSphereDriver(HypervisorDriver):
             config.extraConfig = [*(config.extraConfig or []), vim.option.OptionValue(key=OWNER_KEY, value=owner)]
         what = f"importing a disk as {name}"
         try:
-            lease = Lease(self.api, pool.ImportVApp(spec=spec, folder=folder), what)
+            lease = Lease(self.api, pool.ImportVApp(spec=spec, folder=folder, host=host), what)
         except vmodl.MethodFault as err:
             raise TargetCreationError(f"{what}: {fault_message(err)}") from None
         try:
@@ -703,26 +747,42 @@ class VSphereDriver(HypervisorDriver):
 
         return VSphereTargetSession(self, plan, owned)
 
-    def placement(self, datastore: str) -> tuple[Any, Any, Any]:
-        """(datacenter, VM folder, resource pool) for a VM on ``datastore``: the Provider's ``spec.defaults``
-        (``resourcePool``, or ``cluster``; ``folder``) where set, else the first host of the datastore's root
-        pool and the datacenter's VM folder."""
+    def placement(self, datastore: str) -> tuple[Any, Any, Any, Any]:
+        """(datacenter, VM folder, resource pool, host) for a VM on ``datastore``: the Provider's ``spec.defaults``
+        (``resourcePool``, or ``cluster``; ``folder``) where set, else the root pool of the first usable host's
+        compute resource and the datacenter's VM folder. The host is one that mounts the datastore, is connected
+        and not in maintenance mode (given to CreateVM and ImportVApp: a cluster without DRS needs one)."""
         vim = _vim()
         dc, ds = self._dc_name(datastore)
+        usable = []
+        for mount in ds.host or []:
+            host = mount.key
+            runtime = getattr(host, "runtime", None)
+            if getattr(runtime, "connectionState", "connected") == "connected" and \
+                    not getattr(runtime, "inMaintenanceMode", False) and \
+                    getattr(getattr(mount, "mountInfo", None), "accessible", True) is not False:
+                usable.append(host)
         if self.defaults.get("resourcePool"):
-            pool = self.api.named(vim.ResourcePool, str(self.defaults["resourcePool"]), "resource pool")
+            pool = self.api.named(vim.ResourcePool, str(self.defaults["resourcePool"]), "resource pool",
+                                  field="spec.defaults.resourcePool")
         elif self.defaults.get("cluster"):
-            pool = self.api.named(vim.ClusterComputeResource, str(self.defaults["cluster"]), "cluster").resourcePool
+            pool = self.api.named(vim.ClusterComputeResource, str(self.defaults["cluster"]), "cluster",
+                                  field="spec.defaults.cluster").resourcePool
         else:
-            hosts = [m.key for m in (ds.host or [])]
-            if not hosts:
-                raise NotFound(f"datastore {datastore} is not mounted on any host", field="spec.targetStorageHint")
-            pool = getattr(hosts[0].parent, "resourcePool", None)
+            if not usable:
+                raise NotFound(f"datastore {datastore} is not mounted on any connected host",
+                               field="spec.targetStorageHint")
+            pool = getattr(usable[0].parent, "resourcePool", None)
             if pool is None:
                 raise HypervisorError(f"no resource pool for hosts of datastore {datastore}")
-        folder = (self.api.named(vim.Folder, str(self.defaults["folder"]), "VM folder")
+        owner = getattr(pool, "owner", None)
+        hosts = [h for h in usable if owner is None or h.parent == owner]
+        if not hosts:
+            raise NotFound(f"no connected host of {getattr(owner, 'name', 'the resource pool')} mounts datastore "
+                           f"{datastore}", field="spec.targetStorageHint")
+        folder = (self.api.named(vim.Folder, str(self.defaults["folder"]), "VM folder", field="spec.defaults.folder")
                   if self.defaults.get("folder") else dc.vmFolder)
-        return dc, folder, pool
+        return dc, folder, pool, hosts[0]
 
     def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
                   networks: Sequence[NetworkHint], *, nic_models: Sequence[str] = (),
@@ -731,7 +791,7 @@ class VSphereDriver(HypervisorDriver):
         if not disks:
             raise TargetCreationError("a VM needs at least one disk")
         datastore = disks[0].pool
-        dc, folder, pool = self.placement(datastore)
+        dc, folder, pool, host = self.placement(datastore)
         changes: list[Any] = []
         extra = [vim.option.OptionValue(key=OWNER_KEY, value=owner)] if owner else []
         controllers: dict[str, tuple[int, int, int]] = {}  # bus -> (device key, bus number, next unit)
@@ -777,7 +837,7 @@ class VSphereDriver(HypervisorDriver):
             files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"), deviceChange=changes, extraConfig=extra,
             annotation="Migrated by the VM migration engine" + (f" ({owner})" if owner else ""))
         try:
-            ref = self.api.wait(folder.CreateVM_Task(config=config, pool=pool), f"creating VM {name}")
+            ref = self.api.wait(folder.CreateVM_Task(config=config, pool=pool, host=host), f"creating VM {name}")
         except TaskFault as err:
             raise TargetCreationError(str(err)) from None
         return ref.config.instanceUuid
@@ -835,11 +895,19 @@ class VSphereDriver(HypervisorDriver):
             self.api.wait(vm.PowerOffVM_Task(), f"powering off VM {vm.name}")
 
     def vm_disk_paths(self, vm_id: str) -> list[str]:
+        """The base disk (the first of its chain, under any snapshot's delta) of every disk of the VM."""
         vm = self._vm_by_id(vm_id)
-        if vm is None:
+        if vm is None or getattr(vm, "config", None) is None:
             return []
         vim = _vim()
-        return [d.backing.fileName for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        out = []
+        for dev in vm.config.hardware.device:
+            if isinstance(dev, vim.vm.device.VirtualDisk):
+                base, parent = dev.backing.fileName, getattr(dev.backing, "parent", None)
+                while parent is not None and getattr(parent, "fileName", None):
+                    base, parent = parent.fileName, getattr(parent, "parent", None)
+                out.append(base)
+        return out
 
     def delete_source_vm(self, vm_id: str, volumes: Sequence[tuple[str, str]]) -> list[str]:
         """Destroy removes a VM with its disks: only when every disk it has now is one of the plan's."""
@@ -861,11 +929,16 @@ class VSphereDriver(HypervisorDriver):
                 "cannot watch the console of")
 
 
+_IDEMPOTENT = frozenset({"check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner", "storage_exists",
+                         "default_storage", "network_exists", "has_snapshot", "volume_key", "volume_created_at",
+                         "folder_empty", "vm_disk_paths", "placement", "point_in_time_active", "file_exists",
+                         "server_time"})
 for _name in ("check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner", "storage_exists", "default_storage",
               "network_exists", "create_snapshot", "delete_snapshot", "has_snapshot", "read_disk", "volume_key",
               "volume_created_at", "make_folder", "folder_empty", "delete_file", "create_volume", "write_volume",
               "resize_volume", "delete_volume", "define_vm", "delete_vm", "delete_source_vm", "vm_disk_paths",
               "placement", "import_carrier", "detach_disks", "move_disk", "delete_disk", "begin_point_in_time",
+              "file_exists", "server_time",
               "point_in_time_active", "read_point_in_time", "end_point_in_time"):
     setattr(VSphereDriver, _name, _vsphere_faults(getattr(VSphereDriver, _name)))
 VSphereDriver.delete_vm_keeping_disks = VSphereDriver.delete_vm

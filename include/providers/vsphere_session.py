@@ -1,17 +1,20 @@
-"""The vSphere target as one run's session: disks uploaded to the datastore, then the VM created on them
-(see :mod:`include.providers.vsphere_driver`).
+"""The vSphere target as one run's session: each disk brought in (an NFC import into a carrier VM, or a datastore
+upload), then the VM created on them (see :mod:`include.providers.vsphere_driver`).
 
-What the run makes on the datastore is recorded in the ledger before it is made (an intent, made good
-with the file's key once it exists): the VM's folder when this run created it, each disk
-and the VM. Rollback and a retry remove exactly those, each only while it is still the file recorded.
-A VM this run made is removed with its disks detached first, so that removing it never deletes a disk
-the ledger does not name.
+What the run makes is recorded in the ledger before it is made, as an intent made good with the thing's key
+once it exists: the VM's folder and a carrier's folder when this run creates them, each carrier VM and its
+disk, each disk, and the VM. An intent carries the vCenter's own clock (``since``), so a file found after a
+crash is taken as this run's only when vCenter made it after the intent, whatever the worker's clock says.
+Rollback and a retry remove exactly those, each only while it is still the thing recorded: a VM is removed
+with its disks detached first (they go by their own entries), a folder only when it is empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from include.diskio import Segment
 from include.errors import Conflict, NotFound, TargetCreationError
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from include.model import DiskPlan
     from include.providers.vsphere_driver import VSphereDriver
 
+log = logging.getLogger(__name__)
 
 class VSphereTargetSession(TargetSession):
     driver: VSphereDriver
@@ -31,8 +35,7 @@ class VSphereTargetSession(TargetSession):
     def check_free(self, disks: Sequence[DiskPlan]) -> None:
         name = self.plan.vm
         vm_id = self.driver.vm_id(name)
-        if vm_id is not None and not self.owned.ledger.owns("vm", self.owned.scope, id=vm_id) \
-                and self.driver.vm_owner(vm_id) != self.owned.tag:
+        if vm_id is not None and not self._ours(vm_id):
             raise Conflict(f"a VM named {name!r} already exists on provider {self.plan.provider} and was not "
                            f"created by this migration", field="spec.targetName")
         self.driver.placement(self.plan.storage)  # the Provider's default pool, cluster or folder exists
@@ -44,8 +47,7 @@ class VSphereTargetSession(TargetSession):
         for d in disks:
             if self.nfc:
                 carrier = self.driver.vm_id(self.carrier(d))
-                if carrier is not None and not self.owned.ledger.owns("vm", self.owned.scope, id=carrier) \
-                        and self.driver.vm_owner(carrier) != self.owned.tag:
+                if carrier is not None and not self._ours(carrier):
                     raise Conflict(f"a VM named {self.carrier(d)!r} (the name this migration imports disk {d.name} "
                                    f"under) exists and was not created by this migration", field="spec.targetName")
             key = self.driver.volume_key(d.target_storage, d.target_volume)
@@ -53,6 +55,9 @@ class VSphereTargetSession(TargetSession):
                     and self._adoptable(d.target_storage, d.target_volume) is None:
                 raise Conflict(f"[{d.target_storage}] {d.target_volume} already exists and was not created by this "
                                f"migration", field="spec.targetName")
+
+    def _ours(self, vm_id: str) -> bool:
+        return self.owned.ledger.owns("vm", self.owned.scope, id=vm_id) or self.driver.vm_owner(vm_id) == self.owned.tag
 
     # -- disks ------------------------------------------------------------------------------------------
     @property
@@ -78,50 +83,73 @@ class VSphereTargetSession(TargetSession):
         into the migrated VM's folder, the carrier removed: each step in the ledger before it is taken."""
         ledger, scope, ds, volume = self.owned.ledger, self.owned.scope, disk.target_storage, disk.target_volume
         name = self.carrier(disk)
-        for entry in [e for e in ledger.entries("vm") if e.scope == scope and e.ident.get("name") == name]:
+        for entry in self._carriers(name):
             self._remove_carrier(entry)  # an earlier try's
-        intent = ledger.record("vm", scope, state="creating", name=name, role="carrier")
-        made: list[str] = []
+        folder_there = self.driver.file_exists(ds, name)  # vCenter puts the carrier in [ds] <name>/
+        since = self.driver.server_time()
+        intent = ledger.record("vm", scope, state="creating", name=name, role="carrier", since=since,
+                               nonce=uuid.uuid4().hex)
+        pieces: list[Entry] = []
 
         def created(vm_id: str) -> None:
-            made.append(vm_id)
             ledger.record("vm", scope, id=vm_id, name=name, role="carrier")
             ledger.forget(intent)
+            for path in self.driver.vm_disk_paths(vm_id):  # its disk, before anything is written into it
+                src_ds, src = split_ds_path(path)
+                pieces.append(ledger.record("volume", scope, state="creating", pool=src_ds, volume=src,
+                                            native="true", since=since))
+                if not folder_there and src.startswith(f"{name}/"):
+                    ledger.record("dir", scope, pool=src_ds, path=name)  # the import made it
 
         try:
             vm_id = self.driver.import_carrier(name, ds, disk.size_bytes, segments, length, owner=self.owned.tag,
                                                created=created)
         except BaseException:
-            for entry in [e for e in ledger.entries("vm") if e.scope == scope and e.ident.get("name") == name]:
-                self._remove_carrier(entry)
+            self._quietly(lambda: [self._remove_carrier(e) for e in self._carriers(name)],
+                          f"removing the import VM {name} after the failed import")
             raise
-        paths = self.driver.detach_disks(vm_id)
-        if len(paths) != 1:
-            raise TargetCreationError(f"the import of disk {disk.name} made {len(paths)} disks, expected 1")
-        src_ds, src = split_ds_path(paths[0])
-        piece = ledger.record("volume", scope, pool=src_ds, volume=src, key=self.driver.volume_key(src_ds, src),
-                              native="true")
+        keyed = []
+        for piece in pieces:  # the bytes are in: the disk recorded by its key
+            keyed.append(ledger.record("volume", scope, pool=piece.ident["pool"], volume=piece.ident["volume"],
+                                       key=self.driver.volume_key(piece.ident["pool"], piece.ident["volume"]),
+                                       native="true"))
+            ledger.forget(piece)
+        if len(keyed) != 1:
+            raise TargetCreationError(f"the import of disk {disk.name} made {len(keyed)} disks, expected 1")
+        self.driver.detach_disks(vm_id)
         self.driver.delete_vm(vm_id)  # the carrier's own files; its disk, detached, stays
-        ledger.forget(ledger.find("vm", scope, id=vm_id) or intent)
+        carrier_entry = ledger.find("vm", scope, id=vm_id, role="carrier")
+        if carrier_entry is not None:
+            ledger.forget(carrier_entry)
+        src = keyed[0].ident["volume"]
         self._made(ds, volume, lambda: self.driver.move_disk(ds, src, volume), native=True)
-        ledger.forget(piece)
-        folder = src.rpartition("/")[0]
-        if folder and folder != volume.rpartition("/")[0] and self.driver.folder_empty(src_ds, folder):
-            self.driver.delete_file(src_ds, folder)  # made by the import
+        ledger.forget(keyed[0])
+        self._remove_folder(keyed[0].ident["pool"], name)
+
+    def _carriers(self, name: str) -> list[Entry]:
+        return [e for e in self.owned.ledger.entries("vm") if e.scope == self.owned.scope
+                and e.ident.get("role") == "carrier" and e.ident.get("name") == name]
 
     def _remove_carrier(self, entry: Entry) -> bool:
-        """A carrier VM this run made (recorded, or an intent whose VM carries this run's tag): removed with its
-        disk, which its import made."""
-        ledger = self.owned.ledger
+        """A carrier VM this run made (recorded, or an intent whose VM carries this run's tag), removed with its
+        disks detached first. Its disks go by their own ledger entries; one the run had no time to record (a crash
+        right after the import began) is recorded now as an intent of the carrier's time, so that it is removed
+        only if vCenter made it after that time."""
+        ledger, scope = self.owned.ledger, self.owned.scope
         vm_id = entry.ident.get("id") or self.driver.vm_id(entry.ident["name"])
-        removed = False
-        if vm_id and (entry.state != "creating" or self.driver.vm_owner(vm_id) == self.owned.tag):
-            for path in self.driver.detach_disks(vm_id):
-                ds, inside = split_ds_path(path)
-                key = self.driver.volume_key(ds, inside)
-                if key is not None:
-                    self.driver.delete_disk(ds, inside, key=key)
-            removed = self.driver.delete_vm(vm_id)
+        if vm_id is None or (entry.state == "creating" and self.driver.vm_owner(vm_id) != self.owned.tag):
+            ledger.forget(entry)  # gone, or never made by this run
+            return False
+        recorded = {(e.ident.get("pool"), e.ident.get("volume")) for e in ledger.entries("volume")
+                    if e.scope == scope}
+        folder = f"{entry.ident['name']}/"
+        for path in self.driver.vm_disk_paths(vm_id):
+            ds, inside = split_ds_path(path)
+            if (ds, inside) not in recorded and inside.startswith(folder) and entry.ident.get("since"):
+                ledger.record("volume", scope, state="creating", pool=ds, volume=inside, native="true",
+                              since=entry.ident["since"])
+        self.driver.detach_disks(vm_id)
+        removed = self.driver.delete_vm(vm_id)
         ledger.forget(entry)
         return removed
 
@@ -135,35 +163,66 @@ class VSphereTargetSession(TargetSession):
         entry = self._own(ds, volume, self.driver.volume_key(ds, volume) or "")
         if entry is None:
             raise TargetCreationError(f"[{ds}] {volume} is not the disk this migration imported; not grown")
-        self.driver.resize_volume(ds, volume, disk.target_capacity)
-        # its key (size and time, where the datastore gives no UUID) moved with it
         kind = {"native": "true"} if entry.ident.get("native") == "true" else {}
+        # its key (size and time) moves with it: an intent first, so a crash in between still finds it ours
+        intent = self.owned.ledger.record("volume", self.owned.scope, state="creating", pool=ds, volume=volume,
+                                          since=self.driver.server_time(), **kind)
+        self.driver.resize_volume(ds, volume, disk.target_capacity)
         self.owned.ledger.record("volume", self.owned.scope, pool=ds, volume=volume,
                                  key=self.driver.volume_key(ds, volume), **kind)
         self.owned.ledger.forget(entry)
+        self.owned.ledger.forget(intent)
 
     def _folder(self, ds: str, folder: str) -> None:
-        if not folder or self.owned.ledger.find("dir", self.owned.scope, pool=ds, path=folder):
+        """Create ``[ds] folder`` when it is not there, recorded as this run's (a folder that was there is not)."""
+        ledger, scope = self.owned.ledger, self.owned.scope
+        if not folder or any(e.state != "creating" for e in ledger.entries("dir")
+                             if e.matches("dir", scope, pool=ds, path=folder)):
             return
-        intent = self.owned.ledger.record("dir", self.owned.scope, state="creating", pool=ds, path=folder)
+        # a nonce: two disks' tasks making the same folder at once each have their own intent
+        intent = ledger.record("dir", scope, state="creating", pool=ds, path=folder, nonce=uuid.uuid4().hex)
         if self.driver.make_folder(ds, folder):
-            self.owned.ledger.record("dir", self.owned.scope, pool=ds, path=folder)  # the intent, now made
-        else:
-            self.owned.ledger.forget(intent)  # it was there already: not ours
+            ledger.record("dir", scope, pool=ds, path=folder)
+        ledger.forget(intent)
 
-    def _made(self, ds: str, volume: str, make, *, native: bool = False) -> None:
+    def _remove_folder(self, ds: str, folder: str) -> bool:
+        """Remove a folder this run made, when it is empty (checked right before the delete)."""
+        ledger, scope = self.owned.ledger, self.owned.scope
+        entries = [e for e in ledger.entries("dir") if e.matches("dir", scope, pool=ds, path=folder)]
+        made = [e for e in entries if e.state != "creating"]
+        removed = False
+        if made:
+            if self.driver.folder_empty(ds, folder):
+                self.driver.delete_file(ds, folder)
+                removed = True
+            else:
+                log.info("kept folder [%s] %s: it is not empty", ds, folder)
+        for entry in entries:
+            ledger.forget(entry)
+        return removed
+
+    def _made(self, ds: str, volume: str, make: Callable[[], Any], *, native: bool = False) -> None:
         """Make a file with an intent recorded first, then recorded by its key (``native``: a virtual disk of
         vSphere's own, several extents, deleted as a disk)."""
         ledger, scope = self.owned.ledger, self.owned.scope
         kind = {"native": "true"} if native else {}
-        intent = ledger.record("volume", scope, state="creating", pool=ds, volume=volume, **kind)
+        intent = ledger.record("volume", scope, state="creating", pool=ds, volume=volume,
+                               since=self.driver.server_time(), **kind)
         try:
             make()
         except BaseException:
-            self._remove_intent(intent)
+            self._quietly(lambda: self._remove_intent(intent), f"removing the half-made [{ds}] {volume}")
             raise
         ledger.record("volume", scope, pool=ds, volume=volume, key=self.driver.volume_key(ds, volume), **kind)
         ledger.forget(intent)
+
+    def _quietly(self, fn: Callable[[], Any], what: str) -> None:
+        """Clean up after a failure without hiding it: a cleanup that fails too is logged, and rollback (which
+        works from the ledger) tries again."""
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the original error is what the phase reports
+            self.owned.logger.warning("%s failed; rollback tries again", what, exc_info=True)
 
     def _delete(self, entry: Entry, key: str) -> bool:
         ds, volume = entry.ident["pool"], entry.ident["volume"]
@@ -200,14 +259,15 @@ class VSphereTargetSession(TargetSession):
         return None
 
     def _adoptable(self, ds: str, volume: str) -> Entry | None:
-        """An intent for this file that the file does not predate: a try that died before recording it."""
+        """An intent for this file that the file does not predate, on vCenter's clock: a try that died before
+        recording it."""
         created = self.driver.volume_created_at(ds, volume)
         if created is None:
             return None
         for entry in self.owned.ledger.entries("volume"):
             if entry.state == "creating" and entry.scope == self.owned.scope and "key" not in entry.ident \
                     and entry.ident.get("pool") == ds and entry.ident.get("volume") == volume \
-                    and created >= entry.at - 1.0:
+                    and created >= float(entry.ident.get("since", entry.at)) - 1.0:
                 return entry
         return None
 
@@ -223,8 +283,8 @@ class VSphereTargetSession(TargetSession):
                                           [d.target_disk() for d in disks], list(self.plan.networks),
                                           nic_models=self.plan.nic_models, owner=self.owned.tag)
         except TargetCreationError:
-            if self.driver.vm_id(name) is not None and self.driver.vm_owner(self.driver.vm_id(name) or "") \
-                    != self.owned.tag:
+            other = self.driver.vm_id(name)
+            if other is not None and self.driver.vm_owner(other) != self.owned.tag:
                 raise Conflict(f"a VM named {name!r} appeared on the target while this migration was creating it",
                                field="spec.targetName") from None
             raise
@@ -247,10 +307,10 @@ class VSphereTargetSession(TargetSession):
         for entry in [e for e in ledger.entries("vm") if e.scope == scope and e.ident.get("role") == "carrier"]:
             with _logged(self.owned.logger, f"removing the import VM {entry.ident['name']}"):
                 if self._remove_carrier(entry):
-                    removed.append(f"import VM {entry.ident['name']} with its disk")
+                    removed.append(f"import VM {entry.ident['name']}")
         with _logged(self.owned.logger, f"removing the half-created target VM {name}"):
             ids = {e.ident["id"] for e in ledger.entries("vm") if e.scope == scope and e.ident.get("id")}
-            ids.add(self.driver.vm_id(name))
+            ids.add(self.driver.vm_id(name))  # also one tagged by a try of this run that died before recording it
             for vm_id in sorted(i for i in ids if i):
                 if self._remove_own_vm(vm_id):
                     removed.append(f"target VM {name} ({vm_id})")
@@ -260,24 +320,19 @@ class VSphereTargetSession(TargetSession):
             ds, volume = entry.ident["pool"], entry.ident["volume"]
             with _logged(self.owned.logger, f"removing [{ds}] {volume}"):
                 if entry.state == "creating":
-                    self._remove_intent(entry)
+                    key = self.driver.volume_key(ds, volume)
+                    if key is not None and self._adoptable(ds, volume) == entry and self._delete(entry, key):
+                        removed.append(f"target disk [{ds}] {volume}")
+                    ledger.forget(entry)
                     continue
                 if self._delete(entry, entry.ident["key"]):
                     removed.append(f"target disk [{ds}] {volume}")
                 ledger.forget(entry)
-        for entry in ledger.entries("dir"):
-            if entry.scope != scope or entry.state == "creating":
-                if entry.scope == scope:
-                    ledger.forget(entry)
-                continue
-            ds, folder = entry.ident["pool"], entry.ident["path"]
+        folders = {(e.ident["pool"], e.ident["path"]) for e in ledger.entries("dir") if e.scope == scope}
+        for ds, folder in sorted(folders, key=lambda f: -f[1].count("/")):
             with _logged(self.owned.logger, f"removing folder [{ds}] {folder}"):
-                if self.driver.folder_empty(ds, folder):
-                    self.driver.delete_file(ds, folder)
+                if self._remove_folder(ds, folder):
                     removed.append(f"empty folder [{ds}] {folder}")
-                else:
-                    self.owned.logger.info("cleanup: kept folder [%s] %s (not empty)", ds, folder)
-                ledger.forget(entry)
         return removed
 
     def keep(self) -> None:

@@ -124,8 +124,13 @@ def test_vsphere_to_libvirt_through_nfs(airflow_db, store, world, vsphere, tmp_p
     ensure_world_pools(conn, world)
     vm = f"{world.prefix}-vsrc"
     raws = vw.create_vm(vsphere, vm, [("a", 48), ("b", 24)], work=tmp_path)
+    si, obj = vw.find_vm(vsphere, vm)
+    instance_uuid = obj.config.instanceUuid
+    vsphere.disconnect(si)
     storage = {"type": "nfs", "path": str(world.share), "endpoint": "nfs.local"}
-    write_store(store, "v2k.yaml", vsphere_source_docs(world, vsphere, "v2k", vm, storage=storage))
+    docs = vsphere_source_docs(world, vsphere, "v2k", vm, storage=storage)
+    docs[1]["status"]["id"] = instance_uuid  # the VirtualMachine names the VM by its instance UUID
+    write_store(store, "v2k.yaml", docs)
     dagrun = run_migration("vmmigration__default__v2k")
     assert str(dagrun.state) == "success", task_states(dagrun)
     status = FileStatusSink(SpecStore(store)).get("default", "v2k")
@@ -257,7 +262,9 @@ def test_driver_refuses_what_is_not_there(vsphere):
 def test_a_running_vsphere_vm_is_exported_from_a_snapshot_taken_while_it_runs(airflow_db, store, world, vsphere,
                                                                                 tmp_path):
     """Powered on, it stays on: one snapshot of every disk (the point in time), each exported through NFC while
-    the VM runs, the snapshot removed once the disks are stored."""
+    the VM runs, the snapshot removed once the disks are stored. Nothing writes to the simulator's disks and
+    its snapshots make no delta, so this shows the running-VM path end to end, not that the bytes are the
+    snapshot's rather than the disk's as it is now."""
     from include.demo import ensure_world_pools
 
     conn = world.conn()
@@ -372,7 +379,8 @@ def test_the_providers_defaults_place_the_vm_and_an_unknown_one_is_named(vsphere
                                      credentials=creds, defaults={"datastore": "datastore2", "cluster": "DC0_C0"}))
     try:
         assert driver.default_storage() == "datastore2"
-        _dc, _folder, pool = driver.placement("datastore2")
+        _dc, _folder, pool, host = driver.placement("datastore2")
+        assert host.parent == pool.owner
         assert pool.owner.name == "DC0_C0"
         driver.defaults = {"resourcePool": "no-such-pool"}
         with pytest.raises(NotFound, match="no-such-pool"):
@@ -381,17 +389,22 @@ def test_the_providers_defaults_place_the_vm_and_an_unknown_one_is_named(vsphere
         driver.close()
 
 
-def test_libvirt_to_vsphere_through_the_nfc_import(airflow_db, store, world, s3, vsphere, capfd, caplog):
+def test_libvirt_to_vsphere_through_the_nfc_import(airflow_db, store, world, s3, vsphere, capfd, caplog, monkeypatch):
     """The default upload for a real vCenter: each disk, streamOptimized, streamed into an ImportVApp lease of
-    a one-disk carrier VM (kept alive with progress calls, then completed), detached and moved into the
-    migrated VM's folder; the carriers are gone afterwards. The simulator accepts the lease's bytes but keeps
-    none of them (its imported disk stays an empty one), so what is checked here is the protocol and the
-    result's shape, not the data; the datastore path above is checked by content."""
+    a one-disk carrier VM (told its progress, then completed), detached and moved into the migrated VM's
+    folder; the carriers and their folders are gone afterwards. The simulator accepts the lease's bytes but
+    keeps none of them (its imported disk stays an empty one), so what is checked here is the protocol as the
+    engine drives it (the progress and complete calls answered without a fault) and the result's shape, not
+    the data; the datastore path above is checked by content."""
     import logging
 
     from pyVmomi import vim
 
+    from include.providers import vsphere_api
+
+    caplog.set_level(logging.DEBUG, logger="include.providers.vsphere_api")
     caplog.set_level(logging.INFO)
+    monkeypatch.setattr(vsphere_api, "LEASE_KEEPALIVE", 0.0)  # every chunk tells the lease how far it is
     create_source_vm(world)
     target = f"nfc-{uuid.uuid4().hex[:6]}"
     docs = scenario1_docs(world, vsphere, s3, target_name=target)
@@ -403,7 +416,10 @@ def test_libvirt_to_vsphere_through_the_nfc_import(airflow_db, store, world, s3,
     assert str(dagrun.state) == "success", task_states(dagrun)
     assert FileStatusSink(SpecStore(store)).get("default", "kvm-to-vsphere")["phase"] == "Ready"
     out, err = capfd.readouterr()
-    assert (out + err + caplog.text).count("streamed into the NFC lease, lease completed") == 2
+    logs = out + err + caplog.text
+    assert logs.count("streamed into the NFC lease, lease completed") == 2
+    assert "NFC lease told" in logs, "progress calls reached the lease (HttpNfcLeaseProgress)"
+    assert "progress call failed" not in logs
     folder = vsphere.datastore_path("datastore1", target)
     assert {f"{target}-vda.vmdk", f"{target}-vdb.vmdk"} <= {p.name for p in folder.iterdir()}
     si, vm = vw.find_vm(vsphere, target)
@@ -490,3 +506,23 @@ def test_delete_source_removes_the_vsphere_vm_after_the_target_is_validated(airf
         assert diskio.compare(raws["a"], dst, "raw", "qcow2")
     finally:
         conn.close()
+
+
+def test_a_disk_in_descriptor_and_extent_form_is_sized_by_its_extent(vsphere, tmp_path):
+    """On ESXi a disk is a small descriptor plus its extent (``-flat.vmdk``): the disk's allocation is what the
+    descriptor and its extents hold, not the descriptor's few hundred bytes (the transfer sizes its S3 parts
+    from it)."""
+    from include.providers.vsphere_driver import VSphereDriver
+
+    vm = f"flat-{uuid.uuid4().hex[:6]}"
+    vw.create_vm(vsphere, vm, [("a", 16)], work=tmp_path, subformat="monolithicFlat")
+    folder = vsphere.datastore_path("datastore1", vm)
+    descriptor, extent = folder / f"{vm}-a.vmdk", folder / f"{vm}-a-flat.vmdk"
+    assert descriptor.stat().st_size < 4096 and extent.stat().st_size == 16 << 20
+    driver = VSphereDriver(vsphere.url, {"username": vsphere.username, "password": vsphere.password,
+                                         "caBundle": vsphere.ca_file.read_text()})
+    try:
+        disk = driver.get_vm(vm).disks[0]
+    finally:
+        driver.close()
+    assert disk.allocation == descriptor.stat().st_size + extent.stat().st_size, disk
