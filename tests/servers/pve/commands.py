@@ -1,0 +1,110 @@
+"""Stand-ins for the node commands a migration runs over SSH: ``pvesm`` and ``qm``, acting on the test server's
+state file and storage folders (tests/servers/pve/state.py, same lock as the API server).
+
+Run as ``python -m tests.servers.pve.commands WORKDIR NODE pvesm|qm ARGS...``; the SSH server of each node puts
+a ``bin/`` folder first in PATH (sshd_config ``SetEnv``) whose ``pvesm`` and ``qm`` scripts do exactly that.
+
+- ``pvesm path VOLID`` prints the file of a volume (it need not exist, as on a node);
+- ``pvesm list STORAGE [--content C] [--vmid N]`` prints PVE's table (Volid Format Type Size VMID);
+- ``pvesm status`` prints the storages (Name Type Status Total Used Available %);
+- ``qm importdisk VMID FILE STORAGE [--format F]`` and ``qm disk import ...`` copy FILE into a new
+  ``vm-<vmid>-disk-<n>`` volume (``qemu-img convert``; the source format kept unless ``--format``) and add it
+  to the VM's config as ``unused<N>``, printing ``Successfully imported disk as 'unused0:local-lvm:vm-100-disk-1'``;
+- ``qm config VMID`` prints the config as ``key: value`` lines; ``qm status VMID`` prints ``status: stopped``.
+
+Errors go to stderr with exit status 255, as PVE's perl tools exit on ``die``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from tests.servers.pve.state import PveError, Store
+
+
+def pvesm(store: Store, node: str, args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pvesm")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("path").add_argument("volume")
+    lst = sub.add_parser("list")
+    lst.add_argument("storage")
+    lst.add_argument("--content")
+    lst.add_argument("--vmid", type=int)
+    sub.add_parser("status")
+    opts = parser.parse_args(args)
+    state = store.read()
+    if opts.cmd == "path":
+        print(store.volume_path(state, opts.volume))
+    elif opts.cmd == "list":
+        rows = store.list_volumes(state, opts.storage)
+        rows = [r for r in rows if (not opts.content or r["content"] == opts.content)
+                and (opts.vmid is None or r.get("vmid") == opts.vmid)]
+        width = max([len("Volid"), *(len(r["volid"]) for r in rows)])
+        print(f"{'Volid':<{width}} {'Format':<6} {'Type':<12} {'Size':>12} VMID")
+        for r in rows:
+            print(f"{r['volid']:<{width}} {r['format']:<6} {r['content']:<12} {r['size']:>12} {r.get('vmid', '')}")
+    else:
+        print(f"{'Name':<12} {'Type':<8} {'Status':<8} {'Total':>14} {'Used':>14} {'Available':>14} {'%':>8}")
+        for sid, spec in state["storages"].items():
+            usage = shutil.disk_usage(spec["path"])
+            print(f"{sid:<12} {'dir':<8} {'active':<8} {usage.total // 1024:>14} {usage.used // 1024:>14} "
+                  f"{usage.free // 1024:>14} {100 * usage.used / usage.total:>7.2f}%")
+    return 0
+
+
+def qm_import(store: Store, node: str, vmid: int, source: str, storage: str, fmt: str | None) -> int:
+    state = store.read()
+    store.vm(state, node, vmid)
+    store.storage(state, storage)
+    path = Path(source) if source.startswith("/") else store.source_path(state, source)
+    if not path.is_file():
+        raise PveError(f"source '{source}' does not exist")
+    print(f"importing disk '{source}' to VM {vmid} ...", flush=True)
+    volid, _ = store.import_image(vmid, path, storage, fmt, lambda line: print(line, flush=True))
+    with store.transaction() as state:
+        config = store.vm(state, node, vmid)["config"]
+        key = store.next_unused(config)
+        config[key] = volid
+    print(f"Successfully imported disk as '{key}:{volid}'")
+    return 0
+
+
+def qm(store: Store, node: str, args: list[str]) -> int:
+    if args[:2] == ["disk", "import"]:
+        args = ["importdisk", *args[2:]]
+    parser = argparse.ArgumentParser(prog="qm")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("importdisk")
+    imp.add_argument("vmid", type=int)
+    imp.add_argument("source")
+    imp.add_argument("storage")
+    imp.add_argument("--format", choices=("raw", "qcow2", "vmdk"))
+    sub.add_parser("config").add_argument("vmid", type=int)
+    sub.add_parser("status").add_argument("vmid", type=int)
+    opts = parser.parse_args(args)
+    if opts.cmd == "importdisk":
+        return qm_import(store, node, opts.vmid, opts.source, opts.storage, opts.format)
+    vm = store.vm(store.read(), node, opts.vmid)
+    if opts.cmd == "config":
+        for key, value in sorted(vm["config"].items()):
+            print(f"{key}: {value}")
+    else:
+        print(f"status: {vm['status']}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    workdir, node, tool, *args = argv
+    store = Store(workdir)
+    try:
+        return pvesm(store, node, args) if tool == "pvesm" else qm(store, node, args)
+    except PveError as exc:
+        print(exc.message, file=sys.stderr)
+        return 255
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
