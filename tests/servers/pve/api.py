@@ -401,7 +401,8 @@ class Api:
                 for sid, spec in state["storages"].items():
                     usage = shutil.disk_usage(spec["path"])
                     out.append({"id": f"storage/{n}/{sid}", "type": "storage", "node": n, "storage": sid,
-                                "status": "available", "content": spec["content"], "plugintype": "dir",
+                                "status": "available", "content": spec["content"],
+                                "plugintype": "lvmthin" if spec.get("naming") == "lvm" else "dir",
                                 "shared": 0, "disk": usage.used, "maxdisk": usage.total})
         return out
 
@@ -707,11 +708,13 @@ class Api:
     # storage
     def _storage_entry(self, sid: str, spec: dict[str, Any], with_format: bool = False) -> dict[str, Any]:
         usage = shutil.disk_usage(spec["path"])
-        out = {"storage": sid, "type": "dir", "content": spec["content"], "active": 1, "enabled": 1,
+        out = {"storage": sid, "type": "lvmthin" if spec.get("naming") == "lvm" else "dir",
+               "content": spec["content"], "active": 1, "enabled": 1,
                "shared": spec.get("shared", 0), "total": usage.total, "used": usage.used, "avail": usage.free,
                "used_fraction": usage.used / usage.total}
         if with_format:
-            out["format"] = {"default": "raw", "supported": list(FORMATS)}
+            out["format"] = {"default": "raw",
+                             "supported": ["raw"] if spec.get("naming") == "lvm" else list(FORMATS)}
         return out
 
     @route("GET", "/nodes/{node}/storage")

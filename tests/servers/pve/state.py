@@ -276,6 +276,10 @@ class Store:
         format kept unless ``fmt`` is given); (volid, virtual size). The volume is removed again on failure."""
         src_fmt, size = image_info(source)
         target_fmt = fmt or (src_fmt if src_fmt in FORMATS else "raw")
+        if self.read()["storages"][sid].get("naming") == "lvm":  # LVM-thin holds raw volumes only
+            if fmt not in (None, "raw"):
+                raise PveError(f"unsupported format '{fmt}'")
+            target_fmt = "raw"
         with self.transaction() as state:
             volid, path = self.allocate(state, sid, vmid, target_fmt)
         try:
@@ -290,6 +294,8 @@ class Store:
         return volid, size
 
     def new_image(self, vmid: int, sid: str, fmt: str, size: int) -> str:
+        if self.read()["storages"][sid].get("naming") == "lvm" and fmt != "raw":
+            raise PveError(f"unsupported format '{fmt}'")
         with self.transaction() as state:
             volid, path = self.allocate(state, sid, vmid, fmt)
         try:

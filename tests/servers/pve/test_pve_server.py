@@ -139,7 +139,7 @@ def test_upload_then_create_with_import_from(pve: PveServer, tmp_path: Path) -> 
     assert _same(pve.volume_path(f"local-lvm:vm-{vmid}-disk-0"), qcow)
     assert _same(pve.volume_path(f"local:{vmid}/vm-{vmid}-disk-0.raw"), raw)
     images = {c["volid"]: c for c in node.storage("local-lvm").content.get(vmid=vmid)}
-    assert images[f"local-lvm:vm-{vmid}-disk-0"]["format"] == "qcow2"  # the format kept
+    assert images[f"local-lvm:vm-{vmid}-disk-0"]["format"] == "raw"  # LVM-thin holds raw volumes: converted
     assert images[f"local-lvm:vm-{vmid}-disk-0"]["size"] == 64 * 1024 ** 2
     # the upload's bytes are not in the request log; the parameters are
     entries = [line for line in pve.request_log.read_text().splitlines() if "/upload" in line]
@@ -185,7 +185,7 @@ def test_existing_vmid_and_nextid(pve: PveServer) -> None:
 
 
 def test_status_resources_and_destroy(pve: PveServer) -> None:
-    pve.add_vm("pve1", 100, "web", disks=[("scsi0", "local-lvm", "qcow2", 1 << 30), ("scsi1", "local", "raw", 1 << 20)])
+    pve.add_vm("pve1", 100, "web", disks=[("scsi0", "local", "qcow2", 1 << 30), ("scsi1", "local-lvm", "raw", 1 << 20)])
     api = pve.proxmox()
     vm = api.nodes("pve1").qemu(100)
     assert vm.status.current.get()["status"] == "stopped"
@@ -214,15 +214,16 @@ def test_config_update_new_disk_and_unused(pve: PveServer) -> None:
     pve.add_vm("pve1", 100, "db", disks=[("scsi0", "local-lvm", "raw", 1 << 20)])
     api = pve.proxmox()
     vm = api.nodes("pve1").qemu(100)
-    upid = vm.config.post(scsi1="local-lvm:1,format=qcow2", cores=4)
+    upid = vm.config.post(scsi1="local:1,format=qcow2", cores=4)
     assert pve.wait_task(upid)["exitstatus"] == "OK", pve.task_log(upid)
     config = vm.config.get()
-    assert config["scsi1"] == "local-lvm:vm-100-disk-1,size=1G" and config["cores"] == 4
-    assert pve.volume_path("local-lvm:vm-100-disk-1").suffix == ".qcow2"
+    assert config["scsi1"] == "local:100/vm-100-disk-0.qcow2,size=1G" and config["cores"] == 4
+    assert pve.volume_path("local:100/vm-100-disk-0.qcow2").suffix == ".qcow2"
     vm.config.put(delete="scsi1", name="db-renamed")  # PUT: synchronous; a detached disk becomes unused0
     config = vm.config.get()
-    assert "scsi1" not in config and config["unused0"] == "local-lvm:vm-100-disk-1" and config["name"] == "db-renamed"
-    vm.config.put(scsi2="local-lvm:vm-100-disk-1")  # attached again: unused0 goes
+    assert "scsi1" not in config and config["unused0"] == "local:100/vm-100-disk-0.qcow2" \
+        and config["name"] == "db-renamed"
+    vm.config.put(scsi2="local:100/vm-100-disk-0.qcow2")  # attached again: unused0 goes
     assert "unused0" not in vm.config.get()
     status, reason, _ = pve.raw("PUT", "/nodes/pve1/qemu/100/config", {"cores": 2, "digest": "0" * 40},
                                 expect_reject=True)
@@ -257,8 +258,8 @@ def test_storage_and_network(pve: PveServer, tmp_path: Path) -> None:
     api = pve.proxmox().nodes("pve1")
     storages = {s["storage"]: s for s in api.storage.get()}
     assert storages["local"]["content"] == "images,import,iso" and storages["local-lvm"]["content"] == "images"
-    assert all(s["type"] == "dir" and s["active"] == 1 and s["enabled"] == 1 and s["avail"] > 0
-               for s in storages.values())
+    assert all(s["type"] == ("lvmthin" if s["storage"] == "local-lvm" else "dir") and s["active"] == 1
+               and s["enabled"] == 1 and s["avail"] > 0 for s in storages.values())
     assert [s["storage"] for s in api.storage.get(content="import")] == ["local"]
     assert api.storage("local-lvm").status.get()["total"] > 0
     volid = pve.add_import_file("local", _image(tmp_path, "x", "qcow2", b"x"))
@@ -279,7 +280,7 @@ def test_ssh_stand_ins(pve: PveServer, tmp_path: Path) -> None:
     subprocess.run(["scp", "-q", "-i", str(ssh.client_key), "-P", str(ssh.port), "-o", "BatchMode=yes",
                     "-o", f"UserKnownHostsFile={ssh.known_hosts}", str(source), f"root@127.0.0.1:{remote}"],
                    check=True)
-    out = ssh.run(f"qm importdisk 100 {remote} local-lvm --format qcow2").stdout
+    out = ssh.run(f"qm importdisk 100 {remote} local-lvm --format raw").stdout
     assert out.splitlines()[0] == f"importing disk '{remote}' to VM 100 ..."
     assert out.splitlines()[-1] == "Successfully imported disk as 'unused0:local-lvm:vm-100-disk-1'"
     out = ssh.run(f"qm disk import 100 {remote} local").stdout
@@ -289,7 +290,7 @@ def test_ssh_stand_ins(pve: PveServer, tmp_path: Path) -> None:
     assert _same(pve.volume_path("local-lvm:vm-100-disk-1"), source)
     listing = ssh.run("pvesm list local-lvm").stdout.splitlines()
     assert listing[0].split() == ["Volid", "Format", "Type", "Size", "VMID"]
-    assert any(line.split()[:2] == ["local-lvm:vm-100-disk-1", "qcow2"] for line in listing)
+    assert any(line.split()[:2] == ["local-lvm:vm-100-disk-1", "raw"] for line in listing)
     failed = ssh.run("qm importdisk 999 /etc/hostname local-lvm", check=False)
     assert failed.returncode == 255 and "does not exist" in failed.stderr
 
