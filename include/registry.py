@@ -92,6 +92,9 @@ PROVIDERS: tuple[ProviderType, ...] = (
     ProviderType("vsphere", driver="include.providers.vsphere_driver:VSphereDriver",
                  hook="hooks.vsphere_hook:VSphereHook", connection_type="vsphere", native_format="vmdk",
                  pool_slots=4),
+    ProviderType("proxmox", driver="include.providers.proxmox_driver:ProxmoxDriver",
+                 hook="hooks.proxmox_hook:ProxmoxHook", connection_type="proxmox", native_format="qcow2",
+                 pool_slots=4),
 )
 
 STORAGES: tuple[StorageType, ...] = (

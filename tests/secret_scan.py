@@ -43,7 +43,8 @@ NON_SECRET_VALUES = frozenset({"root", "true", "false", "admin", "administrator"
                                "null", "us-east-1"})
 NON_SECRET_KEYS = frozenset({"username", "user", "login", "region", "endpoint", "url", "host", "hostname", "port",
                              "bucket", "namespace", "name", "insecureskipverify",
-                             "cabundle", "ca.crt"})  # a CA certificate is public by design
+                             "cabundle", "ca.crt",  # a CA certificate is public by design
+                             "tokenid", "sshknownhosts", "sshport", "sshuser"})  # an id, public host keys
 TEXT_SUFFIXES = frozenset({".log", ".json", ".jsonl", ".txt", ".out", ".err"})
 MAX_BYTES = 16 << 20  # larger files are scanned only if they are logs/JSON by name (disk images are not)
 CHUNK = 8 << 20

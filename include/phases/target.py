@@ -185,7 +185,7 @@ def validate_target(ctx: MigrationContext) -> dict[str, Any]:
         if got is None:
             problems.append(f"disk {d.name} missing")
             continue
-        if got.format != d.target_format:
+        if not ctx.target.format_matches(d.target_format, got.format):
             problems.append(f"disk {d.name} format {got.format} != {d.target_format}")
         if got.capacity != d.target_capacity:
             problems.append(f"disk {d.name} size {got.capacity} != {d.target_capacity}")

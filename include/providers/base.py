@@ -113,6 +113,12 @@ class HypervisorDriver(abc.ABC):
     vmdk_subformat = "monolithicSparse"
 
     @classmethod
+    def format_matches(cls, planned: str, found: str) -> bool:
+        """Whether a migrated disk found in ``found`` format is what a plan for ``planned`` asked (a hypervisor
+        whose block storages hold raw volumes only converts on import)."""
+        return planned == found
+
+    @classmethod
     def plan_options(cls, provider: ProviderInfo) -> dict[str, str]:
         """The target's choices for a run, read from its Provider at Validating and pinned in the plan
         (``TargetPlan.options``); raise InvalidMigration naming the field for a bad one."""

@@ -202,11 +202,11 @@ def test_all_resolution_errors_are_collected():
                                                    "spec.storage.credentialsSecretRef"]
 
 
-@pytest.mark.parametrize("ptype", ["proxmox", "firecracker"])
+@pytest.mark.parametrize("ptype", ["firecracker"])
 def test_unsupported_provider_type(ptype):
     assert resolve_errors(edited(bundle(), "Provider", "kvm-target", type=ptype)) == [
         f"spec.targetProviderRef: Provider default/kvm-target is of type {ptype}, which this engine does not support "
-        f"yet (supported: libvirt, vsphere)"]
+        f"yet (supported: libvirt, vsphere, proxmox)"]
 
 
 def test_unknown_provider_type_and_missing_endpoint_are_both_reported():

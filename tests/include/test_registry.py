@@ -34,20 +34,20 @@ def test_drivers_and_backends_come_from_the_registry(tmp_path):
 
 
 def test_an_unsupported_type_names_the_field():
-    with pytest.raises(InvalidMigration, match=r"spec.targetProviderRef: provider type 'proxmox' is not supported"):
-        registry.provider("proxmox")
+    with pytest.raises(InvalidMigration, match=r"spec.targetProviderRef: provider type 'firecracker' is not supported"):
+        registry.provider("firecracker")
     with pytest.raises(InvalidMigration, match=r"spec.storage.type: .*'ftp'"):
         registry.storage("ftp")
 
 
 def test_a_new_provider_type_is_one_registry_line(monkeypatch):
     """What the next hypervisor adds: one entry; the inventory, the pools and the factories follow."""
-    extra = registry.ProviderType("proxmox", driver="include.providers.libvirt_driver:LibvirtDriver",
-                                  hook="hooks.libvirt_hook:LibvirtHook", connection_type="proxmox",
+    extra = registry.ProviderType("firecracker", driver="include.providers.libvirt_driver:LibvirtDriver",
+                                  hook="hooks.libvirt_hook:LibvirtHook", connection_type="firecracker",
                                   native_format="raw")
     monkeypatch.setattr(registry, "PROVIDERS", (*registry.PROVIDERS, extra))
-    assert "proxmox" in registry.supported_provider_types()
-    assert registry.native_format("proxmox") == "raw"
-    assert registry.provider_pool("proxmox") == "proxmox_io"
-    assert registry.pools()["proxmox_io"]["slots"] > 0
+    assert "firecracker" in registry.supported_provider_types()
+    assert registry.native_format("firecracker") == "raw"
+    assert registry.provider_pool("firecracker") == "firecracker_io"
+    assert registry.pools()["firecracker_io"]["slots"] > 0
     assert registry.provider_pool("no-such-type") == "default_pool"

@@ -1,0 +1,307 @@
+"""A Proxmox VE connection: the REST API through proxmoxer (API token, or ticket login as the fallback), tasks
+waited on by UPID, a streamed upload, and SSH (paramiko) for the disk bytes the API does not serve.
+
+The Provider's Secret: ``tokenId`` (``user@realm!name``) and ``tokenSecret``, or ``username`` and ``password``;
+``caBundle`` for a node certificate this machine does not trust (``insecureSkipVerify: "true"`` turns checking off,
+with a warning); ``sshPrivateKey`` and ``sshKnownHosts`` (the node's host keys, checked; required), ``sshUser``
+(default ``root``) and ``sshPort`` (default 22) for the disk bytes. ``proxmoxer`` and ``paramiko`` are imported
+lazily: this module is read at DAG parse time.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from include.diskio import CHUNK, Segment
+from include.errors import ConfigurationError, HypervisorAuthError, HypervisorError, InvalidMigration, NotFound
+
+log = logging.getLogger(__name__)
+
+#: how long a PVE task (create, snapshot, delete...) may run before the phase fails on it
+TASK_TIMEOUT = 1800.0
+
+
+def _insecure(creds: Mapping[str, str]) -> bool:
+    return str(creds.get("insecureSkipVerify") or "").lower() in ("true", "1", "yes")
+
+
+class TaskFailed(HypervisorError):
+    """A PVE task ended with an exit status other than OK; the message carries its last log lines."""
+
+
+class Proxmox:
+    """One Proxmox VE endpoint (a node or any node of a cluster) for one task."""
+
+    def __init__(self, endpoint: str, credentials: Mapping[str, str] | None, *, insecure: bool = False) -> None:
+        self.endpoint = endpoint
+        parts = urlsplit(endpoint)
+        self.host = parts.hostname or ""
+        self.port = parts.port or 8006
+        self.creds = dict(credentials or {})
+        self.insecure = insecure or _insecure(self.creds)
+
+    # -- the API ------------------------------------------------------------------------------------------
+    @property
+    def verify(self) -> bool | str:
+        from include.storage.tls import ca_bundle_file
+
+        if self.insecure:
+            return False
+        bundle = self.creds.get("caBundle") or self.creds.get("ca.crt")
+        return ca_bundle_file(bundle) if bundle else True
+
+    @cached_property
+    def api(self) -> Any:
+        """The proxmoxer client (checked endpoint and address; token first, ticket login otherwise)."""
+        from proxmoxer import ProxmoxAPI
+
+        from include.endpoints import check_provider_address, check_provider_endpoint
+        from include.errors import StorageError
+
+        why = check_provider_endpoint("proxmox", self.endpoint)
+        if why is not None:
+            raise InvalidMigration(f"Proxmox VE endpoint refused: {why}", field="spec.endpoint")
+        try:
+            check_provider_address(self.endpoint)
+        except StorageError as err:
+            raise HypervisorError(f"cannot connect to Proxmox VE at {self.endpoint}: {err}") from err
+        if self.insecure:
+            log.warning("TLS verification is DISABLED for Proxmox VE %s", self.endpoint)
+        common = {"host": self.host, "port": self.port, "verify_ssl": self.verify, "backend": "https",
+                  "service": "PVE", "timeout": 60}
+        token_id, secret = self.creds.get("tokenId"), self.creds.get("tokenSecret")
+        if token_id and secret:
+            user, _, name = token_id.partition("!")
+            if not name:
+                raise InvalidMigration("the Provider's Secret key tokenId must be user@realm!tokenname",
+                                       field="spec.credentialSecretRef")
+            return ProxmoxAPI(user=user, token_name=name, token_value=secret, **common)
+        if self.creds.get("username") and self.creds.get("password"):
+            try:
+                return ProxmoxAPI(user=self.creds["username"], password=self.creds["password"], **common)
+            except Exception as err:  # noqa: BLE001 - proxmoxer's AuthenticationError, or a connection error
+                raise self.translate(err, "logging in") from None
+        raise InvalidMigration("the Provider's Secret needs tokenId and tokenSecret (or username and password)",
+                               field="spec.credentialSecretRef")
+
+    def translate(self, err: BaseException, what: str) -> Exception:
+        """proxmoxer's and requests' errors as engine errors: 401 permanent, 400 invalid, the rest transient."""
+        from proxmoxer.core import AuthenticationError, ResourceException
+
+        if isinstance(err, AuthenticationError):
+            return HypervisorAuthError(f"Proxmox VE {self.endpoint} refused the login: {err}")
+        if isinstance(err, ResourceException):
+            status = getattr(err, "status_code", None)
+            detail = f"{err.status_message}" + (f" {err.errors}" if getattr(err, "errors", None) else "")
+            if status == 401:
+                return HypervisorAuthError(f"Proxmox VE {self.endpoint} refused the Provider's credentials "
+                                           f"while {what}: {detail}")
+            if status == 403:
+                return HypervisorAuthError(f"Proxmox VE {self.endpoint}: permission denied while {what}: {detail}")
+            if status == 400:
+                return InvalidMigration(f"Proxmox VE {self.endpoint} refused {what}: {detail}")
+            return HypervisorError(f"Proxmox VE {self.endpoint}: {what} failed: HTTP {status} {detail}")
+        if isinstance(err, OSError):
+            return HypervisorError(f"Proxmox VE {self.endpoint}: {what}: {type(err).__name__}: {err}")
+        return HypervisorError(f"Proxmox VE {self.endpoint}: {what}: {err}")
+
+    def call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """``fn(api)`` with its errors translated."""
+        try:
+            return fn(self.api)
+        except (HypervisorError, InvalidMigration):
+            raise
+        except Exception as err:  # noqa: BLE001 - translated into the engine's errors
+            raise self.translate(err, what) from None
+
+    def wait(self, node: str, upid: str, what: str, *, timeout: float = TASK_TIMEOUT) -> None:
+        """Wait for a task; a failed one raises TaskFailed with its last log lines."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        task = quote(upid, safe="")  # a UPID holds ':' and may hold '/' (an image delete's volid)
+        while True:
+            status = self.call(what, lambda api: api.nodes(node).tasks(task).status.get())
+            if status.get("status") == "stopped":
+                if status.get("exitstatus") == "OK":
+                    return
+                lines = self.call(what, lambda api: api.nodes(node).tasks(task).log.get(limit=500)) or []
+                tail = "; ".join(str(x.get("t", "")) for x in lines[-5:] if x.get("t"))
+                raise TaskFailed(f"{what} failed: {status.get('exitstatus')}"
+                                 + (f" (task log: {tail})" if tail else ""))
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"{what}: task {upid} did not finish within {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- upload ---------------------------------------------------------------------------------------------
+    def upload(self, node: str, storage: str, filename: str, segments: Iterator[Segment], length: int) -> str:
+        """POST a file into ``storage`` as content ``import`` (PVE 8.4 and later), streamed with its length
+        announced (holes sent as zeros: HTTP has no holes); returns the task's UPID."""
+        import requests
+
+        boundary = uuid.uuid4().hex
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"content\"\r\n\r\nimport\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"filename\"; filename=\"{filename}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        body = _Body(head, segments, length, tail)
+        url = f"https://{self.host}:{self.port}/api2/json/nodes/{quote(node)}/storage/{quote(storage)}/upload"
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        token_id, secret = self.creds.get("tokenId"), self.creds.get("tokenSecret")
+        cookies = None
+        if token_id and secret:
+            headers["Authorization"] = f"PVEAPIToken={token_id}={secret}"
+        else:  # the ticket of the proxmoxer session
+            auth = self.api._store["session"].auth  # noqa: SLF001 - proxmoxer keeps its ticket there
+            cookies = {"PVEAuthCookie": auth.pve_auth_ticket}
+            headers["CSRFPreventionToken"] = auth.csrf_prevention_token
+        with requests.Session() as http:
+            http.trust_env = False
+            try:
+                resp = http.post(url, data=body, headers=headers, cookies=cookies, verify=self.verify,
+                                 timeout=(30, 3600))
+            except OSError as err:
+                raise HypervisorError(f"uploading {filename} to {storage}: {type(err).__name__}") from None
+        if resp.status_code == 401:
+            raise HypervisorAuthError(f"Proxmox VE {self.endpoint} refused the upload's credentials")
+        if resp.status_code >= 400:
+            raise HypervisorError(f"uploading {filename} to {storage}: HTTP {resp.status_code} {resp.reason}: "
+                                  f"{resp.text[:300]}")
+        return str(resp.json()["data"])
+
+    # -- SSH ------------------------------------------------------------------------------------------------
+    def ssh(self, host: str | None = None) -> Any:
+        """A paramiko client to the node (the host key checked against ``sshKnownHosts``)."""
+        import paramiko
+
+        key_text = self.creds.get("sshPrivateKey") or self.creds.get("ssh-privatekey")
+        known = self.creds.get("sshKnownHosts")
+        if not key_text:
+            raise ConfigurationError("the Provider's Secret has no sshPrivateKey: disk bytes of a Proxmox VE node are "
+                                     "only reachable over SSH", field="spec.credentialSecretRef")
+        if not known:
+            raise ConfigurationError("the Provider's Secret has no sshKnownHosts: the node's SSH host key must be "
+                                     "known", field="spec.credentialSecretRef")
+        key = _private_key(key_text)
+        client = paramiko.SSHClient()
+        for line in known.splitlines():
+            if line.strip() and not line.startswith("#"):
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+                if entry is not None:
+                    for name in entry.hostnames:
+                        client.get_host_keys().add(name, entry.key.get_name(), entry.key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        port = int(self.creds.get("sshPort") or 22)
+        try:
+            client.connect(host or self.host, port=port, username=self.creds.get("sshUser") or "root", pkey=key,
+                           allow_agent=False, look_for_keys=False, timeout=30)
+        except paramiko.AuthenticationException:
+            raise HypervisorAuthError(f"the Proxmox VE node {host or self.host} refused the SSH key") from None
+        except (paramiko.SSHException, OSError) as err:
+            raise HypervisorError(f"SSH to {host or self.host}:{port}: {err}") from None
+        return client
+
+    def run(self, client: Any, command: list[str], what: str) -> str:
+        """Run a command (every argument quoted) and return its output; a failure raises with its stderr."""
+        import shlex
+
+        _in, out, err = client.exec_command(" ".join(shlex.quote(a) for a in command), timeout=600)
+        text, problem = out.read().decode(), err.read().decode()
+        status = out.channel.recv_exit_status()
+        if status != 0:
+            raise HypervisorError(f"{what}: `{command[0]} {command[1] if len(command) > 1 else ''}` exited "
+                                  f"{status}: {problem.strip()[-300:]}")
+        return text
+
+
+def _private_key(text: str) -> Any:
+    import paramiko
+
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise ConfigurationError("the Provider's sshPrivateKey is not an OpenSSH private key paramiko reads",
+                             field="spec.credentialSecretRef")
+
+
+class _Body:
+    """A multipart body of known length: a head, the segments (holes as zeros), a tail."""
+
+    def __init__(self, head: bytes, segments: Iterator[Segment], length: int, tail: bytes) -> None:
+        self._parts = iter([head])
+        self._segments = iter(segments)
+        self._tail = tail
+        self._length = len(head) + length + len(tail)
+        self._buf = b""
+        self._hole = 0
+        self._state = "head"
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self._length - self.sent
+
+    def read(self, size: int = -1) -> bytes:
+        size = CHUNK if size is None or size < 0 else max(size, 1)
+        while not self._buf and not self._hole:
+            if self._state == "head":
+                self._buf, self._state = next(self._parts), "data"
+            elif self._state == "data":
+                seg = next(self._segments, None)
+                if seg is None:
+                    self._buf, self._state = self._tail, "done"
+                elif seg.data is None:
+                    self._hole = seg.length
+                else:
+                    self._buf = bytes(seg.data)
+            else:
+                return b""
+        if self._hole:
+            n = min(self._hole, size)
+            self._hole -= n
+            out = bytes(n)
+        else:
+            out, self._buf = self._buf[:size], self._buf[size:]
+        self.sent += len(out)
+        return out
+
+
+def stream_file(client: Any, path: str, what: str) -> Iterator[Segment]:
+    """A file on the node over SFTP, in chunks; all-zero chunks come as holes (never sent on)."""
+    sftp = client.open_sftp()
+    try:
+        with sftp.open(path, "rb") as fh:
+            fh.prefetch()
+            done = 0
+            while True:
+                try:
+                    chunk = fh.read(CHUNK)
+                except OSError as err:
+                    raise HypervisorError(f"{what}: reading {path} broke off after {done} bytes: {err}") from None
+                if not chunk:
+                    return
+                done += len(chunk)
+                if chunk.count(0) == len(chunk):
+                    yield Segment(length=len(chunk))
+                else:
+                    yield Segment(length=len(chunk), data=chunk)
+    finally:
+        sftp.close()
+
+
+def file_size(client: Any, path: str) -> int:
+    sftp = client.open_sftp()
+    try:
+        return int(sftp.stat(path).st_size)
+    except OSError as err:
+        raise NotFound(f"{path} on the node: {err}") from None
+    finally:
+        sftp.close()

@@ -1,0 +1,455 @@
+"""Proxmox VE through its REST API (proxmoxer) and SSH (paramiko) for the disk bytes.
+
+Source: the VM by name (or VMID) on whichever node of the cluster it lives (``/cluster/resources``); its disks on
+scsi, virtio, sata and ide (CD-ROMs, cloud-init drives, EFI vars and TPM state are not migrated and are named in the
+log), NICs, cores and memory; a snapshot; each disk read from the shut-off VM's volume file over SFTP
+(``pvesm path`` on the node tells where it is), streamed into the transfer engine without a temporary copy,
+zero blocks left out. A running VM is refused (no live export yet).
+
+Target (``ProxmoxTargetSession``): each disk is uploaded to a storage with content ``import`` (PVE 8.4 and later)
+and attached with ``import-from`` when the VM is created on the VMID ``/cluster/nextid`` gives (recorded before the
+create, taken again when another migration got it first); the VM's description carries the owner tag and the disk
+names; the import volumes are removed afterwards. Rollback destroys the VMID this run created (with its disks,
+which only it owns) and the import volumes the ledger lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from include.diskio import Segment
+from include.errors import HypervisorError, InvalidMigration, NotFound, TargetCreationError, UnsupportedDiskFormat
+from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, TargetDisk, VMInfo
+from include.providers.proxmox_api import Proxmox, TaskFailed, file_size, stream_file
+from include.spec import NetworkHint
+
+if TYPE_CHECKING:
+    from include.inventory import ProviderInfo
+    from include.model import TargetPlan
+    from include.providers.session import Ownership, TargetSession
+
+log = logging.getLogger(__name__)
+
+DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide)(\d+)$")
+NET_KEY = re.compile(r"^net(\d+)$")
+#: the line of a VM's description that carries the owner tag, and the one that names its disks
+OWNER_LINE = "vmmigration-owner: "
+DISKS_LINE = "vmmigration-disks: "
+_NIC_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139")
+#: storage types that keep volumes as files (qcow2, raw, vmdk); the others hold raw block volumes
+FILE_STORAGES = ("dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs")
+
+
+def parse_prop(value: str) -> dict[str, str]:
+    """A PVE property string: ``local-lvm:vm-100-disk-0,size=32G`` -> {"file": ..., "size": "32G"}."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(str(value).split(",")):
+        key, sep, val = part.partition("=")
+        if not sep and i == 0:
+            out["file"] = part
+        elif sep:
+            out[key] = val
+    return out
+
+
+def parse_size(text: str | None) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", (text or "").strip())
+    if not m:
+        return 0
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)])
+
+
+def _letters(n: int) -> str:
+    out, n = "", n + 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        out = chr(ord("a") + r) + out
+    return out
+
+
+def _format_of(volid: str) -> str:
+    for fmt in ("qcow2", "vmdk", "raw"):
+        if volid.endswith(f".{fmt}"):
+            return fmt
+    return "raw"  # LVM, LVM-thin, ZFS, Ceph volumes are raw block devices
+
+
+class ProxmoxDriver(HypervisorDriver):
+    vmdk_subformat = "monolithicSparse"
+    DEFAULT_NIC_MODEL = "virtio"
+
+    def __init__(self, endpoint: str, credentials: Mapping[str, str] | None = None, *,
+                 api: Proxmox | None = None) -> None:
+        self.endpoint = endpoint
+        self.pve = api or Proxmox(endpoint, credentials)
+        self.defaults: dict[str, Any] = {}
+
+    @classmethod
+    def for_provider(cls, endpoint: str, credentials: Mapping[str, str] | None) -> ProxmoxDriver:
+        return cls(endpoint, credentials)
+
+    @classmethod
+    def from_hook(cls, hook: Any) -> ProxmoxDriver:
+        return cls(hook.endpoint, api=hook.pve)
+
+    def configure(self, provider: ProviderInfo) -> None:
+        if provider.insecure_skip_verify:
+            self.pve.insecure = True
+        self.defaults = dict(provider.defaults or {})
+
+    # -- planning -------------------------------------------------------------------------------------------
+    @classmethod
+    def target_volume_name(cls, vm: str, disk: str, fmt: str) -> str:
+        """The import volume a disk is uploaded as (PVE names the VM's own volume itself, vm-<vmid>-disk-<n>)."""
+        return f"{vm}-{disk}.{fmt}"
+
+    @classmethod
+    def disk_bus(cls, source_bus: str) -> str:
+        """virtio-blk and PVE's own buses stay; any SCSI controller becomes scsi (virtio-scsi-single); nvme and
+        anything else scsi."""
+        return source_bus if source_bus in ("virtio", "scsi", "sata", "ide") else "scsi"
+
+    @classmethod
+    def nic_model(cls, source_model: str | None) -> str:
+        model = (source_model or "").lower()
+        return model if model in _NIC_MODELS else cls.DEFAULT_NIC_MODEL
+
+    # -- connection -----------------------------------------------------------------------------------------
+    def check(self) -> str:
+        version = self.pve.call("reading the version", lambda api: api.version.get())
+        return f"Proxmox VE {version.get('version')} at {self.endpoint}"
+
+    def identity(self) -> str:
+        nodes = self.pve.call("listing nodes", lambda api: api.nodes.get())
+        return "pve:" + ",".join(sorted(n["node"] for n in nodes))
+
+    def _node(self) -> str:
+        """The node a migrated VM is created on: the Provider's ``spec.defaults.cluster`` names it where set
+        (PVE has no cluster object; one Provider is one cluster), else the first online node."""
+        nodes = self.pve.call("listing nodes", lambda api: api.nodes.get())
+        wanted = self.defaults.get("cluster")
+        online = sorted(n["node"] for n in nodes if n.get("status", "online") == "online")
+        if wanted:
+            if wanted not in online:
+                raise NotFound(f"node {wanted!r} is not an online node of {self.endpoint}",
+                               field="spec.defaults.cluster")
+            return str(wanted)
+        if not online:
+            raise HypervisorError(f"no online node at {self.endpoint}")
+        return online[0]
+
+    # -- source ---------------------------------------------------------------------------------------------
+    def _find(self, name: str) -> tuple[str, int]:
+        """(node, vmid) of the VM named ``name`` (or whose VMID ``name`` is)."""
+        found = self.pve.call("listing VMs", lambda api: api.cluster.resources.get(type="vm"))
+        vms = [r for r in found if r.get("type") == "qemu" and (r.get("name") == name or str(r.get("vmid")) == name)]
+        if not vms:
+            raise NotFound(f"VM {name!r} not found on Proxmox VE {self.endpoint}")
+        if len(vms) > 1:
+            raise InvalidMigration(f"{len(vms)} VMs are named {name!r} on {self.endpoint}; name it by its VMID",
+                                   field="spec.sourceName")
+        return str(vms[0]["node"]), int(vms[0]["vmid"])
+
+    def _config(self, node: str, vmid: int) -> dict[str, Any]:
+        return self.pve.call(f"reading VM {vmid}", lambda api: api.nodes(node).qemu(vmid).config.get())
+
+    def get_vm(self, name: str) -> VMInfo:
+        node, vmid = self._find(name)
+        return self._vm_info(node, vmid)
+
+    def _vm_info(self, node: str, vmid: int) -> VMInfo:
+        config = self._config(node, vmid)
+        status = self.pve.call(f"reading VM {vmid}", lambda api: api.nodes(node).qemu(vmid).status.current.get())
+        names = _described_disks(config.get("description", ""))
+        disks, counters = [], {"vd": 0, "sd": 0, "hd": 0}
+        for key in sorted((k for k in config if DISK_KEY.match(k)),
+                          key=lambda k: (("virtio", "scsi", "sata", "ide").index(DISK_KEY.match(k).group(1)),
+                                         int(DISK_KEY.match(k).group(2)))):
+            prop = parse_prop(config[key])
+            volid = prop.get("file", "")
+            if prop.get("media") == "cdrom" or volid in ("none", "cdrom") or "cloudinit" in volid:
+                log.info("VM %s: %s (%s) is a CD-ROM or cloud-init drive: not migrated", vmid, key, volid)
+                continue
+            bus = DISK_KEY.match(key).group(1)
+            prefix = {"virtio": "vd", "ide": "hd"}.get(bus, "sd")
+            auto = prefix + _letters(counters[prefix])
+            counters[prefix] += 1
+            size = parse_size(prop.get("size"))
+            storage = volid.split(":", 1)[0]
+            disks.append(DiskInfo(name=names.get(key, auto), format=_format_of(volid), capacity=size,
+                                  allocation=size, path=volid, pool=storage, volume=volid, bus=bus))
+        for key in ("efidisk0", "tpmstate0"):
+            if key in config:
+                log.warning("VM %s: %s (%s) is not migrated; the target gets its own", vmid, key, config[key])
+        nics = []
+        for key in sorted((k for k in config if NET_KEY.match(k)), key=lambda k: int(NET_KEY.match(k).group(1))):
+            prop = parse_prop(config[key])
+            # "virtio=MAC,bridge=..." as a node writes it, or "virtio,bridge=..." / "model=virtio,..." as sent
+            model = next((m for m in _NIC_MODELS if m in prop), prop.get("model") or prop.get("file"))
+            nics.append(NicInfo(bridge=prop.get("bridge"), model=model, mac=prop.get(model or "", None)))
+        cores = int(config.get("cores", 1)) * int(config.get("sockets", 1))
+        return VMInfo(name=str(config.get("name", vmid)), running=status.get("status") != "stopped", vcpus=cores,
+                      memory_mib=int(str(config.get("memory", 512)).split(",")[0]), disks=tuple(disks),
+                      interfaces=tuple(nics), id=f"{node}/{vmid}")
+
+    def vm_id(self, name: str) -> str | None:
+        try:
+            node, vmid = self._find(name)
+        except NotFound:
+            return None
+        return f"{node}/{vmid}"
+
+    @staticmethod
+    def _split(vm_id: str) -> tuple[str, int]:
+        node, _, vmid = vm_id.partition("/")
+        return node, int(vmid)
+
+    def _exists(self, vm_id: str) -> bool:
+        node, vmid = self._split(vm_id)
+        found = self.pve.call("listing VMs", lambda api: api.cluster.resources.get(type="vm"))
+        return any(str(r.get("vmid")) == str(vmid) and r.get("node") == node for r in found)
+
+    def describe_vm(self, vm_id: str) -> VMInfo:
+        if not self._exists(vm_id):
+            raise NotFound(f"VM {vm_id} not found on {self.endpoint}")
+        return self._vm_info(*self._split(vm_id))
+
+    def vm_owner(self, vm_id: str) -> str | None:
+        if not self._exists(vm_id):
+            return None
+        description = self._config(*self._split(vm_id)).get("description", "")
+        return next((line[len(OWNER_LINE):].strip() for line in description.splitlines()
+                     if line.startswith(OWNER_LINE)), None)
+
+    def storage_exists(self, hint: str) -> bool:
+        node = self._node()
+        stores = self.pve.call("listing storages", lambda api: api.nodes(node).storage.get())
+        return any(s.get("storage") == hint and s.get("active", 1) and "images" in str(s.get("content", ""))
+                   for s in stores)
+
+    def default_storage(self) -> str:
+        if self.defaults.get("datastore"):
+            return str(self.defaults["datastore"])
+        return "local-lvm"
+
+    def file_storage(self, node: str, storage: str) -> bool:
+        """Whether the storage keeps volumes as files (any format) rather than as raw block devices."""
+        stores = self.pve.call("listing storages", lambda api: api.nodes(node).storage.get())
+        kind = next((str(s.get("type")) for s in stores if s.get("storage") == storage), "dir")
+        return kind in FILE_STORAGES
+
+    @classmethod
+    def format_matches(cls, planned: str, found: str) -> bool:
+        """A disk planned as qcow2 or vmdk is raw on a block storage: PVE converts it on import."""
+        return planned == found or found == "raw"
+
+    def import_storage(self, node: str) -> str:
+        """A storage of the node that takes content ``import`` (the upload's destination)."""
+        stores = self.pve.call("listing storages", lambda api: api.nodes(node).storage.get())
+        for s in stores:
+            if "import" in str(s.get("content", "")).split(",") and s.get("active", 1):
+                return str(s["storage"])
+        raise NotFound(f"no storage of node {node} takes content 'import' (PVE 8.4 and later: add it to a "
+                       f"directory storage's content)", field="spec.targetProviderRef")
+
+    def bridge_exists(self, bridge: str) -> bool:
+        node = self._node()
+        found = self.pve.call("listing bridges", lambda api: api.nodes(node).network.get(type="any_bridge"))
+        return any(n.get("iface") == bridge for n in found)
+
+    # -- snapshots ------------------------------------------------------------------------------------------
+    @staticmethod
+    def snapname(name: str) -> str:
+        """The plan's snapshot name as PVE takes one (``[a-z][a-z0-9_]+``, at most 40 characters)."""
+        text = re.sub(r"[^a-z0-9_]", "_", name.lower())
+        text = text if text[:1].isalpha() else f"s{text}"
+        return text[:40]
+
+    def create_snapshot(self, vm: str, snapshot: str, disks: Sequence[DiskInfo], *,
+                        exists_ok: bool = False) -> list[str]:
+        node, vmid = self._find(vm)
+        if self.has_snapshot(vm, snapshot):
+            if exists_ok:
+                return [d.name for d in disks]
+            raise InvalidMigration(f"VM {vm} already has a snapshot named {self.snapname(snapshot)!r}",
+                                   field="spec.sourceName")
+        upid = self.pve.call(f"snapshotting VM {vmid}", lambda api: api.nodes(node).qemu(vmid).snapshot.post(
+            snapname=self.snapname(snapshot), description="taken by the VM migration engine before export"))
+        self.pve.wait(node, upid, f"snapshot {snapshot} of VM {vm}")
+        return [d.name for d in disks]
+
+    def delete_snapshot(self, vm: str, snapshot: str) -> bool:
+        if not self.has_snapshot(vm, snapshot):
+            return False
+        node, vmid = self._find(vm)
+        upid = self.pve.call(f"deleting snapshot {snapshot}",
+                             lambda api: api.nodes(node).qemu(vmid).snapshot(self.snapname(snapshot)).delete())
+        self.pve.wait(node, upid, f"deleting snapshot {snapshot} of VM {vm}")
+        return True
+
+    def has_snapshot(self, vm: str, snapshot: str) -> bool:
+        try:
+            node, vmid = self._find(vm)
+        except NotFound:
+            return False
+        snaps = self.pve.call("listing snapshots", lambda api: api.nodes(node).qemu(vmid).snapshot.get())
+        return any(s.get("name") == self.snapname(snapshot) for s in snaps)
+
+    def read_disk(self, disk: DiskInfo, *, vm: str | None = None, snapshot: str | None = None) -> Iterator[Segment]:
+        """The shut-off VM's volume file, over SFTP from the node the VM is on (zero chunks as holes)."""
+        node = self._find(vm)[0] if vm else self._node()
+        client = self.pve.ssh(self._node_host(node))
+        try:
+            path = self.pve.run(client, ["pvesm", "path", disk.volume or disk.path], f"locating {disk.path}").strip()
+            yield from stream_file(client, path, f"reading disk {disk.name} ({disk.path})")
+        finally:
+            client.close()
+
+    def source_size(self, disk: DiskInfo, vm: str | None = None) -> int:
+        node = self._find(vm)[0] if vm else self._node()
+        client = self.pve.ssh(self._node_host(node))
+        try:
+            path = self.pve.run(client, ["pvesm", "path", disk.volume or disk.path], f"locating {disk.path}").strip()
+            return file_size(client, path)
+        finally:
+            client.close()
+
+    def _node_host(self, node: str) -> str | None:
+        """Where to reach a node over SSH: the Secret's ``sshHost.<node>`` where set, else the API's host."""
+        return self.pve.creds.get(f"sshHost.{node}") or None
+
+    # -- target volumes (the import storage) ---------------------------------------------------------------
+    def volume_key(self, storage: str, volume: str) -> str | None:
+        node = self._node()
+        volid = volume if ":" in volume else f"{storage}:import/{volume}"
+        found = self.pve.call("listing volumes", lambda api: api.nodes(node).storage(storage).content.get())
+        for v in found:
+            if v.get("volid") == volid:
+                return f"{volid};size={v.get('size')};ctime={v.get('ctime')}"
+        return None
+
+    def create_volume(self, storage: str, volume: str, fmt: str, capacity: int) -> str:
+        raise TargetCreationError("Proxmox VE volumes are made by the VM's create (import-from)")
+
+    def write_volume(self, storage: str, volume: str, segments: Iterator[Segment], length: int) -> None:
+        node = self._node()
+        upid = self.pve.upload(node, storage, volume, segments, length)
+        self.pve.wait(node, upid, f"uploading {volume} to {storage}")
+
+    def resize_volume(self, storage: str, volume: str, capacity: int) -> None:
+        raise TargetCreationError("a Proxmox VE disk is grown through its VM (resize), after Creating")
+
+    def delete_volume(self, storage: str, volume: str, *, key: str, owner: str | None = None) -> bool:
+        if self.volume_key(storage, volume) != key:
+            return False
+        node = self._node()
+        volid = key.split(";", 1)[0]
+        upid = self.pve.call(f"deleting {volid}", lambda api: api.nodes(node).storage(storage).content(volid).delete())
+        if upid:
+            self.pve.wait(node, str(upid), f"deleting {volid}")
+        return True
+
+    # -- the VM -------------------------------------------------------------------------------------------------
+    def begin_target(self, plan: TargetPlan, owned: Ownership) -> TargetSession:
+        from include.providers.proxmox_session import ProxmoxTargetSession
+
+        return ProxmoxTargetSession(self, plan, owned)
+
+    def define_vm(self, name: str, vcpus: int, memory_mib: int, disks: Sequence[TargetDisk],
+                  networks: Sequence[NetworkHint], *, nic_models: Sequence[str] = (),
+                  owner: str | None = None) -> str:
+        raise TargetCreationError("a Proxmox VE VM is created by its target session (ProxmoxTargetSession.commit)")
+
+    def create_vm(self, node: str, vmid: int, name: str, vcpus: int, memory_mib: int,
+                  disks: Sequence[tuple[TargetDisk, str]], networks: Sequence[NetworkHint],
+                  nic_models: Sequence[str], owner: str) -> str:
+        """Create VM ``vmid`` with each disk imported from its import volume (``(disk, import volid)``)."""
+        params: dict[str, Any] = {"vmid": vmid, "name": name, "cores": int(vcpus), "memory": int(memory_mib),
+                                  "scsihw": "virtio-scsi-single", "ostype": "l26"}
+        counters: dict[str, int] = {}
+        keys = []
+        for disk, import_volid in disks:
+            bus = disk.bus if disk.bus in ("virtio", "scsi", "sata", "ide") else "scsi"
+            index = counters.get(bus, 0)
+            counters[bus] = index + 1
+            key = f"{bus}{index}"
+            keys.append((key, disk.name))
+            # file storages keep the planned format; block storages (LVM-thin, ZFS, Ceph) hold raw volumes only
+            fmt = f",format={disk.format}" if self.file_storage(node, disk.pool) else ""
+            params[key] = f"{disk.pool}:0,import-from={import_volid}{fmt}"
+        for index, hint in enumerate(networks):
+            if not (hint.bridge or hint.network):
+                continue
+            model = self.nic_model(nic_models[index] if index < len(nic_models) else None)
+            params[f"net{index}"] = f"{model},bridge={hint.bridge or hint.network}"
+        if keys:
+            params["boot"] = f"order={keys[0][0]}"
+        params["description"] = (f"Migrated by the VM migration engine\n{OWNER_LINE}{owner}\n"
+                                 f"{DISKS_LINE}{','.join(f'{k}={n}' for k, n in keys)}")
+        upid = self.pve.call(f"creating VM {vmid}", lambda api: api.nodes(node).qemu.post(**params))
+        try:
+            self.pve.wait(node, upid, f"creating VM {name} ({vmid})")
+        except TaskFailed as err:
+            raise TargetCreationError(str(err)) from None
+        return f"{node}/{vmid}"
+
+    def grow_disk(self, vm_id: str, disk_name: str, capacity: int) -> None:
+        node, vmid = self._split(vm_id)
+        key = next((k for k, n in _described_disks(self._config(node, vmid).get("description", "")).items()
+                    if n == disk_name), None)
+        if key is None:
+            raise TargetCreationError(f"VM {vm_id} has no disk {disk_name}")
+        self.pve.call(f"growing {key} of VM {vmid}", lambda api: api.nodes(node).qemu(vmid).resize.put(
+            disk=key, size=str(capacity)))
+
+    def next_vmid(self) -> int:
+        return int(self.pve.call("asking for a free VMID", lambda api: api.cluster.nextid.get()))
+
+    def delete_vm(self, vm_id: str) -> bool:
+        """Destroy the VM with its disks (the VM's own volumes: a migrated VM's disks belong to its VMID only)."""
+        if not self._exists(vm_id):
+            return False
+        node, vmid = self._split(vm_id)
+        status = self.pve.call(f"reading VM {vmid}", lambda api: api.nodes(node).qemu(vmid).status.current.get())
+        if status.get("status") == "running":
+            self.pve.wait(node, self.pve.call(f"stopping VM {vmid}",
+                                              lambda api: api.nodes(node).qemu(vmid).status.stop.post()),
+                          f"stopping VM {vmid}")
+        upid = self.pve.call(f"destroying VM {vmid}", lambda api: api.nodes(node).qemu(vmid).delete(
+            purge=1, **{"destroy-unreferenced-disks": 1}))
+        self.pve.wait(node, upid, f"destroying VM {vmid}")
+        return True
+
+    def delete_source_vm(self, vm_id: str, volumes: Sequence[tuple[str, str]]) -> list[str]:
+        """Destroy the source VM with its disks, only when every disk it has now is one the plan lists."""
+        from include.errors import PlanChanged
+
+        if not self._exists(vm_id):
+            return []
+        info = self._vm_info(*self._split(vm_id))
+        planned = {volume for _pool, volume in volumes}
+        extra = [d.volume for d in info.disks if d.volume not in planned]
+        if extra:
+            raise PlanChanged(f"deleteSource: VM {vm_id} now has disks the validated plan does not name "
+                              f"({', '.join(str(e) for e in extra)}); it is kept",
+                              field="spec.cleanupPolicy.deleteSource")
+        self.delete_vm(vm_id)
+        return [f"VM {info.name} ({vm_id}) with its disks {', '.join(sorted(planned))}"]
+
+    def local_disk_path(self, disk: DiskInfo) -> str | None:
+        return None
+
+    def volume_format_check(self, fmt: str) -> None:
+        if fmt not in ("qcow2", "raw", "vmdk"):
+            raise UnsupportedDiskFormat(f"Proxmox VE imports qcow2, raw or vmdk, not {fmt}")
+
+
+def _described_disks(description: str) -> dict[str, str]:
+    """config key -> disk name, from the description line the engine writes."""
+    for line in str(description).splitlines():
+        if line.startswith(DISKS_LINE):
+            return dict(p.split("=", 1) for p in line[len(DISKS_LINE):].split(",") if "=" in p)
+    return {}

@@ -1,0 +1,160 @@
+"""The Proxmox VE target as one run's session: each disk uploaded as an ``import`` volume, then the VM created on
+the VMID ``/cluster/nextid`` gives, its disks imported from those volumes (``import-from``), the import volumes
+removed (see :mod:`include.providers.proxmox_driver`).
+
+Ledger: each import volume (an intent first, then its volid, size and ctime), and the VMID (an intent recorded
+before the create, so that a create a task died in is still found: a VM of that VMID carrying this run's owner
+tag in its description). Rollback destroys that VMID (with its disks, which only it owns) and the import volumes
+it recorded, each only while it is still the one recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from include.diskio import Segment
+from include.errors import Conflict, NotFound, TargetCreationError
+from include.ledger import Entry
+from include.providers.session import TargetSession, VMHandle, _logged
+
+if TYPE_CHECKING:
+    from include.model import DiskPlan
+    from include.providers.proxmox_driver import ProxmoxDriver
+
+#: how many VMIDs a create tries when other migrations take the free one first
+VMID_TRIES = 5
+
+
+class ProxmoxTargetSession(TargetSession):
+    driver: ProxmoxDriver
+
+    # -- Validating -------------------------------------------------------------------------------------
+    def check_free(self, disks: Sequence[DiskPlan]) -> None:
+        vm_id = self.driver.vm_id(self.plan.vm)
+        if vm_id is not None and not self.owned.ledger.owns("vm", self.owned.scope, id=vm_id) \
+                and self.driver.vm_owner(vm_id) != self.owned.tag:
+            raise Conflict(f"a VM named {self.plan.vm!r} already exists on provider {self.plan.provider} and was "
+                           f"not created by this migration", field="spec.targetName")
+        node = self.driver._node()  # noqa: SLF001 - the session is the driver's own
+        store = self.driver.import_storage(node)
+        for index, hint in enumerate(self.plan.networks):
+            bridge = hint.bridge or hint.network
+            if bridge and not self.driver.bridge_exists(bridge):
+                raise NotFound(f"bridge {bridge!r} (network hint {hint.name}) does not exist on node {node}",
+                               field=f"spec.targetNetworkHints[{index}].bridge")
+        for d in disks:
+            key = self.driver.volume_key(store, d.target_volume)
+            if key is not None and self._own(store, d.target_volume, key) is None:
+                raise Conflict(f"the import volume {store}:import/{d.target_volume} already exists and was not "
+                               f"uploaded by this migration", field="spec.targetName")
+
+    # -- disks ------------------------------------------------------------------------------------------
+    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
+        node = self.driver._node()  # noqa: SLF001
+        store = self.driver.import_storage(node)
+        ledger, scope, volume = self.owned.ledger, self.owned.scope, disk.target_volume
+        self._remove(store, volume, conflict=True)
+        intent = ledger.record("volume", scope, state="creating", pool=store, volume=volume)
+        try:
+            self.driver.write_volume(store, volume, segments, length)
+        except BaseException:
+            ledger.forget(intent)  # PVE refuses to overwrite: an upload that failed left no volume of ours
+            raise
+        ledger.record("volume", scope, pool=store, volume=volume, key=self.driver.volume_key(store, volume))
+        ledger.forget(intent)
+
+    def discard_disk(self, disk: DiskPlan) -> bool:
+        store = self.driver.import_storage(self.driver._node())  # noqa: SLF001
+        return self._remove(store, disk.target_volume, conflict=False)
+
+    def _own(self, store: str, volume: str, key: str) -> Entry | None:
+        for entry in self.owned.ledger.entries("volume"):
+            if entry.state != "creating" and entry.matches("volume", self.owned.scope, pool=store, volume=volume,
+                                                           key=key):
+                return entry
+        return None
+
+    def _remove(self, store: str, volume: str, *, conflict: bool) -> bool:
+        key = self.driver.volume_key(store, volume)
+        if key is None:
+            return False
+        entry = self._own(store, volume, key)
+        if entry is None:
+            if conflict:
+                raise Conflict(f"the import volume {store}:import/{volume} exists and was not uploaded by this "
+                               f"migration; it is never overwritten or deleted", field="spec.targetName")
+            return False
+        removed = self.driver.delete_volume(store, volume, key=key)
+        self.owned.ledger.forget(entry)
+        return removed
+
+    # -- the VM -----------------------------------------------------------------------------------------
+    def commit(self, disks: Sequence[DiskPlan]) -> VMHandle:
+        ledger, scope, name = self.owned.ledger, self.owned.scope, self.plan.vm
+        vm_id = self.driver.vm_id(name)
+        if vm_id is not None and self._remove_own_vm(vm_id) is None:
+            raise Conflict(f"a VM named {name!r} already exists on the target and was not created by this migration",
+                           field="spec.targetName")
+        node = self.driver._node()  # noqa: SLF001
+        store = self.driver.import_storage(node)
+        imports = [(d.target_disk(), f"{store}:import/{d.target_volume}") for d in disks]
+        last: Exception | None = None
+        for _ in range(VMID_TRIES):
+            vmid = self.driver.next_vmid()
+            intent = ledger.record("vm", scope, state="creating", id=f"{node}/{vmid}", name=name)
+            try:
+                vm_id = self.driver.create_vm(node, vmid, name, self.plan.vcpus, self.plan.memory_mib, imports,
+                                              list(self.plan.networks), self.plan.nic_models, self.owned.tag)
+            except TargetCreationError as err:
+                if self.driver.vm_owner(f"{node}/{vmid}") == self.owned.tag:
+                    raise  # ours, half made: rollback removes it through the intent
+                ledger.forget(intent)
+                if "already exists" in str(err):  # another migration took this VMID first: the next one
+                    last = err
+                    continue
+                raise
+            ledger.record("vm", scope, id=vm_id, name=name)
+            ledger.forget(intent)
+            break
+        else:
+            raise TargetCreationError(f"no free VMID after {VMID_TRIES} tries: {last}")
+        for d in disks:  # grown to the planned capacity (targetResourceHints.disk)
+            if d.target_capacity > d.size_bytes:
+                self.driver.grow_disk(vm_id, d.name, d.target_capacity)
+        for d in disks:  # the VM's own disks hold the data now: the import volumes go
+            self._remove(store, d.target_volume, conflict=False)
+        return VMHandle(id=vm_id, name=name)
+
+    def _remove_own_vm(self, vm_id: str) -> bool | None:
+        entry = self.owned.ledger.find("vm", self.owned.scope, id=vm_id)
+        if (entry is None or entry.state == "creating") and self.driver.vm_owner(vm_id) != self.owned.tag:
+            return None
+        deleted = self.driver.delete_vm(vm_id)
+        for e in self.owned.ledger.entries("vm"):
+            if e.scope == self.owned.scope and e.ident.get("id") == vm_id:
+                self.owned.ledger.forget(e)
+        return deleted
+
+    def rollback(self) -> list[str]:
+        removed: list[str] = []
+        ledger, scope, name = self.owned.ledger, self.owned.scope, self.plan.vm
+        with _logged(self.owned.logger, f"removing the half-created target VM {name}"):
+            ids = {e.ident["id"] for e in ledger.entries("vm") if e.scope == scope}
+            ids.add(self.driver.vm_id(name))
+            for vm_id in sorted(i for i in ids if i):
+                if self._remove_own_vm(vm_id):
+                    removed.append(f"target VM {name} ({vm_id}) with its disks")
+                else:
+                    for e in ledger.entries("vm"):
+                        if e.scope == scope and e.ident.get("id") == vm_id and e.state == "creating":
+                            ledger.forget(e)  # never made, or not ours
+        for entry in ledger.entries("volume"):
+            if entry.scope != scope:
+                continue
+            store, volume = entry.ident["pool"], entry.ident["volume"]
+            with _logged(self.owned.logger, f"removing the import volume {store}:import/{volume}"):
+                if entry.state != "creating" and self.driver.delete_volume(store, volume, key=entry.ident["key"]):
+                    removed.append(f"import volume {store}:import/{volume}")
+                ledger.forget(entry)
+        return removed

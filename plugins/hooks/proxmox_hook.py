@@ -1,0 +1,75 @@
+"""ProxmoxHook: a Proxmox VE API session (proxmoxer) and SSH to its nodes (paramiko); the migration driver works
+on it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from include.errors import ConfigurationError
+from include.providers.proxmox_api import Proxmox
+from include.providers.proxmox_driver import ProxmoxDriver
+
+
+class ProxmoxHook(BaseHook):
+    """Connects to a Proxmox VE node's API (``https://pve:8006``).
+
+    The endpoint and the Secret (``tokenId``/``tokenSecret`` or ``username``/``password``, ``caBundle``,
+    ``sshPrivateKey``, ``sshKnownHosts``, ``sshPort``) come from the Provider when the pipeline resolves one, else
+    from the Airflow connection ``proxmox_conn_id`` (``host``, ``port``, ``login`` = token id, ``password`` = token
+    secret; the rest in ``extra``), for ``airflow tasks test`` with an ``AIRFLOW_CONN_PROXMOX_DEFAULT`` variable.
+    """
+
+    conn_name_attr = "proxmox_conn_id"
+    default_conn_name = "proxmox_default"
+    conn_type = "proxmox"
+    hook_name = "Proxmox VE"
+
+    def __init__(self, proxmox_conn_id: str = default_conn_name, *, uri: str | None = None,
+                 credentials: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.proxmox_conn_id = proxmox_conn_id
+        self.explicit_uri = uri
+        self.credentials = credentials
+
+    @cached_property
+    def _resolved(self) -> tuple[str, Mapping[str, str]]:
+        if self.explicit_uri:
+            return self.explicit_uri, dict(self.credentials or {})
+        conn = self.get_connection(self.proxmox_conn_id)
+        if not conn.host:
+            raise ConfigurationError(f"connection {self.proxmox_conn_id} has no host")
+        creds = {"tokenId": conn.login or "", "tokenSecret": conn.password or ""}
+        creds.update({k: str(v) for k, v in conn.extra_dejson.items()})
+        return f"https://{conn.host}:{conn.port or 8006}", creds
+
+    @property
+    def endpoint(self) -> str:
+        return self._resolved[0]
+
+    @cached_property
+    def pve(self) -> Proxmox:
+        """The session (its secrets masked here, where they are read)."""
+        from hooks.masking import mask
+
+        creds = self._resolved[1]
+        for key in ("tokenSecret", "password", "sshPrivateKey"):
+            mask(creds.get(key))
+        return Proxmox(self.endpoint, creds)
+
+    def get_conn(self) -> Any:
+        """proxmoxer's ``ProxmoxAPI`` of this hook's session."""
+        return self.pve.api
+
+    @cached_property
+    def driver(self) -> ProxmoxDriver:
+        return ProxmoxDriver.from_hook(self)
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            return True, self.driver.check()
+        except Exception as err:  # noqa: BLE001 - reported to the UI
+            return False, str(err)
