@@ -126,10 +126,15 @@ class Proxmox:
         deadline = time.monotonic() + timeout
         delay = 0.1
         task = quote(upid, safe="")  # a UPID holds ':' and may hold '/' (an image delete's volid)
+        node = upid.split(":")[1] if upid.startswith("UPID:") else node  # the task runs where it was started
         while True:
             status = self.call(what, lambda api: api.nodes(node).tasks(task).status.get())
             if status.get("status") == "stopped":
-                if status.get("exitstatus") == "OK":
+                exit_status = str(status.get("exitstatus"))
+                if exit_status == "OK":
+                    return
+                if exit_status.startswith("WARNINGS"):  # done, with warnings in its log
+                    log.warning("%s: the task ended with %s", what, exit_status)
                     return
                 lines = self.call(what, lambda api: api.nodes(node).tasks(task).log.get(limit=500)) or []
                 tail = "; ".join(str(x.get("t", "")) for x in lines[-5:] if x.get("t"))
@@ -192,8 +197,13 @@ class Proxmox:
         key = _private_key(key_text)
         client = paramiko.SSHClient()
         for line in known.splitlines():
-            if line.strip() and not line.startswith("#"):
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            line = line.strip()
+            if line and not line.startswith("#"):
+                try:
+                    entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+                except Exception:  # noqa: BLE001 - paramiko's InvalidHostKey and friends
+                    raise ConfigurationError("the Provider's sshKnownHosts has a line paramiko cannot read",
+                                             field="spec.credentialSecretRef") from None
                 if entry is not None:
                     for name in entry.hostnames:
                         client.get_host_keys().add(name, entry.key.get_name(), entry.key)
@@ -204,7 +214,15 @@ class Proxmox:
                            allow_agent=False, look_for_keys=False, timeout=30)
         except paramiko.AuthenticationException:
             raise HypervisorAuthError(f"the Proxmox VE node {host or self.host} refused the SSH key") from None
-        except (paramiko.SSHException, OSError) as err:
+        except paramiko.BadHostKeyException:
+            raise ConfigurationError(f"the SSH host key of {host or self.host} is not the one in the Provider's "
+                                     f"sshKnownHosts", field="spec.credentialSecretRef") from None
+        except paramiko.SSHException as err:
+            if "not found in known_hosts" in str(err):
+                raise ConfigurationError(f"{host or self.host}:{port} is not in the Provider's sshKnownHosts",
+                                         field="spec.credentialSecretRef") from None
+            raise HypervisorError(f"SSH to {host or self.host}:{port}: {err}") from None
+        except OSError as err:
             raise HypervisorError(f"SSH to {host or self.host}:{port}: {err}") from None
         return client
 
@@ -241,7 +259,7 @@ class _Body:
         self._segments = iter(segments)
         self._tail = tail
         self._length = len(head) + length + len(tail)
-        self._buf = b""
+        self._buf = memoryview(b"")
         self._hole = 0
         self._state = "head"
         self.sent = 0
@@ -253,15 +271,18 @@ class _Body:
         size = CHUNK if size is None or size < 0 else max(size, 1)
         while not self._buf and not self._hole:
             if self._state == "head":
-                self._buf, self._state = next(self._parts), "data"
+                self._buf, self._state = memoryview(next(self._parts)), "data"
             elif self._state == "data":
                 seg = next(self._segments, None)
                 if seg is None:
-                    self._buf, self._state = self._tail, "done"
+                    if self.sent < self._length - len(self._tail):
+                        raise HypervisorError(f"the upload's stream ended after {self.sent} of "
+                                              f"{self._length - len(self._tail)} bytes")
+                    self._buf, self._state = memoryview(self._tail), "done"
                 elif seg.data is None:
                     self._hole = seg.length
                 else:
-                    self._buf = bytes(seg.data)
+                    self._buf = memoryview(seg.data)
             else:
                 return b""
         if self._hole:
@@ -269,7 +290,8 @@ class _Body:
             self._hole -= n
             out = bytes(n)
         else:
-            out, self._buf = self._buf[:size], self._buf[size:]
+            out = bytes(self._buf[:size])  # a view moves on, nothing behind it is copied again
+            self._buf = self._buf[len(out):]
         self.sent += len(out)
         return out
 
@@ -278,7 +300,11 @@ def stream_file(client: Any, path: str, what: str) -> Iterator[Segment]:
     """A file on the node over SFTP, in chunks; all-zero chunks come as holes (never sent on)."""
     sftp = client.open_sftp()
     try:
-        with sftp.open(path, "rb") as fh:
+        try:
+            handle = sftp.open(path, "rb")
+        except OSError as err:
+            raise HypervisorError(f"{what}: cannot open {path} on the node: {err}") from None
+        with handle as fh:
             fh.prefetch()
             done = 0
             while True:

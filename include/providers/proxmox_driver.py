@@ -77,6 +77,10 @@ def _format_of(volid: str) -> str:
     return "raw"  # LVM, LVM-thin, ZFS, Ceph volumes are raw block devices
 
 
+class VmidTaken(TargetCreationError):
+    """The node refused a create because its VMID is in use (another migration got it first)."""
+
+
 class ProxmoxDriver(HypervisorDriver):
     vmdk_subformat = "monolithicSparse"
     DEFAULT_NIC_MODEL = "virtio"
@@ -105,6 +109,13 @@ class ProxmoxDriver(HypervisorDriver):
     def target_volume_name(cls, vm: str, disk: str, fmt: str) -> str:
         """The import volume a disk is uploaded as (PVE names the VM's own volume itself, vm-<vmid>-disk-<n>)."""
         return f"{vm}-{disk}.{fmt}"
+
+    @classmethod
+    def snapshot_disks(cls, disks: Sequence[DiskInfo]) -> list[str]:
+        """None: the disks are read from the shut-off VM's volumes, and a PVE snapshot would only get in the way
+        (on a storage with volume chains, PVE 9, the volume id then names a new, empty overlay). The VM stays
+        shut off, which Exporting and Transferring check."""
+        return []
 
     @classmethod
     def disk_bus(cls, source_bus: str) -> str:
@@ -389,7 +400,12 @@ class ProxmoxDriver(HypervisorDriver):
             params["boot"] = f"order={keys[0][0]}"
         params["description"] = (f"Migrated by the VM migration engine\n{OWNER_LINE}{owner}\n"
                                  f"{DISKS_LINE}{','.join(f'{k}={n}' for k, n in keys)}")
-        upid = self.pve.call(f"creating VM {vmid}", lambda api: api.nodes(node).qemu.post(**params))
+        try:
+            upid = self.pve.call(f"creating VM {vmid}", lambda api: api.nodes(node).qemu.post(**params))
+        except HypervisorError as err:
+            if "already exists" in str(err):
+                raise VmidTaken(str(err)) from None
+            raise
         try:
             self.pve.wait(node, upid, f"creating VM {name} ({vmid})")
         except TaskFailed as err:
@@ -402,8 +418,10 @@ class ProxmoxDriver(HypervisorDriver):
                     if n == disk_name), None)
         if key is None:
             raise TargetCreationError(f"VM {vm_id} has no disk {disk_name}")
-        self.pve.call(f"growing {key} of VM {vmid}", lambda api: api.nodes(node).qemu(vmid).resize.put(
+        upid = self.pve.call(f"growing {key} of VM {vmid}", lambda api: api.nodes(node).qemu(vmid).resize.put(
             disk=key, size=str(capacity)))
+        if upid:
+            self.pve.wait(node, str(upid), f"growing {key} of VM {vmid}")
 
     def next_vmid(self) -> int:
         return int(self.pve.call("asking for a free VMID", lambda api: api.cluster.nextid.get()))
@@ -418,8 +436,9 @@ class ProxmoxDriver(HypervisorDriver):
             self.pve.wait(node, self.pve.call(f"stopping VM {vmid}",
                                               lambda api: api.nodes(node).qemu(vmid).status.stop.post()),
                           f"stopping VM {vmid}")
-        upid = self.pve.call(f"destroying VM {vmid}", lambda api: api.nodes(node).qemu(vmid).delete(
-            purge=1, **{"destroy-unreferenced-disks": 1}))
+        # its referenced volumes only: destroy-unreferenced-disks would also take any vm-<vmid>-* volume someone
+        # left on a storage before this VMID was handed out
+        upid = self.pve.call(f"destroying VM {vmid}", lambda api: api.nodes(node).qemu(vmid).delete(purge=1))
         self.pve.wait(node, upid, f"destroying VM {vmid}")
         return True
 
@@ -431,7 +450,12 @@ class ProxmoxDriver(HypervisorDriver):
             return []
         info = self._vm_info(*self._split(vm_id))
         planned = {volume for _pool, volume in volumes}
-        extra = [d.volume for d in info.disks if d.volume not in planned]
+        config = self._config(*self._split(vm_id))
+        # every volume the VM references is destroyed with it: unused disks, EFI vars, TPM state, cloud-init too
+        referenced = [parse_prop(v).get("file", "") for k, v in config.items()
+                      if re.match(r"^(scsi|virtio|sata|ide|unused|efidisk|tpmstate)\d+$", k)
+                      and "media=cdrom" not in str(v)]
+        extra = [v for v in referenced if ":" in v and v not in planned]
         if extra:
             raise PlanChanged(f"deleteSource: VM {vm_id} now has disks the validated plan does not name "
                               f"({', '.join(str(e) for e in extra)}); it is kept",

@@ -14,8 +14,9 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from include.diskio import Segment
-from include.errors import Conflict, NotFound, TargetCreationError
+from include.errors import Conflict, InvalidMigration, NotFound, TargetCreationError
 from include.ledger import Entry
+from include.providers.proxmox_driver import VmidTaken
 from include.providers.session import TargetSession, VMHandle, _logged
 
 if TYPE_CHECKING:
@@ -39,8 +40,11 @@ class ProxmoxTargetSession(TargetSession):
         node = self.driver._node()  # noqa: SLF001 - the session is the driver's own
         store = self.driver.import_storage(node)
         for index, hint in enumerate(self.plan.networks):
-            bridge = hint.bridge or hint.network
-            if bridge and not self.driver.bridge_exists(bridge):
+            bridge = hint.bridge
+            if not bridge:
+                raise InvalidMigration(f"network hint {hint.name}: a Proxmox VE NIC is on a bridge; give "
+                                       f"bridge: (for example vmbr0)", field=f"spec.targetNetworkHints[{index}].bridge")
+            if not self.driver.bridge_exists(bridge):
                 raise NotFound(f"bridge {bridge!r} (network hint {hint.name}) does not exist on node {node}",
                                field=f"spec.targetNetworkHints[{index}].bridge")
         for d in disks:
@@ -106,16 +110,16 @@ class ProxmoxTargetSession(TargetSession):
             try:
                 vm_id = self.driver.create_vm(node, vmid, name, self.plan.vcpus, self.plan.memory_mib, imports,
                                               list(self.plan.networks), self.plan.nic_models, self.owned.tag)
-            except TargetCreationError as err:
+            except VmidTaken as err:  # the node refused the VMID before creating anything: the next one
+                ledger.forget(intent)
+                last = err
+                continue
+            except TargetCreationError:
                 if self.driver.vm_owner(f"{node}/{vmid}") == self.owned.tag:
                     raise  # ours, half made: rollback removes it through the intent
                 ledger.forget(intent)
-                if "already exists" in str(err):  # another migration took this VMID first: the next one
-                    last = err
-                    continue
                 raise
-            ledger.record("vm", scope, id=vm_id, name=name)
-            ledger.forget(intent)
+            ledger.record("vm", scope, id=vm_id, name=name)  # the intent, made good (same identity)
             break
         else:
             raise TargetCreationError(f"no free VMID after {VMID_TRIES} tries: {last}")
@@ -141,7 +145,10 @@ class ProxmoxTargetSession(TargetSession):
         ledger, scope, name = self.owned.ledger, self.owned.scope, self.plan.vm
         with _logged(self.owned.logger, f"removing the half-created target VM {name}"):
             ids = {e.ident["id"] for e in ledger.entries("vm") if e.scope == scope}
-            ids.add(self.driver.vm_id(name))
+            try:
+                ids.add(self.driver.vm_id(name))
+            except InvalidMigration:  # two VMs of that name: only the ledger's ids are acted on
+                pass
             for vm_id in sorted(i for i in ids if i):
                 if self._remove_own_vm(vm_id):
                     removed.append(f"target VM {name} ({vm_id}) with its disks")
