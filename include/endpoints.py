@@ -211,3 +211,17 @@ def _check_https(parts, shown: str, paths: tuple[str, ...], form: str) -> str | 
     if parts.path not in paths:
         return f"{base!r} must be {form}"
     return None
+
+
+def ensure_provider_endpoint(ptype: str, endpoint: str, title: str) -> None:
+    """Right before a driver connects: the endpoint is an allowed form (InvalidMigration on ``spec.endpoint``)
+    and its host an address the policy allows (HypervisorError naming ``title``, e.g. "vSphere")."""
+    from include.errors import HypervisorError, InvalidMigration, StorageError
+
+    why = check_provider_endpoint(ptype, endpoint)
+    if why is not None:
+        raise InvalidMigration(f"{title} endpoint refused: {why}", field=FIELD)
+    try:
+        check_provider_address(endpoint)
+    except StorageError as err:
+        raise HypervisorError(f"cannot connect to {title} at {redact(endpoint)}: {err}") from err

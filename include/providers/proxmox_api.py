@@ -62,16 +62,9 @@ class Proxmox:
         """The proxmoxer client (checked endpoint and address; token first, ticket login otherwise)."""
         from proxmoxer import ProxmoxAPI
 
-        from include.endpoints import check_provider_address, check_provider_endpoint
-        from include.errors import StorageError
+        from include.endpoints import ensure_provider_endpoint
 
-        why = check_provider_endpoint("proxmox", self.endpoint)
-        if why is not None:
-            raise InvalidMigration(f"Proxmox VE endpoint refused: {why}", field="spec.endpoint")
-        try:
-            check_provider_address(self.endpoint)
-        except StorageError as err:
-            raise HypervisorError(f"cannot connect to Proxmox VE at {self.endpoint}: {err}") from err
+        ensure_provider_endpoint("proxmox", self.endpoint, "Proxmox VE")
         if self.insecure:
             log.warning("TLS verification is DISABLED for Proxmox VE %s", self.endpoint)
         common = {"host": self.host, "port": self.port, "verify_ssl": self.verify, "backend": "https",

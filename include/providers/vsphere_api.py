@@ -104,17 +104,10 @@ class VSphere:
             return self._connect()
         from pyVim.connect import SmartConnect
 
-        from include.endpoints import check_provider_address, check_provider_endpoint
-        from include.errors import StorageError
+        from include.endpoints import ensure_provider_endpoint
 
         vim = _vim()
-        why = check_provider_endpoint("vsphere", self.endpoint)
-        if why is not None:
-            raise InvalidMigration(f"vSphere endpoint refused: {why}", field="spec.endpoint")
-        try:
-            check_provider_address(self.endpoint)
-        except StorageError as err:
-            raise HypervisorError(f"cannot connect to vSphere at {self.endpoint}: {err}") from err
+        ensure_provider_endpoint("vsphere", self.endpoint, "vSphere")
         user, password = credentials_of(self._credentials, self.endpoint)
         try:
             return SmartConnect(host=self.host, port=self.port, user=user, pwd=password, sslContext=self.ssl,
