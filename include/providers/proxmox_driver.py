@@ -40,7 +40,7 @@ OWNER_LINE = "vmmigration-owner: "
 DISKS_LINE = "vmmigration-disks: "
 _NIC_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139")
 #: storage types that keep volumes as files (qcow2, raw, vmdk); the others hold raw block volumes
-FILE_STORAGES = ("dir", "nfs", "cifs", "glusterfs", "cephfs", "btrfs")
+FILE_STORAGES = ("dir", "nfs", "cifs", "glusterfs", "cephfs")
 
 
 def parse_prop(value: str) -> dict[str, str]:
@@ -194,7 +194,8 @@ class ProxmoxDriver(HypervisorDriver):
                                   allocation=size, path=volid, pool=storage, volume=volid, bus=bus))
         for key in ("efidisk0", "tpmstate0"):
             if key in config:
-                log.warning("VM %s: %s (%s) is not migrated; the target gets its own", vmid, key, config[key])
+                log.warning("VM %s: %s (%s) is not migrated: a UEFI or TPM guest needs its target set up for it",
+                            vmid, key, config[key])
         nics = []
         for key in sorted((k for k in config if NET_KEY.match(k)), key=lambda k: int(NET_KEY.match(k).group(1))):
             prop = parse_prop(config[key])
@@ -333,6 +334,19 @@ class ProxmoxDriver(HypervisorDriver):
         return self.pve.creds.get(f"sshHost.{node}") or None
 
     # -- target volumes (the import storage) ---------------------------------------------------------------
+    def node_time(self, node: str) -> float:
+        """The node's clock (what its volumes' ctime is on), as a POSIX time."""
+        answer = self.pve.call("reading the node's time", lambda api: api.nodes(node).time.get())
+        return float(answer.get("time") or 0)
+
+    @staticmethod
+    def volume_ctime(key: str) -> float | None:
+        """The ctime recorded in a volume key (``volid;size=...;ctime=...``)."""
+        for part in key.split(";"):
+            if part.startswith("ctime=") and part[6:] not in ("", "None"):
+                return float(part[6:])
+        return None
+
     def volume_key(self, storage: str, volume: str) -> str | None:
         node = self._node()
         volid = volume if ":" in volume else f"{storage}:import/{volume}"

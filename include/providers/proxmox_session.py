@@ -59,14 +59,32 @@ class ProxmoxTargetSession(TargetSession):
         store = self.driver.import_storage(node)
         ledger, scope, volume = self.owned.ledger, self.owned.scope, disk.target_volume
         self._remove(store, volume, conflict=True)
-        intent = ledger.record("volume", scope, state="creating", pool=store, volume=volume)
+        # an intent on the node's clock: a volume the upload's task still made after a failed wait, or after the
+        # task here died, is this run's when the node made it after the intent
+        intent = ledger.record("volume", scope, state="creating", pool=store, volume=volume,
+                               since=self.driver.node_time(node))
         try:
             self.driver.write_volume(store, volume, segments, length)
         except BaseException:
-            ledger.forget(intent)  # PVE refuses to overwrite: an upload that failed left no volume of ours
+            try:
+                self._remove_intent(intent)
+            except Exception:  # noqa: BLE001 - the upload's error is what the phase reports; rollback retries
+                self.owned.logger.warning("removing the half-made upload %s failed", volume, exc_info=True)
             raise
         ledger.record("volume", scope, pool=store, volume=volume, key=self.driver.volume_key(store, volume))
         ledger.forget(intent)
+
+    def _remove_intent(self, intent: Entry) -> bool:
+        """Delete the volume an intent names when the node made it after the intent; forget the intent."""
+        store, volume = intent.ident["pool"], intent.ident["volume"]
+        key = self.driver.volume_key(store, volume)
+        removed = False
+        if key is not None:
+            ctime = self.driver.volume_ctime(key)
+            if ctime is not None and ctime >= float(intent.ident.get("since", intent.at)) - 1.0:
+                removed = self.driver.delete_volume(store, volume, key=key)
+        self.owned.ledger.forget(intent)
+        return removed
 
     def discard_disk(self, disk: DiskPlan) -> bool:
         store = self.driver.import_storage(self.driver._node())  # noqa: SLF001
@@ -161,7 +179,16 @@ class ProxmoxTargetSession(TargetSession):
                 continue
             store, volume = entry.ident["pool"], entry.ident["volume"]
             with _logged(self.owned.logger, f"removing the import volume {store}:import/{volume}"):
-                if entry.state != "creating" and self.driver.delete_volume(store, volume, key=entry.ident["key"]):
+                if entry.state == "creating":
+                    if self._remove_intent(entry):
+                        removed.append(f"import volume {store}:import/{volume}")
+                    continue
+                if self.driver.delete_volume(store, volume, key=entry.ident["key"]):
                     removed.append(f"import volume {store}:import/{volume}")
-                ledger.forget(entry)
+                    ledger.forget(entry)
+                elif self.driver.volume_key(store, volume) is None:
+                    ledger.forget(entry)  # gone already
+                else:  # there, but not the one recorded: left alone, and the entry kept to say so
+                    self.owned.logger.warning("cleanup: kept %s:import/%s: not the upload this run made", store,
+                                              volume)
         return removed

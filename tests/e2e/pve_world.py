@@ -11,15 +11,18 @@ from tests.e2e.vsphere_world import pattern_disk
 MiB = 1 << 20
 
 
-def provider_docs(pve: Any, name: str, namespace: str = "default", *, token_secret: str | None = None) -> list[dict]:
+def provider_docs(pve: Any, name: str, namespace: str = "default", *, token_secret: str | None = None,
+                  node: str | None = None) -> list[dict]:
     """A proxmox Provider on the test server and its Secret: the API token, the server's CA, and SSH to node pve1
-    (key, known host keys, port)."""
+    (key, known host keys, port); ``node`` as its ``spec.defaults.cluster`` (the node VMs are created on)."""
     ssh = pve.ssh["pve1"]
+    spec: dict[str, Any] = {"type": "proxmox", "endpoint": pve.url, "credentialSecretRef": {"name": f"{name}-creds"},
+                            "runtime": {"mode": "Remote", "image": "virtrigaud/provider-proxmox:latest"}}
+    if node:
+        spec["defaults"] = {"cluster": node}
     return [
         {"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "Provider",
-         "metadata": {"name": name, "namespace": namespace},
-         "spec": {"type": "proxmox", "endpoint": pve.url, "credentialSecretRef": {"name": f"{name}-creds"},
-                  "runtime": {"mode": "Remote", "image": "virtrigaud/provider-proxmox:latest"}}},
+         "metadata": {"name": name, "namespace": namespace}, "spec": spec},
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-creds", "namespace": namespace},
          "type": "Opaque", "stringData": {
              "tokenId": pve.token_id, "tokenSecret": token_secret or pve.token_secret,

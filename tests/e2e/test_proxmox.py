@@ -94,7 +94,7 @@ def test_scenario3_proxmox_to_libvirt_through_http(airflow_db, store, world, pro
 
 
 def kvm_to_pve_docs(world, pve, name: str, *, storage_hint: str = "local-lvm", bridge: str = "vmbr0",
-                    token_secret: str | None = None) -> list[dict]:
+                    token_secret: str | None = None, node: str | None = None) -> list[dict]:
     from include.demo import store_documents
 
     docs = store_documents(world, name=name, target_format=None, bridge=bridge, cpu=2, memory=1024)
@@ -102,7 +102,7 @@ def kvm_to_pve_docs(world, pve, name: str, *, storage_hint: str = "local-lvm", b
     docs[0]["spec"]["targetStorageHint"] = storage_hint
     docs[0]["spec"]["targetNetworkHints"] = [{"name": "eth0", "bridge": bridge}]
     return [d for d in docs if not (d["kind"] == "Provider" and d["metadata"]["name"].endswith("kvm-target"))] \
-        + pw.provider_docs(pve, "pve", token_secret=token_secret)
+        + pw.provider_docs(pve, "pve", token_secret=token_secret, node=node)
 
 
 def test_libvirt_to_proxmox_through_nfs(airflow_db, store, world, proxmox):
@@ -187,8 +187,9 @@ def _validating_condition(store, name: str) -> dict:
 @pytest.mark.parametrize(("kwargs", "field", "named"), [
     ({"storage_hint": "no-such-storage"}, "spec.targetStorageHint", "no-such-storage"),
     ({"bridge": "vmbr9"}, "spec.targetNetworkHints[0].bridge", "vmbr9"),
+    ({"node": "pve9"}, "spec.defaults.cluster", "pve9"),
 ])
-def test_unknown_storage_or_bridge_fails_in_validating(airflow_db, store, world, proxmox, kwargs, field, named):
+def test_unknown_storage_bridge_or_node_fails_in_validating(airflow_db, store, world, proxmox, kwargs, field, named):
     create_source_vm(world)
     write_store(store, "k2p.yaml", kvm_to_pve_docs(world, proxmox, "k2p", **kwargs))
     dagrun = run_migration("vmmigration__default__k2p")

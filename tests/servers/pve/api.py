@@ -364,6 +364,12 @@ class Api:
     def version(self, p: dict[str, Any], _: str) -> Any:
         return dict(VERSION, console="html5")
 
+    @route("GET", "/nodes/{node}/time")
+    def node_time(self, p: dict[str, Any], _: str) -> Any:
+        self._node(self.store.read(), p["node"])
+        now = int(time.time())
+        return {"time": now, "localtime": now, "timezone": "UTC"}
+
     @route("GET", "/nodes")
     def nodes(self, p: dict[str, Any], _: str) -> Any:
         state = self.store.read()
