@@ -15,6 +15,8 @@ which only it owns) and the import volumes the ledger lists.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -168,8 +170,35 @@ class ProxmoxDriver(HypervisorDriver):
         return self.pve.call(f"reading VM {vmid}", lambda api: api.nodes(node).qemu(vmid).config.get())
 
     def get_vm(self, name: str) -> VMInfo:
+        """The VM as its config describes it; its qcow2 and vmdk disks checked on the node with ``qemu-img info``
+        (an overlay is refused: a linked clone's or a volume chain's top alone is not the disk) and sized by
+        their files (what has to move)."""
         node, vmid = self._find(name)
-        return self._vm_info(node, vmid)
+        info = self._vm_info(node, vmid)
+        return dataclasses.replace(info, disks=self._checked_disks(node, info.disks))
+
+    def _checked_disks(self, node: str, disks: Sequence[DiskInfo]) -> tuple[DiskInfo, ...]:
+        images = [d for d in disks if d.format in ("qcow2", "vmdk")]
+        if not images:
+            return tuple(disks)
+        client = self.pve.ssh(self._node_host(node))
+        sizes: dict[str, int] = {}
+        try:
+            for d in images:
+                path = self.pve.run(client, ["pvesm", "path", d.volume or d.path], f"locating {d.path}").strip()
+                out = self.pve.run(client, ["qemu-img", "info", "-U", "--output=json", "-f", d.format, path],
+                                   f"reading the image of disk {d.name}")
+                image = json.loads(out)
+                if image.get("backing-filename"):
+                    raise UnsupportedDiskFormat(
+                        f"disk {d.name} ({d.path}) is an overlay on {image['backing-filename']} (a linked clone, "
+                        f"or a snapshot on a volume-chain storage); migrate a full clone, or remove the snapshot",
+                        field="spec.sourceName")
+                if image.get("actual-size"):
+                    sizes[d.name] = int(image["actual-size"])
+        finally:
+            client.close()
+        return tuple(dataclasses.replace(d, allocation=sizes[d.name]) if d.name in sizes else d for d in disks)
 
     def _vm_info(self, node: str, vmid: int) -> VMInfo:
         config = self._config(node, vmid)

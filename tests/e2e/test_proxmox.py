@@ -253,3 +253,33 @@ def test_a_failed_pve_task_ends_creating_with_its_log_and_rolls_back(store, worl
     result = phases.finalize(phases.MigrationContext("default", "k2p", store=SpecStore(store)), succeeded=False)
     assert not (imports / names[0]).exists(), result
     assert proxmox.proxmox().cluster.resources.get(type="vm") == []
+
+
+def test_an_overlay_disk_is_refused_in_validating(airflow_db, store, world, proxmox, tmp_path):
+    """A linked clone's disk (a qcow2 overlay on its template's base image) is not the whole disk: refused in
+    Validating, naming the disk and what it is an overlay on, and nothing is created."""
+    import subprocess
+
+    pw.create_vm(proxmox, 103, "clone-src", tmp_path)
+    disk = proxmox.volume_path(proxmox.vm_config(103)["scsi0"].split(",")[0])
+    base = disk.with_name("base-103-disk-0.qcow2")
+    disk.rename(base)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(disk)], check=True)
+    ensure_world_pools(world.conn(), world)
+    world.share.mkdir(parents=True, exist_ok=True)
+    docs = [
+        {"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "VMMigration",
+         "metadata": {"name": "p2k", "namespace": "default"},
+         "spec": {"sourceName": "clone-src", "targetProviderRef": {"name": "kvm"}, "targetName": "clone-kvm",
+                  "targetStorageHint": world.target_pool,
+                  "storage": {"type": "nfs", "path": str(world.share), "endpoint": "nfs.local"}}},
+        vw.vm_doc("clone-src", "default", "pve", "clone-src"),
+        *pw.provider_docs(proxmox, "pve"),
+        *vw.libvirt_provider_docs(world, "kvm", "default"),
+    ]
+    write_store(store, "p2k.yaml", docs)
+    dagrun = run_migration("vmmigration__default__p2k")
+    assert str(dagrun.state) == "failed"
+    cond = _validating_condition(store, "p2k")
+    assert "spec.sourceName" in cond["message"] and "overlay on base-103-disk-0.qcow2" in cond["message"], cond
+    assert cond["reason"] == "UnsupportedDiskFormat"
