@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from include.diskio import CHUNK, Segment
-from include.errors import ConfigurationError, HypervisorAuthError, HypervisorError, InvalidMigration, NotFound
+from include.errors import ConfigurationError, HypervisorAuthError, HypervisorError, InvalidMigration
 
 log = logging.getLogger(__name__)
 
@@ -312,15 +312,5 @@ def stream_file(client: Any, path: str, what: str) -> Iterator[Segment]:
                     yield Segment(length=len(chunk))
                 else:
                     yield Segment(length=len(chunk), data=chunk)
-    finally:
-        sftp.close()
-
-
-def file_size(client: Any, path: str) -> int:
-    sftp = client.open_sftp()
-    try:
-        return int(sftp.stat(path).st_size)
-    except OSError as err:
-        raise NotFound(f"{path} on the node: {err}") from None
     finally:
         sftp.close()

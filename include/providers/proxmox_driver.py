@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from include.diskio import Segment
 from include.errors import HypervisorError, InvalidMigration, NotFound, TargetCreationError, UnsupportedDiskFormat
 from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, TargetDisk, VMInfo
-from include.providers.proxmox_api import Proxmox, TaskFailed, file_size, stream_file
+from include.providers.proxmox_api import Proxmox, TaskFailed, stream_file
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
@@ -349,15 +349,6 @@ class ProxmoxDriver(HypervisorDriver):
         finally:
             client.close()
 
-    def source_size(self, disk: DiskInfo, vm: str | None = None) -> int:
-        node = self._find(vm)[0] if vm else self._node()
-        client = self.pve.ssh(self._node_host(node))
-        try:
-            path = self.pve.run(client, ["pvesm", "path", disk.volume or disk.path], f"locating {disk.path}").strip()
-            return file_size(client, path)
-        finally:
-            client.close()
-
     def _node_host(self, node: str) -> str | None:
         """Where to reach a node over SSH: the Secret's ``sshHost.<node>`` where set, else the API's host."""
         return self.pve.creds.get(f"sshHost.{node}") or None
@@ -505,13 +496,6 @@ class ProxmoxDriver(HypervisorDriver):
                               field="spec.cleanupPolicy.deleteSource")
         self.delete_vm(vm_id)
         return [f"VM {info.name} ({vm_id}) with its disks {', '.join(sorted(planned))}"]
-
-    def local_disk_path(self, disk: DiskInfo) -> str | None:
-        return None
-
-    def volume_format_check(self, fmt: str) -> None:
-        if fmt not in ("qcow2", "raw", "vmdk"):
-            raise UnsupportedDiskFormat(f"Proxmox VE imports qcow2, raw or vmdk, not {fmt}")
 
 
 def _described_disks(description: str) -> dict[str, str]:

@@ -941,7 +941,6 @@ for _name in ("check", "identity", "get_vm", "vm_id", "describe_vm", "vm_owner",
               "file_exists", "server_time",
               "point_in_time_active", "read_point_in_time", "end_point_in_time"):
     setattr(VSphereDriver, _name, _vsphere_faults(getattr(VSphereDriver, _name)))
-VSphereDriver.delete_vm_keeping_disks = VSphereDriver.delete_vm
 
 
 def carrier_ovf(name: str, capacity: int, size: int) -> str:

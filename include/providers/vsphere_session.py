@@ -296,7 +296,7 @@ class VSphereTargetSession(TargetSession):
         entry = self.owned.ledger.find("vm", self.owned.scope, id=vm_id)
         if entry is None and self.driver.vm_owner(vm_id) != self.owned.tag:
             return None
-        deleted = self.driver.delete_vm_keeping_disks(vm_id)
+        deleted = self.driver.delete_vm(vm_id)  # its disks are detached first and stay
         if entry is not None:
             self.owned.ledger.forget(entry)
         return deleted
