@@ -11,8 +11,10 @@ logdir="${VMMIG_CACHE:-$HOME/.cache/vmmigration}/logs"; mkdir -p "$logdir"
 # running, not a zombie: a daemon killed after its parent went away stays a zombie where PID 1 does not reap
 # (a Firecracker VM's init), and pgrep alone would take it for a live one and start nothing
 alive() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
-alive virtlogd || setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null &
-alive libvirtd || setsid nohup /usr/sbin/libvirtd >"$logdir/libvirtd.log" 2>&1 < /dev/null &
+# (an `if`, not `alive x || ... &`: that backgrounds a subshell which keeps the caller's stdout open as long as the
+# daemon lives, and a caller reading it, such as a test fixture, then waits for ever)
+if ! alive virtlogd; then setsid nohup /usr/sbin/virtlogd >"$logdir/virtlogd.log" 2>&1 < /dev/null & fi
+if ! alive libvirtd; then setsid nohup /usr/sbin/libvirtd >"$logdir/libvirtd.log" 2>&1 < /dev/null & fi
 # a loaded host (or a restart right after a stop) can take several seconds to answer
 # (measured: more than 60 s once in a while after a restart during a migration; callers wait 180 s)
 deadline=$((SECONDS + ${LIBVIRTD_WAIT:-170}))

@@ -41,7 +41,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     except NotFound as err:
         raise NotFound(f"{err} (provider {resolved.source.provider.ref})", field="spec.sourceName") from err
     if vm.running:
-        refusal = ctx.source.live_export_refusal()
+        refusal = ctx.source.live_export_refusal(vm)
         if refusal:
             raise InvalidMigration(f"VM {vm.name} is running: {refusal}", field="spec.sourceName")
         if spec.cleanupPolicy.deleteSource and not delete_running_from(migration.annotations)[0]:

@@ -166,8 +166,9 @@ class HypervisorDriver(abc.ABC):
     #: export), or the hypervisor's own export format (vSphere's NFC: a streamOptimized "vmdk")
     live_format = "raw"
 
-    def live_export_refusal(self) -> str | None:
-        """Why a running VM cannot be exported live through this connection (None: it can)."""
+    def live_export_refusal(self, vm: VMInfo | None = None) -> str | None:
+        """Why a running VM (``vm``, as :meth:`get_vm` gave it) cannot be exported live through this connection
+        (None: it can)."""
         return None if self.live_export else f"the {type(self).__name__} source cannot export a running VM"
 
     def point_in_time_handle(self, workdir: str) -> dict[str, Any]:

@@ -338,7 +338,7 @@ class LibvirtDriver(HypervisorDriver):
     # -- a running source: a pull-mode backup job, read over NBD ---------------------------------------
     live_export = True
 
-    def live_export_refusal(self) -> str | None:
+    def live_export_refusal(self, vm: VMInfo | None = None) -> str | None:
         """The NBD export is a unix socket on the libvirt host: read here only when libvirtd runs here."""
         if not is_local_uri(self.uri):
             return (f"a running VM on {_shown(self.uri)} is exported through a unix socket on that host, which a "

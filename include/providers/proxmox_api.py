@@ -314,3 +314,61 @@ def stream_file(client: Any, path: str, what: str) -> Iterator[Segment]:
                     yield Segment(length=len(chunk), data=chunk)
     finally:
         sftp.close()
+
+
+class RandomReader:
+    """An SFTP file read at offsets: reads above 64 KiB are pipelined (``readv``), not one round trip per 32 KiB."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.pos = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset
+        return offset
+
+    def read(self, size: int = -1) -> bytes:
+        if 0 <= size <= 65536:
+            self.fh.seek(self.pos)
+            data = self.fh.read(size)
+        else:
+            data = b"".join(self.fh.readv([(self.pos, size)]))
+        self.pos += len(data)
+        return data
+
+
+def stream_command(client: Any, command: list[str], what: str, *, header: int = 0) -> Iterator[Segment | bytes]:
+    """A command's stdout on the node, in chunks (all-zero ones as holes); the first ``header`` bytes come first,
+    alone, as ``bytes``. A non-zero exit raises with the end of its stderr."""
+    import shlex
+
+    chan = client.get_transport().open_session()
+    try:
+        chan.exec_command(" ".join(shlex.quote(a) for a in command))
+
+        def fill(n: int) -> bytes:
+            buf = bytearray()
+            while len(buf) < n:
+                got = chan.recv(n - len(buf))
+                if not got:
+                    break
+                buf += got
+            return bytes(buf)
+
+        if header:
+            yield fill(header)
+        while True:
+            chunk = fill(CHUNK)
+            if not chunk:
+                break
+            yield Segment(length=len(chunk)) if chunk.count(0) == len(chunk) else Segment(length=len(chunk),
+                                                                                           data=chunk)
+        status = chan.recv_exit_status()
+        if status != 0:
+            problem = b""
+            while chan.recv_stderr_ready():
+                problem += chan.recv_stderr(65536)
+            raise HypervisorError(f"{what}: `{' '.join(command[:2])}` exited {status}: "
+                                  f"{problem.decode(errors='replace').strip()[-300:]}")
+    finally:
+        chan.close()

@@ -4,7 +4,9 @@ Source: the VM by name (or VMID) on whichever node of the cluster it lives (``/c
 scsi, virtio, sata and ide (CD-ROMs, cloud-init drives, EFI vars and TPM state are not migrated and are named in the
 log), NICs, cores and memory; a snapshot; each disk read from the shut-off VM's volume file over SFTP
 (``pvesm path`` on the node tells where it is), streamed into the transfer engine without a temporary copy,
-zero blocks left out. A running VM is refused (no live export yet).
+zero blocks left out. A running VM is read from a PVE snapshot taken for the run while it runs (the point-in-time
+port): a qcow2 on a file storage at its internal snapshot (include.qcow2 reads the snapshot's own tables over
+SFTP), a volume on LVM-thin or Ceph RBD through ``pvesm export --snapshot``; the snapshot is removed after.
 
 Target (``ProxmoxTargetSession``): each disk is uploaded to a storage with content ``import`` (PVE 8.4 and later)
 and attached with ``import-from`` when the VM is created on the VMID ``/cluster/nextid`` gives (recorded before the
@@ -16,16 +18,20 @@ which only it owns) and the import volumes the ledger lists.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
+import os
 import re
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from include import qcow2
 from include.diskio import Segment
 from include.errors import HypervisorError, InvalidMigration, NotFound, TargetCreationError, UnsupportedDiskFormat
-from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, TargetDisk, VMInfo
-from include.providers.proxmox_api import Proxmox, TaskFailed, stream_file
+from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, PointInTime, TargetDisk, VMInfo
+from include.providers.proxmox_api import Proxmox, RandomReader, TaskFailed, stream_command, stream_file
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
@@ -114,9 +120,10 @@ class ProxmoxDriver(HypervisorDriver):
 
     @classmethod
     def snapshot_disks(cls, disks: Sequence[DiskInfo]) -> list[str]:
-        """None: the disks are read from the shut-off VM's volumes, and a PVE snapshot would only get in the way
-        (on a storage with volume chains, PVE 9, the volume id then names a new, empty overlay). The VM stays
-        shut off, which Exporting and Transferring check."""
+        """None for a shut-off VM: its disks are read from its volumes (in their own format), and a PVE snapshot
+        would only get in the way (on a storage with volume chains, PVE 9, the volume id then names a new, empty
+        overlay). The VM stays shut off, which Exporting and Transferring check. A running VM gets a PVE snapshot
+        of its own through the point-in-time port (begin_point_in_time)."""
         return []
 
     @classmethod
@@ -348,6 +355,126 @@ class ProxmoxDriver(HypervisorDriver):
             yield from stream_file(client, path, f"reading disk {disk.name} ({disk.path})")
         finally:
             client.close()
+
+    # -- a running source: a PVE snapshot of the running VM, read while it runs ------------------------------
+    live_export = True
+    live_format = "raw"
+
+    def _storage_types(self, node: str) -> dict[str, str]:
+        stores = self.pve.call("listing storages", lambda api: api.nodes(node).storage.get())
+        return {str(s.get("storage")): str(s.get("type")) for s in stores}
+
+    def _snapshot_read(self, disk: DiskInfo, types: Mapping[str, str]) -> str | None:
+        """How a disk is read at a PVE snapshot: "qcow2" (its internal snapshot, over SFTP), "export" (``pvesm
+        export ... --snapshot``: LVM-thin's and Ceph RBD's snapshot volumes), None when PVE cannot snapshot it."""
+        kind = types.get(disk.pool or "", "")
+        if kind in FILE_STORAGES:
+            return "qcow2" if disk.format == "qcow2" else None
+        return "export" if kind in ("lvmthin", "rbd") else None
+
+    def live_export_refusal(self, vm: VMInfo | None = None) -> str | None:
+        """A running VM is read from a PVE snapshot: every disk must be one PVE snapshots and we can read at it."""
+        if vm is None or not vm.id:
+            return None
+        types = self._storage_types(self._split(vm.id)[0])
+        bad = [f"{d.name} ({d.volume}, {d.format} on {types.get(d.pool or '', '?')} storage {d.pool})"
+               for d in vm.disks if self._snapshot_read(d, types) is None]
+        if bad:
+            return (f"it is read from a PVE snapshot taken while it runs, and PVE cannot snapshot, or the engine "
+                    f"cannot read at a snapshot, disk {', '.join(bad)} (raw and vmdk on a directory storage, "
+                    f"ZFS, thick LVM); shut the VM down")
+        return None
+
+    def point_in_time_handle(self, workdir: str) -> dict[str, Any]:
+        """The snapshot's name, from the run's fresh folder (known before it is taken, unique per run)."""
+        return {"snapshot": self.snapname(f"vmmigration_live_{os.path.basename(os.path.normpath(workdir))}")}
+
+    def begin_point_in_time(self, vm: str, disks: Sequence[DiskInfo], workdir: str) -> PointInTime:
+        """A PVE snapshot of the running VM without its RAM (``vmstate`` 0); PVE freezes the guest's filesystems
+        for it through the QEMU guest agent when the VM's config enables the agent."""
+        handle = self.point_in_time_handle(workdir)
+        node, vmid = self._find(vm)
+        agent = str(self._config(node, vmid).get("agent", "0")).split(",")[0]
+        enabled = agent in ("1", "enabled=1", "enabled=true")
+        taken = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        upid = self.pve.call(f"snapshotting the running VM {vmid}", lambda api: api.nodes(node).qemu(vmid).snapshot.post(
+            snapname=handle["snapshot"], vmstate=0, description="point in time of the VM migration engine"))
+        self.pve.wait(node, upid, f"snapshot {handle['snapshot']} of the running VM {vm}")
+        detail = ("the VM's guest agent is enabled: PVE asked it to freeze the filesystems for the snapshot (the "
+                  "task log says whether the guest did)" if enabled else
+                  "the VM's guest agent is not enabled: nothing was quiesced")
+        return PointInTime(handle={**handle, "node": node, "vmid": vmid}, disks=tuple(d.name for d in disks),
+                           consistency="crash-consistent", detail=detail, taken_at=taken)
+
+    def _held(self, handle: Mapping[str, Any], vm: str | None = None) -> tuple[str, int] | None:
+        """(node, vmid) of a point in time that still exists; a handle recorded before it was taken names no VM
+        yet, and then it is the VM named (which the caller checked is still the VM validated)."""
+        try:
+            node, vmid = (str(handle["node"]), int(handle["vmid"])) if handle.get("vmid") else self._find(vm or "")
+        except NotFound:
+            return None
+        try:
+            snaps = self.pve.call("listing snapshots", lambda api: api.nodes(node).qemu(vmid).snapshot.get())
+        except NotFound:
+            return None
+        return (node, vmid) if any(s.get("name") == handle.get("snapshot") for s in snaps) else None
+
+    def point_in_time_active(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        return self._held(handle, vm) is not None
+
+    def read_point_in_time(self, handle: Mapping[str, Any], disk: DiskInfo) -> tuple[Iterator[Segment], int, int]:
+        held = self._held(handle)
+        if held is None:
+            raise NotFound(f"the point in time {handle.get('snapshot')} is gone; run the migration again",
+                           field="spec.sourceName")
+        how = self._snapshot_read(disk, self._storage_types(held[0]))
+        if how is None:
+            raise UnsupportedDiskFormat(f"disk {disk.name} ({disk.volume}) cannot be read at a PVE snapshot",
+                                        field="spec.sourceName")
+        return self._read_at(held[0], disk, str(handle["snapshot"]), how), disk.capacity, disk.allocation
+
+    def _read_at(self, node: str, disk: DiskInfo, snapshot: str, how: str) -> Iterator[Segment]:
+        """The disk's guest data at the snapshot, streamed over SSH: a qcow2's internal snapshot read through its
+        own tables over SFTP (allocated clusters only), or the snapshot volume's ``raw+size`` stream from ``pvesm
+        export``; no temporary copy on the node either way."""
+        client = self.pve.ssh(self._node_host(node))
+        try:
+            what = f"reading disk {disk.name} ({disk.volume}) at snapshot {snapshot}"
+            if how == "qcow2":
+                path = self.pve.run(client, ["pvesm", "path", disk.volume or disk.path], f"locating {disk.path}")
+                sftp = client.open_sftp()
+                try:
+                    with sftp.open(path.strip(), "rb") as fh:
+                        try:
+                            yield from qcow2.segments(RandomReader(fh), snapshot)
+                        except qcow2.Qcow2Error as err:
+                            raise UnsupportedDiskFormat(f"{what}: {err}", field="spec.sourceName") from None
+                finally:
+                    sftp.close()
+                return
+            stream = stream_command(client, ["pvesm", "export", disk.volume or disk.path, "raw+size", "-",
+                                             "--snapshot", snapshot], what, header=8)
+            size = struct.unpack("<Q", next(stream))[0]
+            if size != disk.capacity:
+                raise HypervisorError(f"{what}: the export is {size} bytes, the disk {disk.capacity}")
+            done = 0
+            for seg in stream:
+                done += seg.length
+                yield seg
+            if done != size:
+                raise HypervisorError(f"{what}: the export ended after {done} of {size} bytes")
+        finally:
+            client.close()
+
+    def end_point_in_time(self, vm: str, handle: Mapping[str, Any]) -> bool:
+        held = self._held(handle, vm)
+        if held is None:
+            return False
+        node, vmid = held
+        upid = self.pve.call(f"removing snapshot {handle['snapshot']}", lambda api: api.nodes(node).qemu(vmid)
+                             .snapshot(str(handle["snapshot"])).delete())
+        self.pve.wait(node, upid, f"removing the point-in-time snapshot {handle['snapshot']} of VM {vm}")
+        return True
 
     def _node_host(self, node: str) -> str | None:
         """Where to reach a node over SSH: the Secret's ``sshHost.<node>`` where set, else the API's host."""

@@ -31,8 +31,8 @@ def provider_docs(pve: Any, name: str, namespace: str = "default", *, token_secr
     ]
 
 
-def create_vm(pve: Any, vmid: int, name: str, work: Path) -> dict[str, Path]:
-    """A shut-off VM with a qcow2 disk on ``local`` (scsi0, 48 MiB) and a raw one on ``local-lvm`` (scsi1, 24 MiB),
+def create_vm(pve: Any, vmid: int, name: str, work: Path, *, running: bool = False) -> dict[str, Path]:
+    """A shut-off (or ``running``) VM with a qcow2 disk on ``local`` (scsi0, 48 MiB) and a raw one on ``local-lvm`` (scsi1, 24 MiB),
     a NIC on vmbr0; each disk's raw content (what a migrated disk must hold)."""
     raws = {}
     disks = []
@@ -42,5 +42,5 @@ def create_vm(pve: Any, vmid: int, name: str, work: Path) -> dict[str, Path]:
         pattern_disk(raw, size, seed=index + 31)
         raws[key] = raw
         disks.append((key, storage, fmt, size * MiB, raw))
-    pve.add_vm("pve1", vmid, name, disks=disks, cores=2, memory=1024)
+    pve.add_vm("pve1", vmid, name, disks=disks, cores=2, memory=1024, running=running)
     return raws

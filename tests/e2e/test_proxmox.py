@@ -283,3 +283,63 @@ def test_an_overlay_disk_is_refused_in_validating(airflow_db, store, world, prox
     cond = _validating_condition(store, "p2k")
     assert "spec.sourceName" in cond["message"] and "overlay on base-103-disk-0.qcow2" in cond["message"], cond
     assert cond["reason"] == "UnsupportedDiskFormat"
+
+
+def _p2k_docs(world, vm: str, target: str) -> list[dict]:
+    return [
+        {"apiVersion": "infra.virtrigaud.io/v1beta1", "kind": "VMMigration",
+         "metadata": {"name": "p2k", "namespace": "default"},
+         "spec": {"sourceName": vm, "targetProviderRef": {"name": "kvm"}, "targetName": target,
+                  "targetStorageHint": world.target_pool,
+                  "storage": {"type": "nfs", "path": str(world.share), "endpoint": "nfs.local"}}},
+        vw.vm_doc(vm, "default", "pve", vm),
+        *vw.libvirt_provider_docs(world, "kvm", "default"),
+    ]
+
+
+def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(airflow_db, store, world, proxmox,
+                                                                            tmp_path):
+    """A running VM (qcow2 on a directory storage, raw on LVM-thin) whose guest goes on writing to both disks
+    right after the snapshot: the migrated disks hold what they held at the snapshot (the qcow2 read at its
+    internal snapshot through its own tables, the LVM-thin volume through ``pvesm export --snapshot``), not what
+    the volumes hold now; the snapshot is removed and the VM runs on."""
+    raws = pw.create_vm(proxmox, 104, "live-src", tmp_path, running=True)
+    proxmox.guest_writes(104)
+    ensure_world_pools(world.conn(), world)
+    world.share.mkdir(parents=True, exist_ok=True)
+    target = f"{world.vm_name}-from-live"
+    write_store(store, "p2k.yaml", [*_p2k_docs(world, "live-src", target), *pw.provider_docs(proxmox, "pve")])
+    dagrun = run_migration("vmmigration__default__p2k")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    status = _status(store, "p2k")
+    assert status["phase"] == "Ready" and status["pointInTime"]["consistency"] == "crash-consistent", status
+    files = proxmox.disk_files(104)
+    conn = world.conn()
+    try:
+        pool = conn.storagePoolLookupByName(world.target_pool)
+        pool.refresh(0)
+        for disk, key, fmt in (("sda", "scsi0", "qcow2"), ("sdb", "scsi1", "raw")):
+            dst = pool.storageVolLookupByName(f"{target}-{disk}.qcow2").path()
+            assert diskio.compare(raws[key], dst, "raw", "qcow2"), f"{disk} is not the disk at the snapshot"
+            assert not diskio.compare(raws[key], files[key], "raw", fmt), f"the guest wrote to {key} after it"
+    finally:
+        if target in conn.listDefinedDomains():
+            conn.lookupByName(target).undefine()
+        conn.close()
+    api = proxmox.proxmox()
+    assert [s["name"] for s in api.nodes("pve1").qemu(104).snapshot.get()] == ["current"], "the snapshot is removed"
+    assert api.nodes("pve1").qemu(104).status.current.get()["status"] == "running"
+    assert not any(p.name.startswith("snap_") for p in files["scsi1"].parent.iterdir()), "its LVM snapshot too"
+
+
+def test_a_running_vm_with_a_disk_pve_cannot_snapshot_is_refused_in_validating(airflow_db, store, world, proxmox):
+    proxmox.add_vm("pve1", 105, "raw-live", disks=[("scsi0", "local", "raw", 8 << 20)], running=True)
+    ensure_world_pools(world.conn(), world)
+    world.share.mkdir(parents=True, exist_ok=True)
+    write_store(store, "p2k.yaml", [*_p2k_docs(world, "raw-live", "raw-live-kvm"), *pw.provider_docs(proxmox, "pve")])
+    dagrun = run_migration("vmmigration__default__p2k")
+    assert str(dagrun.state) == "failed"
+    cond = _validating_condition(store, "p2k")
+    assert "spec.sourceName" in cond["message"] and "is running" in cond["message"], cond
+    assert "sda (local:105/vm-105-disk-0.raw, raw on dir storage local)" in cond["message"], cond
+    assert [s["name"] for s in proxmox.proxmox().nodes("pve1").qemu(105).snapshot.get()] == ["current"]

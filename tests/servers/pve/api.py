@@ -56,12 +56,14 @@ from tests.servers.pve.state import (
     PveError,
     Store,
     format_size,
+    guest_write,
     image_info,
     join_prop,
     now,
     parse_prop,
     qemu_img,
     remove_volume_file,
+    snap_file,
     volumes_of,
 )
 
@@ -598,7 +600,7 @@ class Api:
         return [*out, current]
 
     def _snap_file(self, path: Path, name: str) -> Path:
-        return path.parent / f"snap_{path.stem}_{name}{path.suffix}"
+        return snap_file(path, name)
 
     @route("POST", "/nodes/{node}/qemu/{vmid}/snapshot")
     def snapshot_create(self, p: dict[str, Any], user: str) -> Any:
@@ -651,6 +653,10 @@ class Api:
                     snap["vmstate"] = 1
                 vm["snapshots"][name] = snap
                 vm["config"]["parent"] = name
+                writes = vm["status"] == "running" and vm.get("guest_writes")
+            if writes:  # the guest of a running VM goes on writing after the snapshot (a test's knob)
+                for path, fmt in done:
+                    guest_write(path, fmt)
 
         return self.tasks.start(node, "qmsnapshot", vmid, user, work)
 

@@ -7,6 +7,9 @@ a ``bin/`` folder first in PATH (sshd_config ``SetEnv``) whose ``pvesm`` and ``q
 - ``pvesm path VOLID`` prints the file of a volume (it need not exist, as on a node);
 - ``pvesm list STORAGE [--content C] [--vmid N]`` prints PVE's table (Volid Format Type Size VMID);
 - ``pvesm status`` prints the storages (Name Type Status Total Used Available %);
+- ``pvesm export VOLID raw+size - [--snapshot S]`` writes PVE's ``raw+size`` stream to stdout (the size as a
+  little-endian u64, then the raw bytes), from an LVM-thin volume or its snapshot volume; on a directory storage
+  it refuses a snapshot as PVE's DirPlugin does (its snapshots are internal to qcow2 files);
 - ``qm importdisk VMID FILE STORAGE [--format F]`` and ``qm disk import ...`` copy FILE into a new
   ``vm-<vmid>-disk-<n>`` volume (``qemu-img convert``; the source format kept unless ``--format``) and add it
   to the VM's config as ``unused<N>``, printing ``Successfully imported disk as 'unused0:local-lvm:vm-100-disk-1'``;
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import struct
 import sys
 from pathlib import Path
 
-from tests.servers.pve.state import PveError, Store
+from tests.servers.pve.state import PveError, Store, image_info, snap_file
 
 
 def pvesm(store: Store, node: str, args: list[str]) -> int:
@@ -34,6 +38,13 @@ def pvesm(store: Store, node: str, args: list[str]) -> int:
     lst.add_argument("--content")
     lst.add_argument("--vmid", type=int)
     sub.add_parser("status")
+    exp = sub.add_parser("export")
+    exp.add_argument("volume")
+    exp.add_argument("format", choices=("raw+size", "qcow2+size", "vmdk+size", "zfs", "tar+size", "btrfs"))
+    exp.add_argument("filename")
+    exp.add_argument("--snapshot")
+    exp.add_argument("--base")
+    exp.add_argument("--with-snapshots", type=int, default=0)
     opts = parser.parse_args(args)
     state = store.read()
     if opts.cmd == "path":
@@ -46,12 +57,38 @@ def pvesm(store: Store, node: str, args: list[str]) -> int:
         print(f"{'Volid':<{width}} {'Format':<6} {'Type':<12} {'Size':>12} VMID")
         for r in rows:
             print(f"{r['volid']:<{width}} {r['format']:<6} {r['content']:<12} {r['size']:>12} {r.get('vmid', '')}")
+    elif opts.cmd == "export":
+        return export(store, state, opts)
     else:
         print(f"{'Name':<12} {'Type':<8} {'Status':<8} {'Total':>14} {'Used':>14} {'Available':>14} {'%':>8}")
         for sid, spec in state["storages"].items():
             usage = shutil.disk_usage(spec["path"])
             print(f"{sid:<12} {'dir':<8} {'active':<8} {usage.total // 1024:>14} {usage.used // 1024:>14} "
                   f"{usage.free // 1024:>14} {100 * usage.used / usage.total:>7.2f}%")
+    return 0
+
+
+def export(store: Store, state: dict, opts: argparse.Namespace) -> int:
+    sid, _ = store.split_volid(opts.volume)
+    lvm = store.storage(state, sid).get("naming") == "lvm"
+    kind = "LvmThinPlugin" if lvm else "DirPlugin"
+    if opts.format != "raw+size" or opts.with_snapshots or opts.base or (opts.snapshot and not lvm):
+        raise PveError(f"volume export format {opts.format} not available for PVE::Storage::{kind}")
+    if opts.filename != "-":
+        raise PveError("the test server's pvesm export writes to stdout only ('-')")
+    path = store.volume_path(state, opts.volume)
+    if opts.snapshot:
+        path = snap_file(path, opts.snapshot)
+        if not path.is_file():
+            raise PveError(f"Failed to find logical volume 'pve/snap_{Path(opts.volume).stem}_{opts.snapshot}'")
+    fmt, size = image_info(path)
+    if fmt != "raw":
+        raise PveError(f"volume export format {opts.format} not available for PVE::Storage::{kind} ({fmt})")
+    out = sys.stdout.buffer
+    out.write(struct.pack("<Q", size))
+    with open(path, "rb") as fh:
+        shutil.copyfileobj(fh, out, 1 << 20)
+    out.flush()
     return 0
 
 

@@ -353,6 +353,12 @@ class PveServer:
                 vm.update(status="running", started=int(time.time()), pid=40000 + vmid)
         return config
 
+    def guest_writes(self, vmid: int, on: bool = True) -> None:
+        """Have the running VM's guest write to its disks right after each snapshot (1 MiB of 0xee at the start
+        of every snapshotted volume), so a reader that reads the volume instead of the snapshot is caught."""
+        with self.store.transaction() as state:
+            state["vms"][str(vmid)]["guest_writes"] = on
+
     def disk_files(self, vmid: int) -> dict[str, Path]:
         """config key -> file of each disk volume of a VM (unused ones included)."""
         state = self.store.read()

@@ -354,5 +354,21 @@ def remove_volume_file(path: Path) -> None:
         path.parent.rmdir()  # images/<vmid>/ once empty
 
 
+def snap_file(path: Path, name: str) -> Path:
+    """The snapshot volume of an LVM-thin volume's file (``snap_vm-100-disk-0_<snapname>``, as LVM names it)."""
+    return path.parent / f"snap_{path.stem}_{name}{path.suffix}"
+
+
+def guest_write(path: Path, fmt: str) -> None:
+    """What a running guest does to a disk: 1 MiB of 0xee written at its start (on a qcow2 through qemu-io, so
+    that a cluster a snapshot holds is copied, as QEMU does)."""
+    if fmt == "qcow2":
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xee 0 1M", str(path)], check=True,
+                       capture_output=True)
+    else:
+        with open(path, "r+b") as fh:
+            fh.write(b"\xee" * (1 << 20))
+
+
 def copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
