@@ -397,8 +397,9 @@ class ProxmoxDriver(HypervisorDriver):
         agent = str(self._config(node, vmid).get("agent", "0")).split(",")[0]
         enabled = agent in ("1", "enabled=1", "enabled=true")
         taken = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        upid = self.pve.call(f"snapshotting the running VM {vmid}", lambda api: api.nodes(node).qemu(vmid).snapshot.post(
-            snapname=handle["snapshot"], vmstate=0, description="point in time of the VM migration engine"))
+        upid = self.pve.call(f"snapshotting the running VM {vmid}", lambda api: api.nodes(node).qemu(vmid)
+                             .snapshot.post(snapname=handle["snapshot"], vmstate=0,
+                                            description="point in time of the VM migration engine"))
         self.pve.wait(node, upid, f"snapshot {handle['snapshot']} of the running VM {vm}")
         detail = ("the VM's guest agent is enabled: PVE asked it to freeze the filesystems for the snapshot (the "
                   "task log says whether the guest did)" if enabled else

@@ -32,8 +32,8 @@ def provider_docs(pve: Any, name: str, namespace: str = "default", *, token_secr
 
 
 def create_vm(pve: Any, vmid: int, name: str, work: Path, *, running: bool = False) -> dict[str, Path]:
-    """A shut-off (or ``running``) VM with a qcow2 disk on ``local`` (scsi0, 48 MiB) and a raw one on ``local-lvm`` (scsi1, 24 MiB),
-    a NIC on vmbr0; each disk's raw content (what a migrated disk must hold)."""
+    """A shut-off (or ``running``) VM with a qcow2 disk on ``local`` (scsi0, 48 MiB) and a raw one on ``local-lvm``
+    (scsi1, 24 MiB), a NIC on vmbr0; each disk's raw content (what a migrated disk must hold)."""
     raws = {}
     disks = []
     for index, (key, storage, fmt, size) in enumerate((("scsi0", "local", "qcow2", 48), ("scsi1", "local-lvm",
