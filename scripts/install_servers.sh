@@ -11,7 +11,7 @@
 # `install_servers.sh vcsim` does only the vcsim step and prints the vcsim binary path instead
 # (tests/servers/vsphere.py calls it so when the binary is missing).
 # `install_servers.sh kube` does only the kube step and prints two lines: the kube-apiserver path, then the etcd
-# path (tests/servers/kubernetes.py calls it so when a binary is missing). A cold build of both takes about
+# path (tests/servers/kube_api.py calls it so when a binary is missing). A cold build of both takes about
 # 6 minutes on 2 cores (kube-apiserver ~150 MB, etcd ~40 MB).
 set -euo pipefail
 
@@ -31,7 +31,7 @@ use_go() {
 }
 
 # go_build_cached NAME SRC WHAT [LDFLAGS]: the binary $cache/bin/NAME-<key> for the Go module in SRC, built if
-# missing; the key is the same as tests/servers/vsphere.py and tests/servers/kubernetes.py compute: the first 16
+# missing; the key is the same as tests/servers/vsphere.py and tests/servers/kube_api.py compute: the first 16
 # hex digits of sha256(go.mod + go.sum + main.go). Older NAME-* binaries are removed after a new one is built.
 # The LDFLAGS are not part of the key: after changing them here, delete the cached binary. Sets $built to the
 # path. Quiet when the binary is cached.

@@ -84,7 +84,7 @@ def s3(tmp_path: Path, request: pytest.FixtureRequest):
     server.stop()
 
 
-from tests.servers.kubernetes import kube_api  # noqa: E402, F401 - session fixture: kube-apiserver + etcd
+from tests.servers.kube_api import kube_api  # noqa: E402, F401 - session fixture: kube-apiserver + etcd
 from tests.servers.pve.server import pve  # noqa: E402, F401 - per-test fixture: a Proxmox VE API server + SSH
 from tests.servers.vsphere import vcsim  # noqa: E402, F401 - session fixture: a vCenter simulator (govmomi)
 
