@@ -27,7 +27,7 @@ from include.runstate import LEDGER, RunState
 from include.store import SpecStore
 
 #: the kinds of things the engine creates
-KINDS = ("volume", "vm", "snapshot", "point-in-time", "object", "dir", "claim")
+KINDS = ("volume", "vm", "snapshot", "point-in-time", "object", "dir", "file", "claim")
 
 
 @dataclass(frozen=True)

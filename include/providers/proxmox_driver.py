@@ -49,6 +49,12 @@ DISKS_LINE = "vmmigration-disks: "
 _NIC_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139")
 #: storage types that keep volumes as files (qcow2, raw, vmdk); the others hold raw block volumes
 FILE_STORAGES = ("dir", "nfs", "cifs", "glusterfs", "cephfs")
+#: the Provider annotation that says how disks reach a target node: "auto" (the default: an upload to an
+#: ``import`` storage on PVE 8.4 and later, else ``qm importdisk`` over SSH), "upload" or "ssh"
+IMPORT_ANNOTATION = "vmmigration.virtrigaud.io/proxmox-disk-import"
+IMPORT_METHODS = ("auto", "upload", "ssh")
+#: where a disk is put on the node for ``qm importdisk`` (a 0700 folder of the run's inside it)
+NODE_STAGE_ROOT = "/var/tmp"
 
 
 def parse_prop(value: str) -> dict[str, str]:
@@ -111,6 +117,15 @@ class ProxmoxDriver(HypervisorDriver):
         if provider.insecure_skip_verify:
             self.pve.insecure = True
         self.defaults = dict(provider.defaults or {})
+
+    @classmethod
+    def plan_options(cls, provider: ProviderInfo) -> dict[str, str]:
+        """How disks reach the node, from the Provider's annotation :data:`IMPORT_ANNOTATION` (pinned)."""
+        value = (provider.annotations.get(IMPORT_ANNOTATION) or "auto").strip().lower()
+        if value not in IMPORT_METHODS:
+            raise InvalidMigration(f"Provider {provider.ref} annotation {IMPORT_ANNOTATION}={value!r}: use one of "
+                                   f"{', '.join(IMPORT_METHODS)}", field="spec.targetProviderRef")
+        return {"diskImport": value}
 
     # -- planning -------------------------------------------------------------------------------------------
     @classmethod
@@ -294,12 +309,38 @@ class ProxmoxDriver(HypervisorDriver):
         """A disk planned as qcow2 or vmdk is raw on a block storage: PVE converts it on import."""
         return planned == found or found == "raw"
 
+    def node_version(self, node: str) -> tuple[int, int]:
+        answer = self.pve.call(f"reading the version of node {node}", lambda api: api.nodes(node).version.get())
+        found = re.match(r"(\d+)\.(\d+)", str(answer.get("version", "")))
+        return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+    def import_method(self, node: str, wanted: str = "auto") -> str:
+        """"upload" (to an ``import`` storage, attached with ``import-from``: PVE 8.4 and later) or "ssh" (the
+        disk copied to the node over SFTP and imported with ``qm importdisk``), for the plan's ``diskImport``."""
+        if wanted == "ssh":
+            return "ssh"
+        version = self.node_version(node)
+        if version < (8, 4):
+            if wanted == "upload":
+                raise InvalidMigration(f"node {node} runs Proxmox VE {version[0]}.{version[1]}: uploading a disk "
+                                       f"image to an import storage needs 8.4 or later; remove the annotation "
+                                       f"{IMPORT_ANNOTATION}", field="spec.targetProviderRef")
+            return "ssh"
+        if wanted == "upload" or self._import_storage(node) is not None:
+            return "upload"
+        log.info("node %s has no storage with content 'import': disks go over SSH (qm importdisk)", node)
+        return "ssh"
+
+    def _import_storage(self, node: str) -> str | None:
+        stores = self.pve.call("listing storages", lambda api: api.nodes(node).storage.get())
+        return next((str(s["storage"]) for s in stores
+                     if "import" in str(s.get("content", "")).split(",") and s.get("active", 1)), None)
+
     def import_storage(self, node: str) -> str:
         """A storage of the node that takes content ``import`` (the upload's destination)."""
-        stores = self.pve.call("listing storages", lambda api: api.nodes(node).storage.get())
-        for s in stores:
-            if "import" in str(s.get("content", "")).split(",") and s.get("active", 1):
-                return str(s["storage"])
+        found = self._import_storage(node)
+        if found is not None:
+            return found
         raise NotFound(f"no storage of node {node} takes content 'import' (PVE 8.4 and later: add it to a "
                        f"directory storage's content)", field="spec.targetProviderRef")
 
@@ -536,20 +577,28 @@ class ProxmoxDriver(HypervisorDriver):
                   owner: str | None = None) -> str:
         raise TargetCreationError("a Proxmox VE VM is created by its target session (ProxmoxTargetSession.commit)")
 
-    def create_vm(self, node: str, vmid: int, name: str, vcpus: int, memory_mib: int,
-                  disks: Sequence[tuple[TargetDisk, str]], networks: Sequence[NetworkHint],
-                  nic_models: Sequence[str], owner: str) -> str:
-        """Create VM ``vmid`` with each disk imported from its import volume (``(disk, import volid)``)."""
-        params: dict[str, Any] = {"vmid": vmid, "name": name, "cores": int(vcpus), "memory": int(memory_mib),
-                                  "scsihw": "virtio-scsi-single", "ostype": "l26"}
+    @staticmethod
+    def disk_keys(disks: Sequence[TargetDisk]) -> list[str]:
+        """The config key each disk gets on the target (``scsi0``, ``virtio1``...), in order, per bus."""
         counters: dict[str, int] = {}
         keys = []
-        for disk, import_volid in disks:
+        for disk in disks:
             bus = disk.bus if disk.bus in ("virtio", "scsi", "sata", "ide") else "scsi"
-            index = counters.get(bus, 0)
-            counters[bus] = index + 1
-            key = f"{bus}{index}"
-            keys.append((key, disk.name))
+            keys.append(f"{bus}{counters.get(bus, 0)}")
+            counters[bus] = counters.get(bus, 0) + 1
+        return keys
+
+    def create_vm(self, node: str, vmid: int, name: str, vcpus: int, memory_mib: int,
+                  disks: Sequence[tuple[TargetDisk, str | None]], networks: Sequence[NetworkHint],
+                  nic_models: Sequence[str], owner: str) -> str:
+        """Create VM ``vmid`` with each disk imported from its import volume (``(disk, import volid)``); a disk
+        without one is only named in the description (the SSH path imports and attaches it afterwards)."""
+        params: dict[str, Any] = {"vmid": vmid, "name": name, "cores": int(vcpus), "memory": int(memory_mib),
+                                  "scsihw": "virtio-scsi-single", "ostype": "l26"}
+        keys = list(zip(self.disk_keys([d for d, _v in disks]), (d.name for d, _v in disks), strict=True))
+        for (key, _name), (disk, import_volid) in zip(keys, disks, strict=True):
+            if import_volid is None:  # imported after the create (qm importdisk) and attached then
+                continue
             # file storages keep the planned format; block storages (LVM-thin, ZFS, Ceph) hold raw volumes only
             fmt = f",format={disk.format}" if self.file_storage(node, disk.pool) else ""
             params[key] = f"{disk.pool}:0,import-from={import_volid}{fmt}"
@@ -558,7 +607,7 @@ class ProxmoxDriver(HypervisorDriver):
                 continue
             model = self.nic_model(nic_models[index] if index < len(nic_models) else None)
             params[f"net{index}"] = f"{model},bridge={hint.bridge or hint.network}"
-        if keys:
+        if keys and all(volid for _d, volid in disks):
             params["boot"] = f"order={keys[0][0]}"
         params["description"] = (f"Migrated by the VM migration engine\n{OWNER_LINE}{owner}\n"
                                  f"{DISKS_LINE}{','.join(f'{k}={n}' for k, n in keys)}")
@@ -584,6 +633,111 @@ class ProxmoxDriver(HypervisorDriver):
             disk=key, size=str(capacity)))
         if upid:
             self.pve.wait(node, str(upid), f"growing {key} of VM {vmid}")
+
+    # -- the SSH import path (PVE before 8.4, or no import storage): files in a folder of the run's on the node --
+    def _sftp(self, node: str) -> tuple[Any, Any]:
+        client = self.pve.ssh(self._node_host(node))
+        try:
+            return client, client.open_sftp()
+        except BaseException:
+            client.close()
+            raise
+
+    def node_mkdir(self, node: str, path: str) -> None:
+        """Make ``path`` (0700) on the node; it must not exist (a name that is taken is somebody else's)."""
+        client, sftp = self._sftp(node)
+        try:
+            try:
+                sftp.mkdir(path, mode=0o700)
+            except OSError as err:
+                raise HypervisorError(f"making {path} on node {node}: {err}") from None
+        finally:
+            client.close()
+
+    def node_write(self, node: str, path: str, segments: Iterator[Segment], length: int) -> str:
+        """Write a new file (exclusive) on the node, holes left as holes; returns its key (size and mtime)."""
+        client, sftp = self._sftp(node)
+        try:
+            try:
+                fh = sftp.open(path, "wx")
+            except OSError as err:
+                raise HypervisorError(f"creating {path} on node {node}: {err}") from None
+            with fh:
+                fh.set_pipelined(True)
+                pos = 0
+                for seg in segments:
+                    if seg.data is None:
+                        fh.seek(pos + seg.length)
+                    else:
+                        fh.seek(pos)
+                        fh.write(seg.data)
+                    pos += seg.length
+                if pos != length:
+                    raise HypervisorError(f"the disk's stream ended after {pos} of {length} bytes")
+                fh.truncate(length)  # a trailing hole
+            st = sftp.stat(path)
+            return f"size={st.st_size};mtime={st.st_mtime}"
+        finally:
+            client.close()
+
+    def node_file_key(self, node: str, path: str) -> str | None:
+        client, sftp = self._sftp(node)
+        try:
+            try:
+                st = sftp.stat(path)
+            except FileNotFoundError:
+                return None
+            return f"size={st.st_size};mtime={st.st_mtime}"
+        finally:
+            client.close()
+
+    def node_remove(self, node: str, path: str, *, key: str | None = None, folder: bool = False) -> bool:
+        """Remove a file this run wrote (only while it is the one recorded: ``key``), or its folder when empty."""
+        client, sftp = self._sftp(node)
+        try:
+            try:
+                if folder:
+                    sftp.rmdir(path)
+                    return True
+                st = sftp.stat(path)
+                if key is not None and f"size={st.st_size};mtime={st.st_mtime}" != key:
+                    return False
+                sftp.remove(path)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as err:
+                log.warning("removing %s on node %s: %s", path, node, err)
+                return False
+        finally:
+            client.close()
+
+    def qm_importdisk(self, node: str, vmid: int, path: str, storage: str, fmt: str) -> str:
+        """``qm importdisk`` the file into a new volume of VM ``vmid`` (as an unused disk); its volume id."""
+        before = set(self._config(node, vmid))
+        command = ["qm", "importdisk", str(vmid), path, storage]
+        if self.file_storage(node, storage):
+            command += ["--format", fmt]
+        client = self.pve.ssh(self._node_host(node))
+        try:
+            self.pve.run(client, command, f"importing {path} into VM {vmid}")
+        finally:
+            client.close()
+        config = self._config(node, vmid)
+        new = [k for k in config if k.startswith("unused") and k not in before]
+        if len(new) != 1:
+            raise TargetCreationError(f"qm importdisk of {path} left {len(new)} new unused disks on VM {vmid}")
+        return parse_prop(str(config[new[0]])).get("file", str(config[new[0]]))
+
+    def attach_disks(self, node: str, vmid: int, disks: Mapping[str, str], boot: str | None) -> None:
+        """Attach imported volumes (config key -> volid) and set the boot disk."""
+        params: dict[str, Any] = dict(disks)
+        if boot:
+            params["boot"] = f"order={boot}"
+        upid = self.pve.call(f"attaching the disks of VM {vmid}",
+                             lambda api: api.nodes(node).qemu(vmid).config.post(**params))
+        if upid:
+            self.pve.wait(node, str(upid), f"attaching the disks of VM {vmid}")
 
     def next_vmid(self) -> int:
         return int(self.pve.call("asking for a free VMID", lambda api: api.cluster.nextid.get()))

@@ -1,8 +1,12 @@
 """The Proxmox VE target as one run's session: each disk uploaded as an ``import`` volume, then the VM created on
 the VMID ``/cluster/nextid`` gives, its disks imported from those volumes (``import-from``), the import volumes
-removed (see :mod:`include.providers.proxmox_driver`).
+removed (see :mod:`include.providers.proxmox_driver`). On a node before PVE 8.4 (or without an ``import``
+storage, or when the Provider says ``ssh``) each disk is instead copied over SFTP into a 0700 folder of the run's
+under /var/tmp on the node, the VM created without disks, each file imported with ``qm importdisk`` and the new
+volumes attached; the files and the folder are removed afterwards.
 
-Ledger: each import volume (an intent first, then its volid, size and ctime), and the VMID (an intent recorded
+Ledger: each import volume (an intent first, then its volid, size and ctime), or each node folder and file (the
+folder's intent before it is made, exclusively; each file's size and mtime), and the VMID (an intent recorded
 before the create, so that a create a task died in is still found: a VM of that VMID carrying this run's owner
 tag in its description). Rollback destroys that VMID (with its disks, which only it owns) and the import volumes
 it recorded, each only while it is still the one recorded.
@@ -10,13 +14,14 @@ it recorded, each only while it is still the one recorded.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from include.diskio import Segment
 from include.errors import Conflict, InvalidMigration, NotFound, TargetCreationError
 from include.ledger import Entry
-from include.providers.proxmox_driver import VmidTaken
+from include.providers.proxmox_driver import NODE_STAGE_ROOT, VmidTaken
 from include.providers.session import TargetSession, VMHandle, _logged
 
 if TYPE_CHECKING:
@@ -38,7 +43,10 @@ class ProxmoxTargetSession(TargetSession):
             raise Conflict(f"a VM named {self.plan.vm!r} already exists on provider {self.plan.provider} and was "
                            f"not created by this migration", field="spec.targetName")
         node = self.driver._node()  # noqa: SLF001 - the session is the driver's own
-        store = self.driver.import_storage(node)
+        ssh = self._method(node) == "ssh"
+        store = None if ssh else self.driver.import_storage(node)
+        if ssh:  # the node is reached over SSH now: a missing key or an unknown host key fails here
+            self.driver.node_file_key(node, NODE_STAGE_ROOT)
         for index, hint in enumerate(self.plan.networks):
             bridge = hint.bridge
             if not bridge:
@@ -47,15 +55,26 @@ class ProxmoxTargetSession(TargetSession):
             if not self.driver.bridge_exists(bridge):
                 raise NotFound(f"bridge {bridge!r} (network hint {hint.name}) does not exist on node {node}",
                                field=f"spec.targetNetworkHints[{index}].bridge")
-        for d in disks:
+        for d in disks if store else ():
             key = self.driver.volume_key(store, d.target_volume)
             if key is not None and self._own(store, d.target_volume, key) is None:
                 raise Conflict(f"the import volume {store}:import/{d.target_volume} already exists and was not "
                                f"uploaded by this migration", field="spec.targetName")
 
+    def _method(self, node: str) -> str:
+        """"upload" or "ssh" for this node and the plan's ``diskImport`` (the same answer in every task while the
+        node's version and storages stay as they were)."""
+        chosen = getattr(self, "_chosen", None)
+        if chosen is None:
+            chosen = self._chosen = self.driver.import_method(node, self.plan.options.get("diskImport", "auto"))
+        return chosen
+
     # -- disks ------------------------------------------------------------------------------------------
     def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
         node = self.driver._node()  # noqa: SLF001
+        if self._method(node) == "ssh":
+            self._stage_disk(node, disk, segments, length)
+            return
         store = self.driver.import_storage(node)
         ledger, scope, volume = self.owned.ledger, self.owned.scope, disk.target_volume
         self._remove(store, volume, conflict=True)
@@ -87,8 +106,76 @@ class ProxmoxTargetSession(TargetSession):
         return removed
 
     def discard_disk(self, disk: DiskPlan) -> bool:
-        store = self.driver.import_storage(self.driver._node())  # noqa: SLF001
+        node = self.driver._node()  # noqa: SLF001
+        if self._method(node) == "ssh":
+            return self._unstage(node, disk.target_volume)
+        store = self.driver.import_storage(node)
         return self._remove(store, disk.target_volume, conflict=False)
+
+    # -- the SSH path: files in a folder of the run's on the node ------------------------------------------
+    def _stage_folder(self, node: str, *, make: bool = True) -> str | None:
+        ledger, scope = self.owned.ledger, self.owned.scope
+        for e in ledger.entries("dir"):
+            if e.scope == scope and e.ident.get("role") == "node-stage" and e.ident.get("node") == node \
+                    and e.state != "creating":
+                return str(e.ident["path"])
+        if not make:
+            return None
+        path = f"{NODE_STAGE_ROOT}/vmmigration-{uuid.uuid4().hex[:16]}"
+        # recorded first; made exclusively (an existing name fails the mkdir, and is never taken for ours)
+        intent = ledger.record("dir", scope, state="creating", role="node-stage", node=node, path=path)
+        try:
+            self.driver.node_mkdir(node, path)
+        except BaseException:
+            ledger.forget(intent)
+            raise
+        ledger.record("dir", scope, role="node-stage", node=node, path=path)  # the intent, made good
+        return path
+
+    def _staged(self, node: str, volume: str) -> list[Entry]:
+        return [e for e in self.owned.ledger.entries("file") if e.scope == self.owned.scope
+                and e.ident.get("node") == node and e.ident.get("path", "").endswith(f"/{volume}")]
+
+    def _unstage(self, node: str, volume: str) -> bool:
+        removed = False
+        for entry in self._staged(node, volume):
+            # an intent's file is in the run's own 0700 folder, made by an exclusive create: ours whatever it holds
+            key = None if entry.state == "creating" else entry.ident.get("key")
+            removed = self.driver.node_remove(node, entry.ident["path"], key=key) or removed
+            self.owned.ledger.forget(entry)
+        return removed
+
+    def _stage_disk(self, node: str, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
+        folder = self._stage_folder(node)
+        self._unstage(node, disk.target_volume)  # an earlier try's
+        path = f"{folder}/{disk.target_volume}"
+        ledger, scope = self.owned.ledger, self.owned.scope
+        intent = ledger.record("file", scope, state="creating", node=node, path=path)
+        try:
+            key = self.driver.node_write(node, path, segments, length)
+        except BaseException:
+            try:
+                self._unstage(node, disk.target_volume)
+            except Exception:  # noqa: BLE001 - the write's error is what the phase reports; rollback retries
+                self.owned.logger.warning("removing the half-written %s on node %s failed", path, node, exc_info=True)
+            raise
+        ledger.record("file", scope, node=node, path=path, key=key)
+        ledger.forget(intent)
+
+    def _clear_stage(self) -> list[str]:
+        removed = []
+        for entry in [e for e in self.owned.ledger.entries("file") if e.scope == self.owned.scope]:
+            key = None if entry.state == "creating" else entry.ident.get("key")
+            if self.driver.node_remove(str(entry.ident["node"]), entry.ident["path"], key=key):
+                removed.append(f"{entry.ident['path']} on node {entry.ident['node']}")
+            self.owned.ledger.forget(entry)
+        for entry in [e for e in self.owned.ledger.entries("dir") if e.scope == self.owned.scope
+                      and e.ident.get("role") == "node-stage"]:
+            if entry.state != "creating" and self.driver.node_remove(str(entry.ident["node"]), entry.ident["path"],
+                                                                     folder=True):
+                removed.append(f"folder {entry.ident['path']} on node {entry.ident['node']}")
+            self.owned.ledger.forget(entry)
+        return removed
 
     def _own(self, store: str, volume: str, key: str) -> Entry | None:
         for entry in self.owned.ledger.entries("volume"):
@@ -119,8 +206,9 @@ class ProxmoxTargetSession(TargetSession):
             raise Conflict(f"a VM named {name!r} already exists on the target and was not created by this migration",
                            field="spec.targetName")
         node = self.driver._node()  # noqa: SLF001
-        store = self.driver.import_storage(node)
-        imports = [(d.target_disk(), f"{store}:import/{d.target_volume}") for d in disks]
+        ssh = self._method(node) == "ssh"
+        store = None if ssh else self.driver.import_storage(node)
+        imports = [(d.target_disk(), None if ssh else f"{store}:import/{d.target_volume}") for d in disks]
         last: Exception | None = None
         for _ in range(VMID_TRIES):
             vmid = self.driver.next_vmid()
@@ -141,11 +229,25 @@ class ProxmoxTargetSession(TargetSession):
             break
         else:
             raise TargetCreationError(f"no free VMID after {VMID_TRIES} tries: {last}")
+        if ssh:  # each staged file imported into a volume of the VM (unused), then attached where planned
+            _node, vmid = self.driver._split(vm_id)  # noqa: SLF001
+            keys = self.driver.disk_keys([d.target_disk() for d in disks])
+            attached = {}
+            for d, key in zip(disks, keys, strict=True):
+                staged = [e for e in self._staged(node, d.target_volume) if e.state != "creating"]
+                if not staged:
+                    raise TargetCreationError(f"disk {d.name} was not copied to node {node}: run Importing again")
+                attached[key] = self.driver.qm_importdisk(node, vmid, staged[0].ident["path"], d.target_storage,
+                                                          d.target_format)
+            self.driver.attach_disks(node, vmid, attached, boot=keys[0] if keys else None)
         for d in disks:  # grown to the planned capacity (targetResourceHints.disk)
             if d.target_capacity > d.size_bytes:
                 self.driver.grow_disk(vm_id, d.name, d.target_capacity)
-        for d in disks:  # the VM's own disks hold the data now: the import volumes go
-            self._remove(store, d.target_volume, conflict=False)
+        if ssh:  # the VM's own disks hold the data now: the staged files go
+            self._clear_stage()
+        else:
+            for d in disks:  # the VM's own disks hold the data now: the import volumes go
+                self._remove(store, d.target_volume, conflict=False)
         return VMHandle(id=vm_id, name=name)
 
     def _remove_own_vm(self, vm_id: str) -> bool | None:
@@ -191,4 +293,6 @@ class ProxmoxTargetSession(TargetSession):
                 else:  # there, but not the one recorded: left alone, and the entry kept to say so
                     self.owned.logger.warning("cleanup: kept %s:import/%s: not the upload this run made", store,
                                               volume)
+        with _logged(self.owned.logger, "removing the disks copied to the node"):
+            removed += self._clear_stage()
         return removed

@@ -6,6 +6,7 @@ Data is checked by content (``qemu-img compare``), the VM's config read back thr
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -343,3 +344,71 @@ def test_a_running_vm_with_a_disk_pve_cannot_snapshot_is_refused_in_validating(a
     assert "spec.sourceName" in cond["message"] and "is running" in cond["message"], cond
     assert "sda (local:105/vm-105-disk-0.raw, raw on dir storage local)" in cond["message"], cond
     assert [s["name"] for s in proxmox.proxmox().nodes("pve1").qemu(105).snapshot.get()] == ["current"]
+
+
+def test_libvirt_to_proxmox_8_3_imports_each_disk_with_qm_importdisk_over_ssh(airflow_db, store, world, proxmox):
+    """A node on PVE 8.3 has no ``import`` content (uploading a disk image came with 8.4): each disk is copied
+    over SFTP into a 0700 folder of the run's under /var/tmp on the node, the VM created without disks, each file
+    imported with ``qm importdisk`` and attached where planned; the files and the folder go afterwards."""
+    import glob
+    import json
+
+    proxmox.set_version("8.3.5")
+    before = set(glob.glob("/var/tmp/vmmigration-*"))
+    log = proxmox.request_log
+    seen = len(log.read_text().splitlines()) if log.exists() else 0  # the log may be the session's
+    create_source_vm(world)
+    write_store(store, "k2p.yaml", kvm_to_pve_docs(world, proxmox, "k2p"))
+    dagrun = run_migration("vmmigration__default__k2p")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    config, disks = _migrated_disks(proxmox, f"{world.vm_name}-migrated")
+    assert sorted(disks) == ["virtio0", "virtio1"] and not [k for k in config if k.startswith("unused")], config
+    assert config["boot"] == "order=virtio0"
+    for key, disk in (("virtio0", "vda"), ("virtio1", "vdb")):
+        src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
+        assert disks[key].startswith("local-lvm:vm-")
+        assert diskio.compare(src, proxmox.volume_path(disks[key]), "qcow2", "raw"), f"{disk} differs"
+    assert set(glob.glob("/var/tmp/vmmigration-*")) == before, "the node folder and its files are removed"
+    requests = [json.loads(line) for line in log.read_text().splitlines()[seen:]]
+    assert [r for r in requests if r["path"].endswith("/version")], "the node's version was asked"
+    assert not [r for r in requests if r["path"].endswith("/upload")], "nothing is uploaded to an 8.3 node"
+
+
+def test_a_bad_disk_import_annotation_fails_validating_naming_it(airflow_db, store, world, proxmox):
+    create_source_vm(world)
+    docs = kvm_to_pve_docs(world, proxmox, "k2p")
+    pve_provider = next(d for d in docs if d["kind"] == "Provider" and d["metadata"]["name"] == "pve")
+    pve_provider["metadata"]["annotations"] = {"vmmigration.virtrigaud.io/proxmox-disk-import": "ftp"}
+    write_store(store, "k2p.yaml", docs)
+    dagrun = run_migration("vmmigration__default__k2p")
+    assert str(dagrun.state) == "failed"
+    cond = _validating_condition(store, "k2p")
+    assert "proxmox-disk-import='ftp'" in cond["message"] and "auto, upload, ssh" in cond["message"], cond
+
+
+def test_a_failed_qm_importdisk_rolls_back_the_vm_and_the_node_files(store, world, proxmox):
+    """The SSH path's failure, made for real: one copied file removed from the node before Creating, so ``qm
+    importdisk`` fails on it; Creating ends with its message, and rollback destroys the VM this run created and
+    removes the other file and the run's folder on the node."""
+    import glob
+
+    proxmox.set_version("8.3.5")
+    before = set(glob.glob("/var/tmp/vmmigration-*"))
+    create_source_vm(world)
+    write_store(store, "k2p.yaml", kvm_to_pve_docs(world, proxmox, "k2p"))
+    ctx = phases.MigrationContext("default", "k2p", store=SpecStore(store))
+    phases.validate(ctx)
+    phases.snapshot(ctx)
+    for disk in ("vda", "vdb"):
+        for step in (phases.export_disk, phases.transfer_disk, phases.convert_disk, phases.import_disk):
+            step(ctx, disk)
+    (folder,) = set(glob.glob("/var/tmp/vmmigration-*")) - before
+    files = sorted(os.listdir(folder))
+    assert len(files) == 2 and oct(os.stat(folder).st_mode & 0o777) == "0o700"
+    os.unlink(os.path.join(folder, files[1]))  # gone behind the engine's back
+    with pytest.raises(Exception, match="does not exist"):
+        phases.create_vm(phases.MigrationContext("default", "k2p", store=SpecStore(store)))
+    assert len(proxmox.proxmox().cluster.resources.get(type="vm")) == 1, "the VM was created before the import"
+    phases.finalize(phases.MigrationContext("default", "k2p", store=SpecStore(store)), succeeded=False)
+    assert not os.path.exists(folder), "the run's folder and the file left in it are removed"
+    assert proxmox.proxmox().cluster.resources.get(type="vm") == []

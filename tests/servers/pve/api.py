@@ -362,9 +362,18 @@ class Api:
         return {"username": username, "ticket": ticket, "CSRFPreventionToken": csrf,
                 "cap": {"vms": {"VM.Allocate": 1}, "storage": {"Datastore.Allocate": 1}}}
 
+    def _version(self) -> dict[str, str]:
+        version = str(self.store.read().get("version") or VERSION["version"])
+        return dict(VERSION, version=version, release=".".join(version.split(".")[:2]))
+
     @route("GET", "/version")
     def version(self, p: dict[str, Any], _: str) -> Any:
-        return dict(VERSION, console="html5")
+        return dict(self._version(), console="html5")
+
+    @route("GET", "/nodes/{node}/version")
+    def node_version(self, p: dict[str, Any], _: str) -> Any:
+        self._node(self.store.read(), p["node"])
+        return self._version()
 
     @route("GET", "/nodes/{node}/time")
     def node_time(self, p: dict[str, Any], _: str) -> Any:
@@ -785,6 +794,11 @@ class Api:
         self._node(state, p["node"])
         spec = self.store.storage(state, p["storage"])
         content, filename, tmp = p["content"], str(p["filename"]), p.get("tmpfilename")
+        release = tuple(int(x) for x in self._version()["release"].split("."))
+        if content == "import" and release < (8, 4):  # the content type came with 8.4
+            Path(tmp or "/nonexistent").unlink(missing_ok=True)
+            raise PveError("Parameter verification failed.", 400,
+                           {"content": "value 'import' does not have a value in the enumeration 'iso, vztmpl'"})
         if not tmp or not Path(tmp).is_file():
             raise PveError("upload failed - no file data in the request", 400)
         if content not in spec["content"].split(","):

@@ -353,6 +353,15 @@ class PveServer:
                 vm.update(status="running", started=int(time.time()), pid=40000 + vmid)
         return config
 
+    def set_version(self, version: str) -> None:
+        """Make the nodes answer as Proxmox VE ``version``; before 8.4 no storage has content ``import`` (it came
+        with 8.4), and uploads of that content are refused."""
+        with self.store.transaction() as state:
+            state["version"] = version
+            if tuple(int(x) for x in version.split(".")[:2]) < (8, 4):
+                for spec in state["storages"].values():
+                    spec["content"] = ",".join(c for c in spec["content"].split(",") if c != "import")
+
     def guest_writes(self, vmid: int, on: bool = True) -> None:
         """Have the running VM's guest write to its disks right after each snapshot (1 MiB of 0xee at the start
         of every snapshotted volume), so a reader that reads the volume instead of the snapshot is caught."""
