@@ -122,6 +122,12 @@ class SourcePlan:
     running: bool
     vcpus: int
     memory_mib: int
+    #: the VM's devices that are not migrated, with why (said in the plan and the Validating message)
+    skipped: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SourcePlan:
+        return _load(cls, data, skipped=tuple)
 
     @property
     def scope(self) -> str:
@@ -231,7 +237,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        return _load(cls, data, source=lambda v: _load(SourcePlan, v), target=TargetPlan.from_dict,
+        return _load(cls, data, source=SourcePlan.from_dict, target=TargetPlan.from_dict,
                      storage=lambda v: _load(StoragePlan, v), snapshot=SnapshotPlan.from_dict,
                      disks=lambda ds: tuple(DiskPlan.from_dict(d) for d in ds),
                      cleanup=lambda v: _load(CleanupPlan, v), phases=tuple, spec_files=tuple,

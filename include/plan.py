@@ -163,7 +163,7 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
         dag_id=dag_id_for(migration.namespace, migration.name),
         source=SourcePlan(provider=source.ref, type=source.type, endpoint=source.endpoint,
                           vm=resolved.source.provider_vm_id, vm_id=vm.id, running=vm.running, vcpus=vm.vcpus,
-                          memory_mib=vm.memory_mib),
+                          memory_mib=vm.memory_mib, skipped=tuple(vm.skipped)),
         target=TargetPlan(provider=resolved.target.ref, type=resolved.target.type, endpoint=resolved.target.endpoint,
                           vm=spec.targetName, storage=target_storage, vcpus=hints.cpu or vm.vcpus,
                           memory_mib=hints.memory or vm.memory_mib, networks=tuple(spec.targetNetworkHints),
@@ -198,6 +198,7 @@ def describe(plan: Plan, storage_location: str | None = None) -> str:
         f"  target: VM {tgt.vm} on {tgt.type} provider {tgt.provider} ({tgt.endpoint}), "
         f"storage {tgt.storage}, {tgt.vcpus} vCPU, {tgt.memory_mib} MiB",
     ]
+    lines[2:2] = [f"          not migrated: {item}" for item in src.skipped]
     if tgt.options:
         lines.append("          " + ", ".join(f"{k}: {v}" for k, v in sorted(tgt.options.items())))
     for net in tgt.networks:

@@ -73,6 +73,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
 
     ctx.update_status(record_disks)
     running = " (running: exported live from one point in time)" if plan.snapshot.live else ""
+    skipped = f"; not migrated: {'; '.join(vm.skipped)}" if vm.skipped else ""
     finish(ctx, Phase.VALIDATING, f"Source VM {vm.name}{running} ({len(vm.disks)} disks) and target provider "
-                                  f"{resolved.target.ref} validated")
+                                  f"{resolved.target.ref} validated{skipped}")
     return {"disks": plan.disk_names}

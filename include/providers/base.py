@@ -53,6 +53,8 @@ class VMInfo:
     interfaces: tuple[NicInfo, ...] = field(default_factory=tuple)
     #: the hypervisor's unique id of the VM (libvirt: the domain UUID); names are not unique everywhere
     id: str | None = None
+    #: devices of the VM that are not migrated, each with what it is and why (a CD-ROM, EFI vars...)
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,16 @@ class TaskFailed(HypervisorError):
 class Proxmox:
     """One Proxmox VE endpoint (a node or any node of a cluster) for one task."""
 
-    def __init__(self, endpoint: str, credentials: Mapping[str, str] | None, *, insecure: bool = False) -> None:
+    def __init__(self, endpoint: str, credentials: Mapping[str, str] | None, *, insecure: bool = False,
+                 ssh_connect: SshConnect | None = None) -> None:
         self.endpoint = endpoint
         parts = urlsplit(endpoint)
         self.host = parts.hostname or ""
         self.port = parts.port or 8006
         self.creds = dict(credentials or {})
         self.insecure = insecure or _insecure(self.creds)
+        #: how an SSH client is made (the Airflow hook passes one on the SSH provider's SSHHook)
+        self.ssh_connect = ssh_connect or connect_paramiko
 
     # -- the API ------------------------------------------------------------------------------------------
     @property
@@ -176,7 +179,8 @@ class Proxmox:
 
     # -- SSH ------------------------------------------------------------------------------------------------
     def ssh(self, host: str | None = None) -> Any:
-        """A paramiko client to the node (the host key checked against ``sshKnownHosts``)."""
+        """A paramiko client to the node: its host key must be the one ``sshKnownHosts`` lists for it (only that
+        key's type is negotiated), the Secret's ``sshPrivateKey`` authenticates."""
         import paramiko
 
         key_text = self.creds.get("sshPrivateKey") or self.creds.get("ssh-privatekey")
@@ -188,36 +192,39 @@ class Proxmox:
             raise ConfigurationError("the Provider's Secret has no sshKnownHosts: the node's SSH host key must be "
                                      "known", field="spec.credentialSecretRef")
         key = _private_key(key_text)
-        client = paramiko.SSHClient()
+        target, port = host or self.host, int(self.creds.get("sshPort") or 22)
+        names = {target, f"[{target}]:{port}"} if port != 22 else {target}
+        host_key = None
         for line in known.splitlines():
             line = line.strip()
-            if line and not line.startswith("#"):
-                try:
-                    entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-                except Exception:  # noqa: BLE001 - paramiko's InvalidHostKey and friends
-                    raise ConfigurationError("the Provider's sshKnownHosts has a line paramiko cannot read",
-                                             field="spec.credentialSecretRef") from None
-                if entry is not None:
-                    for name in entry.hostnames:
-                        client.get_host_keys().add(name, entry.key.get_name(), entry.key)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        port = int(self.creds.get("sshPort") or 22)
+            if not line or line.startswith("#"):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            except Exception:  # noqa: BLE001 - paramiko's InvalidHostKey and friends
+                raise ConfigurationError("the Provider's sshKnownHosts has a line paramiko cannot read",
+                                         field="spec.credentialSecretRef") from None
+            if entry is not None and names & set(entry.hostnames):
+                host_key = entry.key
+                break
+        if host_key is None:
+            raise ConfigurationError(f"{target}:{port} is not in the Provider's sshKnownHosts",
+                                     field="spec.credentialSecretRef")
+        user = self.creds.get("sshUser") or "root"
         try:
-            client.connect(host or self.host, port=port, username=self.creds.get("sshUser") or "root", pkey=key,
-                           allow_agent=False, look_for_keys=False, timeout=30)
+            return self.ssh_connect(target, port, user, key, host_key)
         except paramiko.AuthenticationException:
-            raise HypervisorAuthError(f"the Proxmox VE node {host or self.host} refused the SSH key") from None
+            raise HypervisorAuthError(f"the Proxmox VE node {target} refused the SSH key") from None
         except paramiko.BadHostKeyException:
-            raise ConfigurationError(f"the SSH host key of {host or self.host} is not the one in the Provider's "
-                                     f"sshKnownHosts", field="spec.credentialSecretRef") from None
+            raise ConfigurationError(f"the SSH host key of {target} is not the one in the Provider's sshKnownHosts",
+                                     field="spec.credentialSecretRef") from None
         except paramiko.SSHException as err:
             if "not found in known_hosts" in str(err):
-                raise ConfigurationError(f"{host or self.host}:{port} is not in the Provider's sshKnownHosts",
-                                         field="spec.credentialSecretRef") from None
-            raise HypervisorError(f"SSH to {host or self.host}:{port}: {err}") from None
+                raise ConfigurationError(f"the SSH host key of {target}:{port} is not the one in the Provider's "
+                                         f"sshKnownHosts", field="spec.credentialSecretRef") from None
+            raise HypervisorError(f"SSH to {target}:{port}: {err}") from None
         except OSError as err:
-            raise HypervisorError(f"SSH to {host or self.host}:{port}: {err}") from None
-        return client
+            raise HypervisorError(f"SSH to {target}:{port}: {err}") from None
 
     def run(self, client: Any, command: list[str], what: str) -> str:
         """Run a command (every argument quoted) and return its output; a failure raises with its stderr."""
@@ -230,6 +237,35 @@ class Proxmox:
             raise HypervisorError(f"{what}: `{command[0]} {command[1] if len(command) > 1 else ''}` exited "
                                   f"{status}: {problem.strip()[-300:]}")
         return text
+
+
+#: (host, port, user, private key, the host's one trusted key) -> a connected paramiko SSHClient
+SshConnect = Callable[[str, int, str, Any, Any], Any]
+_HOST_KEY_ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                        "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa", "ssh-dss")
+
+
+def other_host_key_algorithms(host_key: Any) -> list[str]:
+    """The host key algorithms to refuse so that the server shows the key we trust (and no other type)."""
+    name = host_key.get_name()
+    allowed = {name, "rsa-sha2-512", "rsa-sha2-256"} if name == "ssh-rsa" else {name}
+    return [a for a in _HOST_KEY_ALGORITHMS if a not in allowed]
+
+
+def connect_paramiko(host: str, port: int, user: str, key: Any, host_key: Any) -> Any:
+    """A paramiko client trusting ``host_key`` only (any other key is refused)."""
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.get_host_keys().add(host if port == 22 else f"[{host}]:{port}", host_key.get_name(), host_key)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(host, port=port, username=user, pkey=key, allow_agent=False, look_for_keys=False, timeout=30,
+                       disabled_algorithms={"keys": other_host_key_algorithms(host_key)})
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def _private_key(text: str) -> Any:

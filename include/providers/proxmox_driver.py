@@ -226,14 +226,18 @@ class ProxmoxDriver(HypervisorDriver):
         config = self._config(node, vmid)
         status = self.pve.call(f"reading VM {vmid}", lambda api: api.nodes(node).qemu(vmid).status.current.get())
         names = _described_disks(config.get("description", ""))
-        disks, counters = [], {"vd": 0, "sd": 0, "hd": 0}
+        disks, counters, skipped = [], {"vd": 0, "sd": 0, "hd": 0}, []
         for key in sorted((k for k in config if DISK_KEY.match(k)),
                           key=lambda k: (("virtio", "scsi", "sata", "ide").index(DISK_KEY.match(k).group(1)),
                                          int(DISK_KEY.match(k).group(2)))):
             prop = parse_prop(config[key])
             volid = prop.get("file", "")
-            if prop.get("media") == "cdrom" or volid in ("none", "cdrom") or "cloudinit" in volid:
-                log.info("VM %s: %s (%s) is a CD-ROM or cloud-init drive: not migrated", vmid, key, volid)
+            if "cloudinit" in volid:
+                skipped.append(f"{key} ({volid}): the cloud-init drive (PVE makes it from the VM's cloud-init "
+                               f"settings; set them again on the target)")
+                continue
+            if prop.get("media") == "cdrom" or volid in ("none", "cdrom"):
+                skipped.append(f"{key} ({volid}): a CD-ROM drive (its ISO stays where it is)")
                 continue
             bus = DISK_KEY.match(key).group(1)
             prefix = {"virtio": "vd", "ide": "hd"}.get(bus, "sd")
@@ -243,10 +247,13 @@ class ProxmoxDriver(HypervisorDriver):
             storage = volid.split(":", 1)[0]
             disks.append(DiskInfo(name=names.get(key, auto), format=_format_of(volid), capacity=size,
                                   allocation=size, path=volid, pool=storage, volume=volid, bus=bus))
-        for key in ("efidisk0", "tpmstate0"):
+        for key, what in (("efidisk0", "the UEFI variables (the target boots with fresh ones: set its firmware "
+                                        "to UEFI, and the boot entry may need adding again)"),
+                          ("tpmstate0", "the TPM state (keys sealed to it, such as BitLocker's, do not come along)")):
             if key in config:
-                log.warning("VM %s: %s (%s) is not migrated: a UEFI or TPM guest needs its target set up for it",
-                            vmid, key, config[key])
+                skipped.append(f"{key} ({parse_prop(config[key]).get('file', '')}): {what}")
+        for item in skipped:
+            log.warning("VM %s: not migrated: %s", vmid, item)
         nics = []
         for key in sorted((k for k in config if NET_KEY.match(k)), key=lambda k: int(NET_KEY.match(k).group(1))):
             prop = parse_prop(config[key])
@@ -256,7 +263,7 @@ class ProxmoxDriver(HypervisorDriver):
         cores = int(config.get("cores", 1)) * int(config.get("sockets", 1))
         return VMInfo(name=str(config.get("name", vmid)), running=status.get("status") != "stopped", vcpus=cores,
                       memory_mib=int(str(config.get("memory", 512)).split(",")[0]), disks=tuple(disks),
-                      interfaces=tuple(nics), id=f"{node}/{vmid}")
+                      interfaces=tuple(nics), id=f"{node}/{vmid}", skipped=tuple(skipped))
 
     def vm_id(self, name: str) -> str | None:
         try:

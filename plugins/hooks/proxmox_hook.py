@@ -1,5 +1,5 @@
-"""ProxmoxHook: a Proxmox VE API session (proxmoxer) and SSH to its nodes (paramiko); the migration driver works
-on it."""
+"""ProxmoxHook: a Proxmox VE API session (proxmoxer) and SSH to its nodes through the SSH provider's SSHHook
+(paramiko underneath); the migration driver works on it."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class ProxmoxHook(BaseHook):
         creds = self._resolved[1]
         for key in ("tokenSecret", "password", "sshPrivateKey"):
             mask(creds.get(key))
-        return Proxmox(self.endpoint, creds)
+        return Proxmox(self.endpoint, creds, ssh_connect=ssh_through_hook)
 
     def get_conn(self) -> Any:
         """proxmoxer's ``ProxmoxAPI`` of this hook's session."""
@@ -73,3 +73,18 @@ class ProxmoxHook(BaseHook):
             return True, self.driver.check()
         except Exception as err:  # noqa: BLE001 - reported to the UI
             return False, str(err)
+
+
+def ssh_through_hook(host: str, port: int, user: str, key: Any, host_key: Any) -> Any:
+    """A client from the SSH provider's ``SSHHook``: the Secret's key, the node's one trusted host key (only its type
+    negotiated, so the node cannot show another), no compression (disk data), one attempt (a refused key is not
+    retried)."""
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    from include.providers.proxmox_api import other_host_key_algorithms
+
+    hook = SSHHook(remote_host=host, port=port, username=user, conn_timeout=30, banner_timeout=30,
+                   conn_retry_attempts=1, no_host_key_check=False,
+                   disabled_algorithms={"keys": other_host_key_algorithms(host_key)})
+    hook.pkey, hook.host_key, hook.look_for_keys, hook.compress = key, host_key, False, False
+    return hook.get_conn()

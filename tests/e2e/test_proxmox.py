@@ -412,3 +412,28 @@ def test_a_failed_qm_importdisk_rolls_back_the_vm_and_the_node_files(store, worl
     phases.finalize(phases.MigrationContext("default", "k2p", store=SpecStore(store)), succeeded=False)
     assert not os.path.exists(folder), "the run's folder and the file left in it are removed"
     assert proxmox.proxmox().cluster.resources.get(type="vm") == []
+
+
+def test_cdrom_cloudinit_efi_and_tpm_are_named_in_the_plan_as_not_migrated(store, world, proxmox, tmp_path):
+    from include.plan import describe
+
+    pw.create_vm(proxmox, 106, "uefi-src", tmp_path)
+    with proxmox.store.transaction() as state:
+        state["vms"]["106"]["config"].update({
+            "ide2": "local:iso/debian-12.iso,media=cdrom", "ide0": "local-lvm:vm-106-cloudinit,media=cdrom",
+            "efidisk0": "local-lvm:vm-106-disk-2,efitype=4m,size=4M", "tpmstate0": "local-lvm:vm-106-disk-3,size=4M"})
+    ensure_world_pools(world.conn(), world)
+    world.share.mkdir(parents=True, exist_ok=True)
+    write_store(store, "p2k.yaml", [*_p2k_docs(world, "uefi-src", "uefi-kvm"), *pw.provider_docs(proxmox, "pve")])
+    ctx = phases.MigrationContext("default", "p2k", store=SpecStore(store))
+    phases.validate(ctx)
+    plan = ctx.load_plan(required=True)
+    assert [d.name for d in plan.disks] == ["sda", "sdb"]
+    text = describe(plan)
+    for key, why in (("ide2", "CD-ROM"), ("ide0", "cloud-init"), ("efidisk0", "UEFI variables"),
+                     ("tpmstate0", "TPM state")):
+        assert any(key in s and why in s for s in plan.source.skipped), (key, plan.source.skipped)
+        assert f"not migrated: {key} (" in text
+    cond = next(c for c in _status(store, "p2k")["conditions"] if c["type"] == "Validated")
+    assert "not migrated: " in cond["message"] and "efidisk0" in cond["message"], cond
+    phases.finalize(phases.MigrationContext("default", "p2k", store=SpecStore(store)), succeeded=False)

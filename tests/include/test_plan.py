@@ -96,7 +96,8 @@ def test_plan_header():
     assert plan["migration"] == "apps/move-web"
     assert plan["dagId"] == "vmmigration__apps__move-web"
     assert plan["source"] == {"provider": "apps/kvm-source", "type": "libvirt", "endpoint": "qemu+ssh://kvm1/system",
-                              "vm": "web-domain", "vmId": None, "running": False, "vcpus": 2, "memoryMiB": 2048}
+                              "vm": "web-domain", "vmId": None, "running": False, "vcpus": 2, "memoryMiB": 2048,
+                              "skipped": []}
     assert plan["target"] == {"provider": "apps/kvm-target", "type": "libvirt", "endpoint": "qemu:///system",
                               "vm": "web-new", "storage": "fast-pool", "vcpus": 2, "memoryMiB": 2048,
                               "networks": [], "nicModels": [], "options": {}}

@@ -83,3 +83,45 @@ def test_migration_s3_hook_with_wrong_keys_is_refused(s3):
     with pytest.raises(ClientError) as err:
         hook.get_conn().head_bucket(Bucket="hooked")
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_proxmox_hook_reaches_a_node_over_the_ssh_providers_hook_trusting_only_the_listed_key(pve, monkeypatch,
+                                                                                              tmp_path):
+    """SSH to a node goes through the SSH provider's SSHHook (the real sshd of the test server's node): the
+    key in sshKnownHosts is the only one accepted, a node showing another key is refused, a refused client key
+    fails at once as an authentication error."""
+    import subprocess
+    from pathlib import Path
+
+    from airflow.providers.ssh.hooks import ssh as ssh_hooks
+
+    from include.errors import ConfigurationError, HypervisorAuthError
+    from tests.e2e.pve_world import provider_docs
+
+    hook_module = pytest.importorskip("hooks.proxmox_hook")
+    made = []
+    real_get_conn = ssh_hooks.SSHHook.get_conn
+
+    def counting(self):
+        made.append((self.remote_host, self.port, self.compress))
+        return real_get_conn(self)
+
+    monkeypatch.setattr(ssh_hooks.SSHHook, "get_conn", counting)  # counts, and calls the real one
+    creds = provider_docs(pve, "pve")[1]["stringData"]
+    hook = hook_module.ProxmoxHook(uri=pve.url, credentials=dict(creds))
+    client = hook.pve.ssh()
+    try:
+        out = hook.pve.run(client, ["pvesm", "status"], "listing storages")
+    finally:
+        client.close()
+    assert "local-lvm" in out and made == [("127.0.0.1", pve.ssh["pve1"].port, False)]
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    host, _type, _key = creds["sshKnownHosts"].split()[:3]
+    wrong = dict(creds, sshKnownHosts=f"{host} {Path(str(other) + '.pub').read_text().split()[0]} "
+                                      f"{Path(str(other) + '.pub').read_text().split()[1]}\n")
+    with pytest.raises(ConfigurationError, match="host key"):
+        hook_module.ProxmoxHook(uri=pve.url, credentials=wrong).pve.ssh()
+    refused = dict(creds, sshPrivateKey=other.read_text())
+    with pytest.raises(HypervisorAuthError, match="refused the SSH key"):
+        hook_module.ProxmoxHook(uri=pve.url, credentials=refused).pve.ssh()
