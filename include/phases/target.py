@@ -114,7 +114,7 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
                                     f"changed in staging; run the migration again")
 
         try:
-            ctx.target_session.import_disk(d, counted(), length)
+            ctx.target_session.import_disk(d, counted(), length, sha256=expected or rec.converted_sha256)
         except ChecksumError:
             ctx.target_session.discard_disk(d)
             raise

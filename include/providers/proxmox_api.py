@@ -95,7 +95,12 @@ class Proxmox:
             return HypervisorAuthError(f"Proxmox VE {self.endpoint} refused the login: {err}")
         if isinstance(err, ResourceException):
             status = getattr(err, "status_code", None)
-            detail = f"{err.status_message}" + (f" {err.errors}" if getattr(err, "errors", None) else "")
+            # a node's message is its status line's reason (proxmoxer keeps it as ``content``); the generic phrase
+            # of the status code only where the reason is empty
+            reason = str(getattr(err, "content", "") or "").strip()
+            generic = str(err.status_message or "")
+            detail = (reason if reason and reason != generic else generic) + \
+                (f" {err.errors}" if getattr(err, "errors", None) else "")
             if status == 401:
                 return HypervisorAuthError(f"Proxmox VE {self.endpoint} refused the Provider's credentials "
                                            f"while {what}: {detail}")
@@ -142,13 +147,19 @@ class Proxmox:
             delay = min(delay * 2, 2.0)
 
     # -- upload ---------------------------------------------------------------------------------------------
-    def upload(self, node: str, storage: str, filename: str, segments: Iterator[Segment], length: int) -> str:
+    def upload(self, node: str, storage: str, filename: str, segments: Iterator[Segment], length: int, *,
+               sha256: str | None = None) -> str:
         """POST a file into ``storage`` as content ``import`` (PVE 8.4 and later), streamed with its length
-        announced (holes sent as zeros: HTTP has no holes); returns the task's UPID."""
+        announced (holes sent as zeros: HTTP has no holes), with its ``sha256`` for the node to check; returns the
+        task's UPID."""
         import requests
 
         boundary = uuid.uuid4().hex
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"content\"\r\n\r\nimport\r\n"
+        fields = [("content", "import")]
+        if sha256:
+            fields += [("checksum", sha256), ("checksum-algorithm", "sha256")]
+        head = ("".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
+                        for k, v in fields) +
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"filename\"; filename=\"{filename}\"\r\n"
                 f"Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()

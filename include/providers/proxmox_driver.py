@@ -556,8 +556,14 @@ class ProxmoxDriver(HypervisorDriver):
         raise TargetCreationError("Proxmox VE volumes are made by the VM's create (import-from)")
 
     def write_volume(self, storage: str, volume: str, segments: Iterator[Segment], length: int) -> None:
+        self.upload_volume(storage, volume, segments, length)
+
+    def upload_volume(self, storage: str, volume: str, segments: Iterator[Segment], length: int, *,
+                      sha256: str | None = None) -> None:
+        """Upload an import volume; with ``sha256`` the node checks the file it received against it before it
+        keeps it (PVE's upload ``checksum``), so bytes damaged between here and the node's disk are refused."""
         node = self._node()
-        upid = self.pve.upload(node, storage, volume, segments, length)
+        upid = self.pve.upload(node, storage, volume, segments, length, sha256=sha256)
         self.pve.wait(node, upid, f"uploading {volume} to {storage}")
 
     def resize_volume(self, storage: str, volume: str, capacity: int) -> None:

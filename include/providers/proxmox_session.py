@@ -70,7 +70,8 @@ class ProxmoxTargetSession(TargetSession):
         return chosen
 
     # -- disks ------------------------------------------------------------------------------------------
-    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
+    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int, *,
+                    sha256: str | None = None) -> None:
         node = self.driver._node()  # noqa: SLF001
         if self._method(node) == "ssh":
             self._stage_disk(node, disk, segments, length)
@@ -83,7 +84,7 @@ class ProxmoxTargetSession(TargetSession):
         intent = ledger.record("volume", scope, state="creating", pool=store, volume=volume,
                                since=self.driver.node_time(node))
         try:
-            self.driver.write_volume(store, volume, segments, length)
+            self.driver.upload_volume(store, volume, segments, length, sha256=sha256)
         except BaseException:
             try:
                 self._remove_intent(intent)

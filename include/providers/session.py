@@ -80,8 +80,10 @@ class TargetSession(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
-        """Write the disk (``length`` bytes in its target format, holes as holes) into a fresh target."""
+    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int, *,
+                    sha256: str | None = None) -> None:
+        """Write the disk (``length`` bytes in its target format, holes as holes) into a fresh target; ``sha256``
+        is what the stream's bytes hash to (the phase checks it too), for a target that can verify on its side."""
 
     @abc.abstractmethod
     def discard_disk(self, disk: DiskPlan) -> bool:
@@ -133,7 +135,8 @@ class VolumeTargetSession(TargetSession):
             self.discard_disk(disk)
         return path
 
-    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
+    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int, *,
+                    sha256: str | None = None) -> None:
         local = self._fresh_volume(disk)
         if local:  # the volume's file is on this host: write it directly, holes as holes
             with open(local, "r+b") as fh:

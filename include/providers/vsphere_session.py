@@ -69,7 +69,8 @@ class VSphereTargetSession(TargetSession):
         """The VM an NFC import of ``disk`` arrives in, before its disk is moved to the migrated VM."""
         return f"{self.plan.vm}-{disk.name}-import"
 
-    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
+    def import_disk(self, disk: DiskPlan, segments: Iterator[Segment], length: int, *,
+                    sha256: str | None = None) -> None:
         ds, volume = disk.target_storage, disk.target_volume
         self._folder(ds, volume.rpartition("/")[0])
         self._remove(ds, volume, conflict=True)

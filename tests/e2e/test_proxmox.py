@@ -6,7 +6,10 @@ Data is checked by content (``qemu-img compare``), the VM's config read back thr
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -107,6 +110,8 @@ def kvm_to_pve_docs(world, pve, name: str, *, storage_hint: str = "local-lvm", b
 
 
 def test_libvirt_to_proxmox_through_nfs(airflow_db, store, world, proxmox):
+    log = proxmox.request_log
+    seen = len(log.read_text().splitlines()) if log.exists() else 0  # the log may be the session's
     create_source_vm(world)
     write_store(store, "k2p.yaml", kvm_to_pve_docs(world, proxmox, "k2p"))
     dagrun = run_migration("vmmigration__default__k2p")
@@ -115,6 +120,7 @@ def test_libvirt_to_proxmox_through_nfs(airflow_db, store, world, proxmox):
     config, disks = _migrated_disks(proxmox, f"{world.vm_name}-migrated")
     assert (config["cores"], int(config["memory"])) == (2, 1024)
     assert config["net0"].split(",")[0].split("=")[0] == "virtio" and "bridge=vmbr0" in config["net0"]
+    assert config["net0"].startswith("virtio=BC:24:11:"), "the node gave the NIC a MAC of its own"
     assert sorted(disks) == ["virtio0", "virtio1"]  # virtio disks stay virtio-blk
     for key, disk in (("virtio0", "vda"), ("virtio1", "vdb")):
         src = world.root / "pools" / "src" / f"{world.vm_name}-{disk}.qcow2"
@@ -122,6 +128,9 @@ def test_libvirt_to_proxmox_through_nfs(airflow_db, store, world, proxmox):
         assert diskio.compare(src, proxmox.volume_path(disks[key]), "qcow2", "raw"), f"{disk} differs"
     leftovers = [c["volid"] for c in proxmox.proxmox().nodes("pve1").storage("local").content.get(content="import")]
     assert leftovers == [], "the import volumes are removed once the VM holds the disks"
+    uploads = [r for r in map(json.loads, log.read_text().splitlines()[seen:]) if r["path"].endswith("/upload")]
+    assert len(uploads) == 2 and all(r["params"].get("checksum-algorithm") == "sha256"
+                                     and len(r["params"].get("checksum", "")) == 64 for r in uploads), uploads
 
 
 def test_scenario2_vsphere_to_proxmox_through_nfs(airflow_db, store, world, proxmox, vcsim, tmp_path):
@@ -259,8 +268,6 @@ def test_a_failed_pve_task_ends_creating_with_its_log_and_rolls_back(store, worl
 def test_an_overlay_disk_is_refused_in_validating(airflow_db, store, world, proxmox, tmp_path):
     """A linked clone's disk (a qcow2 overlay on its template's base image) is not the whole disk: refused in
     Validating, naming the disk and what it is an overlay on, and nothing is created."""
-    import subprocess
-
     pw.create_vm(proxmox, 103, "clone-src", tmp_path)
     disk = proxmox.volume_path(proxmox.vm_config(103)["scsi0"].split(",")[0])
     base = disk.with_name("base-103-disk-0.qcow2")
@@ -350,9 +357,6 @@ def test_libvirt_to_proxmox_8_3_imports_each_disk_with_qm_importdisk_over_ssh(ai
     """A node on PVE 8.3 has no ``import`` content (uploading a disk image came with 8.4): each disk is copied
     over SFTP into a 0700 folder of the run's under /var/tmp on the node, the VM created without disks, each file
     imported with ``qm importdisk`` and attached where planned; the files and the folder go afterwards."""
-    import glob
-    import json
-
     proxmox.set_version("8.3.5")
     before = set(glob.glob("/var/tmp/vmmigration-*"))
     log = proxmox.request_log
@@ -390,8 +394,6 @@ def test_a_failed_qm_importdisk_rolls_back_the_vm_and_the_node_files(store, worl
     """The SSH path's failure, made for real: one copied file removed from the node before Creating, so ``qm
     importdisk`` fails on it; Creating ends with its message, and rollback destroys the VM this run created and
     removes the other file and the run's folder on the node."""
-    import glob
-
     proxmox.set_version("8.3.5")
     before = set(glob.glob("/var/tmp/vmmigration-*"))
     create_source_vm(world)
@@ -437,3 +439,40 @@ def test_cdrom_cloudinit_efi_and_tpm_are_named_in_the_plan_as_not_migrated(store
     cond = next(c for c in _status(store, "p2k")["conditions"] if c["type"] == "Validated")
     assert "not migrated: " in cond["message"] and "efidisk0" in cond["message"], cond
     phases.finalize(phases.MigrationContext("default", "p2k", store=SpecStore(store)), succeeded=False)
+
+
+def test_libvirt_to_proxmox_grows_the_first_disk_to_the_resource_hint(airflow_db, store, world, proxmox):
+    """targetResourceHints.disk (GB) grows the first disk after Creating (PVE's resize, a task); the data stays."""
+    create_source_vm(world)
+    docs = kvm_to_pve_docs(world, proxmox, "k2p")
+    docs[0]["spec"].setdefault("targetResourceHints", {})["disk"] = 1
+    write_store(store, "k2p.yaml", docs)
+    dagrun = run_migration("vmmigration__default__k2p")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    config, disks = _migrated_disks(proxmox, f"{world.vm_name}-migrated")
+    grown = proxmox.volume_path(disks["virtio0"])
+    assert grown.stat().st_size == 10 ** 9 and "size=1000000000" in config["virtio0"], config["virtio0"]
+    src = world.root / "pools" / "src" / f"{world.vm_name}-vda.qcow2"
+    raw = subprocess.run(["qemu-img", "info", "--output=json", str(src)], capture_output=True, text=True, check=True)
+    size = json.loads(raw.stdout)["virtual-size"]
+    with open(grown, "rb") as fh:
+        head = fh.read(size)
+    converted = world.root / "vda.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(src), str(converted)], check=True)
+    assert head == converted.read_bytes(), "the data before the growth is the source's"
+
+
+def test_a_vmid_another_client_takes_first_is_never_touched_and_the_next_one_is_claimed(airflow_db, store, world,
+                                                                                        proxmox):
+    """/cluster/nextid only proposes: twice another client takes the VMID it gave before our create (the test
+    server plays that client, as two migrations asking at one instant would); the create is refused for each
+    ("already exists"), the next free VMID is claimed, and the other VMs stay as they are."""
+    proxmox.race_nextid(2)
+    create_source_vm(world)
+    write_store(store, "k2p.yaml", kvm_to_pve_docs(world, proxmox, "k2p"))
+    dagrun = run_migration("vmmigration__default__k2p")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    vms = {r["vmid"]: r["name"] for r in proxmox.proxmox().cluster.resources.get(type="vm")}
+    assert vms == {100: "someone-else-100", 101: "someone-else-101", 102: f"{world.vm_name}-migrated"}, vms
+    create = next(ti for ti in dagrun.get_task_instances() if ti.task_id == "create_vm")
+    assert create.try_number == 1, "taken VMIDs are passed over within one try"

@@ -68,6 +68,26 @@ from tests.servers.pve.state import (
 )
 
 BASE = "/api2/json"
+NIC_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "ne2k_pci", "pcnet", "i82551", "i82557b",
+              "i82559er", "ne2k_isa")
+
+
+def _with_mac(key: str, value: Any) -> Any:
+    """A NIC as a node writes it: ``model=MAC`` first, a MAC made for it (PVE's BC:24:11 prefix) when none is given
+    (``virtio,bridge=vmbr0`` and ``model=virtio,...`` alike)."""
+    if not re.fullmatch(r"net\d+", key):
+        return value
+    parts = str(value).split(",")
+    head, rest = parts[0], parts[1:]
+    model, _, mac = head.partition("=")
+    if model == "model":  # model=virtio[,macaddr=...]
+        model, mac = mac, ""
+    if model not in NIC_MODELS:
+        return value
+    given = next((p.split("=", 1)[1] for p in rest if p.startswith("macaddr=")), None)
+    rest = [p for p in rest if not p.startswith("macaddr=")]
+    mac = mac or given or "BC:24:11:" + ":".join(f"{b:02X}" for b in os.urandom(3))
+    return ",".join([f"{model}={mac.upper()}", *rest])
 TICKET_LIFETIME = 7200
 SECRET_PARAMS = ("password", "new-password", "cipassword", "otp", "tfa-challenge")
 VERSION = {"version": "9.1.1", "release": "9.1", "repoid": "42fb6f6ba3e4f3f4"}
@@ -311,7 +331,7 @@ class Api:
                 if key in _NOT_CONFIG:
                     continue
                 values[key] = self._disk_value(node, vmid, key, str(value), log, created) \
-                    if DISK_KEY.fullmatch(key) else self._typed(key, value)
+                    if DISK_KEY.fullmatch(key) else _with_mac(key, self._typed(key, value))
         except Exception:
             self._free_volumes(created)
             raise
@@ -399,6 +419,12 @@ class Api:
         vmid = 100
         while vmid in used:
             vmid += 1
+        with self.store.transaction() as state:
+            if state.get("race_nextid", 0) > 0:
+                # another client asked at the same instant, got the same VMID and created its VM first
+                state["race_nextid"] -= 1
+                state["vms"][str(vmid)] = {"node": next(iter(state["nodes"])), "status": "stopped", "snapshots": {},
+                                           "config": {"name": f"someone-else-{vmid}", "memory": "512", "cores": 1}}
         return str(vmid)
 
     @route("GET", "/cluster/resources")
@@ -480,7 +506,7 @@ class Api:
                     if key in _NOT_CONFIG:
                         continue
                     config[key] = self._disk_value(node, vmid, key, str(value), log, created) \
-                        if DISK_KEY.fullmatch(key) else self._typed(key, value)
+                        if DISK_KEY.fullmatch(key) else _with_mac(key, self._typed(key, value))
                 config.setdefault("smbios1", f"uuid={uuid.uuid4()}")
                 config.setdefault("vmgenid", str(uuid.uuid4()))
                 config.setdefault("meta", f"creation-qemu=9.2.0,ctime={now()}")
@@ -512,6 +538,32 @@ class Api:
     def config_put(self, p: dict[str, Any], _: str) -> Any:
         self._apply_config(p["node"], int(p["vmid"]), p, lambda line: None)
         return None
+
+    @route("PUT", "/nodes/{node}/qemu/{vmid}/resize")
+    def resize(self, p: dict[str, Any], user: str) -> Any:
+        node, vmid, key = p["node"], int(p["vmid"]), str(p["disk"])
+        vm = self.store.vm(self.store.read(), node, vmid)
+        if key not in vm["config"]:
+            raise PveError(f"disk '{key}' does not exist")
+        text = str(p["size"])
+        found = re.fullmatch(r"(\+?)(\d+(?:\.\d+)?)([KMGT]?)", text)
+        amount = int(float(found.group(2)) * 1024 ** " KMGT".index(found.group(3) or " "))
+
+        def work(log: Callable[[str], None]) -> None:
+            with self.store.transaction() as state:
+                config = self.store.vm(state, node, vmid)["config"]
+                prop = parse_prop(config[key])
+                path = self.store.volume_path(state, prop["file"])
+                fmt, size = image_info(path)
+                new = size + amount if found.group(1) else amount
+                if new < size:
+                    raise PveError("shrinking disks is not supported")
+                qemu_img("resize", "-q", "-f", fmt, str(path), str(new))
+                prop["size"] = format_size(new)
+                config[key] = join_prop(prop)
+                log(f"Image resized to {format_size(new)}.")
+
+        return self.tasks.start(node, "resize", vmid, user, work)
 
     @route("POST", "/nodes/{node}/qemu/{vmid}/config")
     def config_post(self, p: dict[str, Any], user: str) -> Any:

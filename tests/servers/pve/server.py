@@ -362,6 +362,12 @@ class PveServer:
                 for spec in state["storages"].values():
                     spec["content"] = ",".join(c for c in spec["content"].split(",") if c != "import")
 
+    def race_nextid(self, times: int = 1) -> None:
+        """The next ``times`` answers of ``/cluster/nextid`` are each taken by another client right after (a VM of
+        that VMID appears before the caller can create its own), as when two migrations ask at the same instant."""
+        with self.store.transaction() as state:
+            state["race_nextid"] = times
+
     def guest_writes(self, vmid: int, on: bool = True) -> None:
         """Have the running VM's guest write to its disks right after each snapshot (1 MiB of 0xee at the start
         of every snapshotted volume), so a reader that reads the volume instead of the snapshot is caught."""
