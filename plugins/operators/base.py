@@ -26,8 +26,29 @@ def pipeline_context(namespace: str, name: str, *, store_path: str | None, logge
     from include.store import FileStatusSink, SpecStore
 
     store = SpecStore(store_path) if store_path else SpecStore()
-    return MigrationContext(namespace=namespace, name=name, store=store, sink=FileStatusSink(store),
-                            driver_factory=driver_from_hook, storage_factory=storage_from_hook, logger=logger)
+    return MigrationContext(namespace=namespace, name=name, store=store, sink=status_sink(store, logger) or
+                            FileStatusSink(store), driver_factory=driver_from_hook, storage_factory=storage_from_hook,
+                            logger=logger)
+
+
+#: names the Airflow connection (type kubernetes) of the cluster whose VMMigrations' status is written back
+KUBERNETES_CONN_ENV = "VMMIGRATION_KUBERNETES_CONN_ID"
+
+
+def status_sink(store: Any, logger: Any) -> Any:
+    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: a sink that also writes each status change to the
+    VMMigration of the same namespace/name in that cluster (``/status`` and Events), through the cncf-kubernetes
+    provider's KubernetesHook; None otherwise (the status stays in the run's files)."""
+    import os
+
+    conn_id = os.environ.get(KUBERNETES_CONN_ENV)
+    if not conn_id:
+        return None
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    from include.kube_status import ClusterStatus, MirroredSink
+
+    return MirroredSink(store, ClusterStatus(lambda: KubernetesHook(conn_id=conn_id).get_conn(), logger=logger))
 
 
 class MigrationPhaseOperator(BaseOperator):

@@ -1,0 +1,221 @@
+"""A migration's status written back to its VMMigration in a Kubernetes cluster: ``/status`` patched (phase,
+progress, conditions, times, message, per-disk progress) and Events for phase changes, retries and failures, so
+that ``kubectl get vmmigration -w`` and ``kubectl describe vmmigration`` tell the story.
+
+The status document itself is made by the engine exactly as for a folder (``include.status``); ``MirroredSink``
+keeps it in the run's own status file (the local copy, under its lock) and publishes each change to the
+cluster under that same lock, so that two tasks' writes reach the cluster in the order they were made.
+
+Rules:
+
+- A status write never fails a phase and never holds a disk copy up for long: each request has a short
+  timeout and one retry (on a conflict, a throttle or a server error); after a failure the cluster is left
+  alone for ``BACKOFF`` seconds except for significant changes, and the next write sends the whole status
+  again (a merge patch of the whole ``status``: nothing is lost by a skipped write).
+- Progress alone is published at most every ``INTERVAL`` seconds per migration (the time is kept beside the
+  status file, so it holds across the tasks of a run); a phase, a condition, a failure or Ready at once.
+- A VMMigration that is not in the cluster (a folder-only migration, or one deleted meanwhile) is skipped
+  quietly after the first 404, logged once.
+
+No Airflow here: the caller gives a ``kubernetes.client.ApiClient`` factory (the Airflow hook's, in the
+pipeline).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+GROUP, VERSION, PLURAL, KIND = "infra.virtrigaud.io", "v1beta1", "vmmigrations", "VMMigration"
+#: seconds between two progress-only patches of one migration
+INTERVAL = 5.0
+#: seconds the cluster is left alone (but for significant changes) after a failed write
+BACKOFF = 30.0
+#: each request's (connect, read) timeout
+TIMEOUT = (3, 5)
+COMPONENT = "vmmigration-engine"
+
+log = logging.getLogger(__name__)
+
+
+def _shape(status: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What makes a change significant: the phase, each condition's type/status/reason/message, the outcome."""
+    s = status or {}
+    conds = tuple((c.get("type"), c.get("status"), c.get("reason"), c.get("message"))
+                  for c in s.get("conditions") or ())
+    return s.get("phase"), conds, s.get("completionTime"), s.get("message") if s.get("phase") in (
+        "Ready", "Failed") else None
+
+
+def events_between(before: dict[str, Any] | None, after: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events a change makes: a phase entered, a retry noted, a failure, Ready."""
+    before = before or {}
+    out: list[tuple[str, str, str]] = []
+    old, new = before.get("phase"), after.get("phase")
+    if new != old and new:
+        if new == "Failed":
+            failed = next((c for c in after.get("conditions") or () if c.get("status") == "False"), {})
+            out.append(("Warning", str(failed.get("reason") or "Failed"),
+                        str(after.get("message") or failed.get("message") or "the migration failed")))
+        elif new == "Ready":
+            out.append(("Normal", "Ready", str(after.get("message") or "the migration is complete")))
+        else:
+            out.append(("Normal", f"Phase{new}", str(after.get("message") or f"phase {new}")))
+    was = {c.get("type"): c for c in before.get("conditions") or ()}
+    for cond in after.get("conditions") or ():
+        prev = was.get(cond.get("type")) or {}
+        if cond.get("reason") == "Retrying" and (prev.get("reason"), prev.get("message")) != (
+                "Retrying", cond.get("message")):
+            out.append(("Warning", "Retrying", f"{cond.get('type')}: {cond.get('message')}"))
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ClusterStatus:
+    """Publishes one migration's status changes to its VMMigration (see the module docstring)."""
+
+    def __init__(self, client_factory: Callable[[], Any], *, logger: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._factory = client_factory
+        self._client: Any = None
+        self.logger = logger or log
+        self.clock = clock
+        self._absent: set[tuple[str, str]] = set()
+        self._uids: dict[tuple[str, str], str] = {}
+
+    def _api(self) -> Any:
+        from kubernetes import client
+
+        if self._client is None:
+            self._client = self._factory()
+        return client.CustomObjectsApi(self._client), client.CoreV1Api(self._client)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One request, retried once on a conflict, a throttle or a server error; raises the last error."""
+        from kubernetes.client.exceptions import ApiException
+
+        for attempt in (1, 2):
+            try:
+                return fn()
+            except ApiException as err:
+                if attempt == 1 and (err.status in (409, 429) or err.status >= 500):
+                    time.sleep(0.3)
+                    continue
+                raise
+            except OSError:
+                if attempt == 1:
+                    time.sleep(0.3)
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def publish(self, namespace: str, name: str, before: dict[str, Any] | None, after: dict[str, Any],
+                memo: Path | None = None) -> bool:
+        """Patch the VMMigration's status (throttled, see the module) and create its Events; False when nothing
+        was written (skipped, absent, or failed: logged, never raised)."""
+        from kubernetes.client.exceptions import ApiException
+
+        key = (namespace, name)
+        if key in self._absent:
+            return False
+        significant = _shape(before) != _shape(after)
+        state = _read(memo)
+        now = self.clock()
+        if not significant and (now - float(state.get("patchedAt", 0)) < INTERVAL
+                                or now - float(state.get("failedAt", 0)) < BACKOFF):
+            return False
+        objects, core = self._api()
+        body = {"status": copy.deepcopy(after)}
+        try:
+            answer = self._call("patching the status", lambda: objects.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=TIMEOUT))
+        except ApiException as err:
+            if err.status == 404:
+                self._absent.add(key)
+                self.logger.info("VMMigration %s/%s is not in the cluster: its status stays local", namespace, name)
+                return False
+            self.logger.warning("could not write the status of %s/%s to the cluster: HTTP %s %s", namespace, name,
+                                err.status, err.reason)
+            _write(memo, dict(state, failedAt=now))
+            return False
+        except Exception as err:  # noqa: BLE001 - a status write never fails a phase
+            self.logger.warning("could not write the status of %s/%s to the cluster: %s: %s", namespace, name,
+                                type(err).__name__, err)
+            _write(memo, dict(state, failedAt=now))
+            return False
+        _write(memo, {"patchedAt": now})
+        uid = (answer or {}).get("metadata", {}).get("uid")
+        for etype, reason, message in events_between(before, after):
+            self._event(core, namespace, name, uid, etype, reason, message)
+        return True
+
+    def _event(self, core: Any, namespace: str, name: str, uid: str | None, etype: str, reason: str,
+               message: str) -> None:
+        stamp = _now()
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name,
+                               "namespace": namespace, **({"uid": uid} if uid else {})},
+            "reason": reason[:128], "message": message[:1024], "type": etype, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
+        }
+        try:
+            self._call("creating an event", lambda: core.create_namespaced_event(namespace, body,
+                                                                                _request_timeout=TIMEOUT))
+        except Exception as err:  # noqa: BLE001 - an event is a courtesy; the status carries the facts
+            self.logger.warning("could not create the %s event of %s/%s: %s", reason, namespace, name,
+                                getattr(err, "reason", None) or err)
+
+
+def _read(memo: Path | None) -> dict[str, Any]:
+    if memo is None or not memo.exists():
+        return {}
+    try:
+        return json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(memo: Path | None, data: dict[str, Any]) -> None:
+    if memo is None:
+        return
+    try:
+        memo.write_text(json.dumps(data))
+    except OSError:
+        pass
+
+
+class MirroredSink:
+    """A status sink that keeps the status in the run's status file and publishes each change to the cluster,
+    under the file's lock (see the module docstring)."""
+
+    def __init__(self, store: Any, cluster: ClusterStatus) -> None:
+        self.store = store
+        self.cluster = cluster
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.store.read_json(self.store.status_path(namespace, name))
+
+    def update(self, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        from include.status import new_status
+        from include.store import locked
+
+        path = self.store.status_path(namespace, name)
+        with locked(path):
+            before = self.store.read_json(path)
+            status = copy.deepcopy(before) if before else new_status()
+            mutate(status)
+            self.store.write_json(path, status)
+            self.cluster.publish(namespace, name, before, status, memo=path.with_name(path.name + ".cluster"))
+        return status
