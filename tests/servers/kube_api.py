@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import datetime
 import hashlib
-import ipaddress
 import os
 import secrets
 import signal
@@ -76,6 +74,7 @@ import pytest
 import yaml
 
 from tests import secrets_registry
+from tests.servers.pki import server_tls
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient, Configuration
@@ -169,56 +168,22 @@ def make_pki(folder: Path, secret_folder: Path) -> dict[str, Path]:
 
     Returns paths under the keys ``ca``, ``cert``, ``key``, ``sa_key``, ``sa_pub`` (PEM). The CA's key is not kept.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    folder.mkdir(parents=True, exist_ok=True)
-    secret_folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vmmigration test CA (kube-apiserver)")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    key = ec.generate_private_key(ec.SECP256R1())
     names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
              "kubernetes.default.svc.cluster.local"]  # fmt: skip
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    *(x509.DNSName(n) for n in names)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    secret_folder.mkdir(parents=True, exist_ok=True)
+    server_tls(folder / "ca.crt", folder / "apiserver.crt", secret_folder / "apiserver.key",
+               ca_cn="vmmigration test CA (kube-apiserver)", dns=names, cn="kube-apiserver")
     sa_key = ec.generate_private_key(ec.SECP256R1())
     paths = {"ca": folder / "ca.crt", "cert": folder / "apiserver.crt", "key": secret_folder / "apiserver.key",
              "sa_key": secret_folder / "sa.key", "sa_pub": folder / "sa.pub"}  # fmt: skip
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    for name, private in (("key", key), ("sa_key", sa_key)):
-        paths[name].write_bytes(
-            private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        paths[name].chmod(0o600)
+    paths["sa_key"].write_bytes(
+        sa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    )
+    paths["sa_key"].chmod(0o600)
     paths["sa_pub"].write_bytes(
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
