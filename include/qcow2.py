@@ -30,6 +30,10 @@ ZERO_FLAG = 1
 CORRUPT, EXTERNAL_DATA, COMPRESSION_TYPE, EXTENDED_L2 = 1 << 1, 1 << 2, 1 << 3, 1 << 4
 #: the largest read asked of the file at once (contiguous host clusters are read together up to this)
 MAX_RUN = 4 * 1024 * 1024
+#: the granularity at which all-zero data (preallocated clusters) is found and sent as a hole
+ZERO_PIECE = 1024 * 1024
+#: QEMU's own limit on an L1 table (32 MiB of entries)
+MAX_L1 = 32 * 1024 * 1024 // 8
 
 
 class Qcow2Error(ValueError):
@@ -62,12 +66,16 @@ class Image:
         return 1 << self.cluster_bits
 
 
-def _pread(fh: RandomAccess, offset: int, length: int) -> bytes:
+def _pread(fh: RandomAccess, offset: int, length: int, *, short_ok: bool = False) -> bytes:
+    """``length`` bytes at ``offset``; fewer only with ``short_ok`` (a compressed cluster's sector count may
+    reach past the end of the file, which QEMU tolerates)."""
     fh.seek(offset)
     out = bytearray()
     while len(out) < length:
         chunk = fh.read(length - len(out))
         if not chunk:
+            if short_ok:
+                break
             raise Qcow2Error(f"the image ends at {offset + len(out)}, inside a structure it points to")
         out += chunk
     return bytes(out)
@@ -114,6 +122,11 @@ def _snapshots(fh: RandomAccess, offset: int, count: int) -> Iterator[Snapshot]:
         offset += (entry + 7) & ~7
 
 
+def snapshot_size(image: Image, snap: Snapshot) -> int:
+    """The disk's virtual size at the snapshot (recorded with it since QEMU 1.x; else the image's)."""
+    return snap.disk_size if snap.disk_size is not None else image.size
+
+
 def find_snapshot(image: Image, name: str) -> Snapshot:
     for snap in image.snapshots:
         if snap.name == name:
@@ -122,8 +135,15 @@ def find_snapshot(image: Image, name: str) -> Snapshot:
                      f"(it has {', '.join(repr(s.name) for s in image.snapshots) or 'none'})")
 
 
+def _data_or_hole(data: bytes | memoryview) -> Segment:
+    """Clusters that hold only zeros (PVE's ``preallocation=metadata`` allocates every one) travel as a hole."""
+    if bytes(data).count(0) == len(data):
+        return Segment(length=len(data))
+    return Segment(length=len(data), data=data)
+
+
 def _inflate(raw: bytes, cluster_size: int) -> bytes:
-    data = zlib.decompressobj(-12).decompress(raw, cluster_size)
+    data = zlib.decompressobj(-15).decompress(raw, cluster_size)
     if len(data) != cluster_size:
         raise Qcow2Error(f"a compressed cluster inflated to {len(data)} bytes, not {cluster_size}")
     return data
@@ -132,6 +152,9 @@ def _inflate(raw: bytes, cluster_size: int) -> bytes:
 def _clusters(fh: RandomAccess, image: Image, snap: Snapshot) -> Iterator[tuple[int, int]]:
     """(guest cluster index, its L2 entry) for every allocated or zero cluster of the snapshot, in guest order."""
     per_l2 = image.cluster_size // 8
+    if snap.l1_size > MAX_L1:
+        raise Qcow2Error(f"snapshot {snap.name!r} has an L1 table of {snap.l1_size} entries (QEMU's limit is "
+                         f"{MAX_L1})")
     l1 = struct.unpack(f">{snap.l1_size}Q", _pread(fh, snap.l1_offset, 8 * snap.l1_size)) if snap.l1_size else ()
     for l1_index, l1_entry in enumerate(l1):
         l2_offset = l1_entry & OFFSET_MASK
@@ -147,7 +170,7 @@ def segments(fh: RandomAccess, snapshot: str, *, image: Image | None = None) -> 
     unallocated clusters as holes; as long as the disk was at the snapshot."""
     image = image or read_header(fh)
     snap = find_snapshot(image, snapshot)
-    size = snap.disk_size if snap.disk_size is not None else image.size
+    size = snapshot_size(image, snap)
     cs, bits = image.cluster_size, image.cluster_bits
     pos = 0  # guest offset reached
     run_guest = run_host = run_len = 0  # a run of standard clusters contiguous in guest and host
@@ -156,7 +179,10 @@ def segments(fh: RandomAccess, snapshot: str, *, image: Image | None = None) -> 
         nonlocal run_len, pos
         if run_len:
             length = min(run_len, size - run_guest)
-            yield Segment(length=length, data=_pread(fh, run_host, length))
+            data = memoryview(_pread(fh, run_host, length))
+            piece = max(cs, ZERO_PIECE)  # zeros found per MiB (or per cluster, when clusters are larger)
+            for at in range(0, length, piece):
+                yield _data_or_hole(data[at:at + piece])
             pos = run_guest + length
             run_len = 0
 
@@ -184,8 +210,8 @@ def segments(fh: RandomAccess, snapshot: str, *, image: Image | None = None) -> 
             yield Segment(length=guest - pos)
             pos = guest
         if kind == "compressed":
-            data = _inflate(_pread(fh, host, host_end - host), cs)[: size - guest]
-            yield Segment(length=len(data), data=data)
+            data = _inflate(_pread(fh, host, host_end - host, short_ok=True), cs)[: size - guest]
+            yield _data_or_hole(data)
             pos = guest + len(data)
         else:
             run_guest, run_host, run_len = guest, host, cs

@@ -59,7 +59,12 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     # what later phases read instead of the whole store
     plan = dataclasses.replace(build_plan(resolved, vm, target_storage=pool), spec_files=tuple(ctx.spec_files()))
     # the target VM and every disk the plan would create are free, or this migration's own from a failed try
-    ctx.open_target(plan).check_free(plan.disks)
+    session = ctx.open_target(plan)
+    session.check_free(plan.disks)
+    chosen = session.resolved_options()
+    if chosen:  # pinned: later tasks act on these, not on what the target looks like then
+        plan = dataclasses.replace(plan, target=dataclasses.replace(
+            plan.target, options={**plan.target.options, **chosen}))
     ctx.logger.info("storage %s", ctx.storage.check())
     for d in plan.disks:
         ensure_object_key_free(ctx, d.object_key, plan.storage.scope)

@@ -157,7 +157,8 @@ class Proxmox:
         boundary = uuid.uuid4().hex
         fields = [("content", "import")]
         if sha256:
-            fields += [("checksum", sha256), ("checksum-algorithm", "sha256")]
+            # in pveproxy's order: it parses content, checksum-algorithm, checksum, then the file, and no other
+            fields += [("checksum-algorithm", "sha256"), ("checksum", sha256)]
         head = ("".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
                         for k, v in fields) +
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"filename\"; filename=\"{filename}\"\r\n"
@@ -204,23 +205,7 @@ class Proxmox:
                                      "known", field="spec.credentialSecretRef")
         key = _private_key(key_text)
         target, port = host or self.host, int(self.creds.get("sshPort") or 22)
-        names = {target, f"[{target}]:{port}"} if port != 22 else {target}
-        host_key = None
-        for line in known.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-            except Exception:  # noqa: BLE001 - paramiko's InvalidHostKey and friends
-                raise ConfigurationError("the Provider's sshKnownHosts has a line paramiko cannot read",
-                                         field="spec.credentialSecretRef") from None
-            if entry is not None and names & set(entry.hostnames):
-                host_key = entry.key
-                break
-        if host_key is None:
-            raise ConfigurationError(f"{target}:{port} is not in the Provider's sshKnownHosts",
-                                     field="spec.credentialSecretRef")
+        host_key = trusted_host_key(known, target, port)
         user = self.creds.get("sshUser") or "root"
         try:
             return self.ssh_connect(target, port, user, key, host_key)
@@ -237,11 +222,12 @@ class Proxmox:
         except OSError as err:
             raise HypervisorError(f"SSH to {target}:{port}: {err}") from None
 
-    def run(self, client: Any, command: list[str], what: str) -> str:
-        """Run a command (every argument quoted) and return its output; a failure raises with its stderr."""
+    def run(self, client: Any, command: list[str], what: str, *, timeout: float = 600) -> str:
+        """Run a command (every argument quoted) and return its output; a failure raises with its stderr, a
+        command silent for ``timeout`` seconds raises TimeoutError."""
         import shlex
 
-        _in, out, err = client.exec_command(" ".join(shlex.quote(a) for a in command), timeout=600)
+        _in, out, err = client.exec_command(" ".join(shlex.quote(a) for a in command), timeout=timeout)
         text, problem = out.read().decode(), err.read().decode()
         status = out.channel.recv_exit_status()
         if status != 0:
@@ -254,6 +240,40 @@ class Proxmox:
 SshConnect = Callable[[str, int, str, Any, Any], Any]
 _HOST_KEY_ALGORITHMS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
                         "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa", "ssh-dss")
+
+
+def trusted_host_key(known: str, host: str, port: int) -> Any:
+    """The one key ``known`` (known_hosts lines, hashed ones too) lists for ``host`` on ``port`` (``[host]:port``
+    unless 22), the first where it lists several; ConfigurationError when it lists none or cannot be read."""
+    import tempfile
+
+    import paramiko
+
+    with tempfile.NamedTemporaryFile("w", suffix=".known_hosts") as fh:
+        fh.write(known)
+        fh.flush()
+        try:
+            keys = paramiko.HostKeys(fh.name)
+        except Exception:  # noqa: BLE001 - paramiko's InvalidHostKey and friends
+            raise ConfigurationError("the Provider's sshKnownHosts has a line paramiko cannot read",
+                                     field="spec.credentialSecretRef") from None
+    found = keys.lookup(host if port == 22 else f"[{host}]:{port}")
+    if not found:
+        raise ConfigurationError(f"{host}:{port} is not in the Provider's sshKnownHosts",
+                                 field="spec.credentialSecretRef")
+    return next(iter(found.values()))
+
+
+def check_host_key(client: Any, host_key: Any, host: str) -> Any:
+    """Close and refuse a connection whose server showed another key than ``host_key`` (whatever else the client
+    trusted, such as the worker's own ~/.ssh/known_hosts)."""
+    import paramiko
+
+    shown = client.get_transport().get_remote_server_key()
+    if shown.asbytes() != host_key.asbytes():
+        client.close()
+        raise paramiko.BadHostKeyException(host, shown, host_key)
+    return client
 
 
 def other_host_key_algorithms(host_key: Any) -> list[str]:
@@ -276,7 +296,7 @@ def connect_paramiko(host: str, port: int, user: str, key: Any, host_key: Any) -
     except BaseException:
         client.close()
         raise
-    return client
+    return check_host_key(client, host_key, host)
 
 
 def _private_key(text: str) -> Any:
@@ -382,40 +402,3 @@ class RandomReader:
             data = b"".join(self.fh.readv([(self.pos, size)]))
         self.pos += len(data)
         return data
-
-
-def stream_command(client: Any, command: list[str], what: str, *, header: int = 0) -> Iterator[Segment | bytes]:
-    """A command's stdout on the node, in chunks (all-zero ones as holes); the first ``header`` bytes come first,
-    alone, as ``bytes``. A non-zero exit raises with the end of its stderr."""
-    import shlex
-
-    chan = client.get_transport().open_session()
-    try:
-        chan.exec_command(" ".join(shlex.quote(a) for a in command))
-
-        def fill(n: int) -> bytes:
-            buf = bytearray()
-            while len(buf) < n:
-                got = chan.recv(n - len(buf))
-                if not got:
-                    break
-                buf += got
-            return bytes(buf)
-
-        if header:
-            yield fill(header)
-        while True:
-            chunk = fill(CHUNK)
-            if not chunk:
-                break
-            yield Segment(length=len(chunk)) if chunk.count(0) == len(chunk) else Segment(length=len(chunk),
-                                                                                           data=chunk)
-        status = chan.recv_exit_status()
-        if status != 0:
-            problem = b""
-            while chan.recv_stderr_ready():
-                problem += chan.recv_stderr(65536)
-            raise HypervisorError(f"{what}: `{' '.join(command[:2])}` exited {status}: "
-                                  f"{problem.decode(errors='replace').strip()[-300:]}")
-    finally:
-        chan.close()

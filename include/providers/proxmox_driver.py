@@ -6,7 +6,7 @@ log), NICs, cores and memory; a snapshot; each disk read from the shut-off VM's 
 (``pvesm path`` on the node tells where it is), streamed into the transfer engine without a temporary copy,
 zero blocks left out. A running VM is read from a PVE snapshot taken for the run while it runs (the point-in-time
 port): a qcow2 on a file storage at its internal snapshot (include.qcow2 reads the snapshot's own tables over
-SFTP), a volume on LVM-thin or Ceph RBD through ``pvesm export --snapshot``; the snapshot is removed after.
+SFTP); other disks of a running VM are refused; the snapshot is removed after.
 
 Target (``ProxmoxTargetSession``): each disk is uploaded to a storage with content ``import`` (PVE 8.4 and later)
 and attached with ``import-from`` when the VM is created on the VMID ``/cluster/nextid`` gives (recorded before the
@@ -23,15 +23,21 @@ import json
 import logging
 import os
 import re
-import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from include import qcow2
 from include.diskio import Segment
-from include.errors import HypervisorError, InvalidMigration, NotFound, TargetCreationError, UnsupportedDiskFormat
+from include.errors import (
+    HypervisorError,
+    InvalidMigration,
+    NotFound,
+    PlanChanged,
+    TargetCreationError,
+    UnsupportedDiskFormat,
+)
 from include.providers.base import DiskInfo, HypervisorDriver, NicInfo, PointInTime, TargetDisk, VMInfo
-from include.providers.proxmox_api import Proxmox, RandomReader, TaskFailed, stream_command, stream_file
+from include.providers.proxmox_api import TASK_TIMEOUT, Proxmox, RandomReader, TaskFailed, stream_file
 from include.spec import NetworkHint
 
 if TYPE_CHECKING:
@@ -161,9 +167,15 @@ class ProxmoxDriver(HypervisorDriver):
         nodes = self.pve.call("listing nodes", lambda api: api.nodes.get())
         return "pve:" + ",".join(sorted(n["node"] for n in nodes))
 
+    #: the node a run's target session pinned at Validating (its plan's ``node`` option)
+    pinned_node: str | None = None
+
     def _node(self) -> str:
-        """The node a migrated VM is created on: the Provider's ``spec.defaults.cluster`` names it where set
-        (PVE has no cluster object; one Provider is one cluster), else the first online node."""
+        """The node a migrated VM is created on: the one the plan pinned, else the Provider's
+        ``spec.defaults.cluster`` where set (PVE has no cluster object; one Provider is one cluster), else the
+        first online node."""
+        if self.pinned_node:
+            return self.pinned_node
         nodes = self.pve.call("listing nodes", lambda api: api.nodes.get())
         wanted = self.defaults.get("cluster")
         online = sorted(n["node"] for n in nodes if n.get("status", "online") == "online")
@@ -413,24 +425,31 @@ class ProxmoxDriver(HypervisorDriver):
         return {str(s.get("storage")): str(s.get("type")) for s in stores}
 
     def _snapshot_read(self, disk: DiskInfo, types: Mapping[str, str]) -> str | None:
-        """How a disk is read at a PVE snapshot: "qcow2" (its internal snapshot, over SFTP), "export" (``pvesm
-        export ... --snapshot``: LVM-thin's and Ceph RBD's snapshot volumes), None when PVE cannot snapshot it."""
+        """How a disk is read at a PVE snapshot: "qcow2" (a qcow2 on a file storage: its internal snapshot, over
+        SFTP); None when we cannot. Block storages are refused: a real node's ``pvesm export`` refuses
+        ``--snapshot`` on LVM-thin and ignores it on Ceph RBD (it exports the running image), and reading their
+        snapshot volumes directly is not built."""
         kind = types.get(disk.pool or "", "")
-        if kind in FILE_STORAGES:
-            return "qcow2" if disk.format == "qcow2" else None
-        return "export" if kind in ("lvmthin", "rbd") else None
+        return "qcow2" if kind in FILE_STORAGES and disk.format == "qcow2" else None
 
     def live_export_refusal(self, vm: VMInfo | None = None) -> str | None:
-        """A running VM is read from a PVE snapshot: every disk must be one PVE snapshots and we can read at it."""
+        """A running VM is read from a PVE snapshot: every disk must be a qcow2 on a file storage (see
+        :meth:`_snapshot_read`), and so must the EFI vars and TPM state PVE snapshots with it."""
         if vm is None or not vm.id:
             return None
-        types = self._storage_types(self._split(vm.id)[0])
+        node, vmid = self._split(vm.id)
+        types = self._storage_types(node)
         bad = [f"{d.name} ({d.volume}, {d.format} on {types.get(d.pool or '', '?')} storage {d.pool})"
                for d in vm.disks if self._snapshot_read(d, types) is None]
+        config = self._config(node, vmid)
+        for key in ("efidisk0", "tpmstate0"):
+            volid = parse_prop(str(config.get(key, ""))).get("file", "")
+            store = volid.split(":", 1)[0]
+            if volid and not (types.get(store) in FILE_STORAGES and volid.endswith(".qcow2")):
+                bad.append(f"{key} ({volid} on {types.get(store, '?')} storage {store})")
         if bad:
-            return (f"it is read from a PVE snapshot taken while it runs, and PVE cannot snapshot, or the engine "
-                    f"cannot read at a snapshot, disk {', '.join(bad)} (raw and vmdk on a directory storage, "
-                    f"ZFS, thick LVM); shut the VM down")
+            return (f"it is read from a PVE snapshot taken while it runs, and the engine reads a snapshot of qcow2 "
+                    f"volumes on file storages only, not of {', '.join(bad)}; shut the VM down")
         return None
 
     def point_in_time_handle(self, workdir: str) -> dict[str, Any]:
@@ -442,8 +461,8 @@ class ProxmoxDriver(HypervisorDriver):
         for it through the QEMU guest agent when the VM's config enables the agent."""
         handle = self.point_in_time_handle(workdir)
         node, vmid = self._find(vm)
-        agent = str(self._config(node, vmid).get("agent", "0")).split(",")[0]
-        enabled = agent in ("1", "enabled=1", "enabled=true")
+        agent = [p.strip() for p in str(self._config(node, vmid).get("agent", "0")).split(",")]
+        enabled = agent[0] in ("1", "true") or any(p in ("enabled=1", "enabled=true") for p in agent)
         taken = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         upid = self.pve.call(f"snapshotting the running VM {vmid}", lambda api: api.nodes(node).qemu(vmid)
                              .snapshot.post(snapname=handle["snapshot"], vmstate=0,
@@ -483,35 +502,28 @@ class ProxmoxDriver(HypervisorDriver):
         return self._read_at(held[0], disk, str(handle["snapshot"]), how), disk.capacity, disk.allocation
 
     def _read_at(self, node: str, disk: DiskInfo, snapshot: str, how: str) -> Iterator[Segment]:
-        """The disk's guest data at the snapshot, streamed over SSH: a qcow2's internal snapshot read through its
-        own tables over SFTP (allocated clusters only), or the snapshot volume's ``raw+size`` stream from ``pvesm
-        export``; no temporary copy on the node either way."""
+        """The disk's guest data at the snapshot, streamed over SSH: the qcow2's internal snapshot read through its
+        own tables over SFTP (allocated, non-zero clusters only), without a temporary copy on the node."""
         client = self.pve.ssh(self._node_host(node))
         try:
             what = f"reading disk {disk.name} ({disk.volume}) at snapshot {snapshot}"
-            if how == "qcow2":
-                path = self.pve.run(client, ["pvesm", "path", disk.volume or disk.path], f"locating {disk.path}")
-                sftp = client.open_sftp()
-                try:
-                    with sftp.open(path.strip(), "rb") as fh:
-                        try:
-                            yield from qcow2.segments(RandomReader(fh), snapshot)
-                        except qcow2.Qcow2Error as err:
-                            raise UnsupportedDiskFormat(f"{what}: {err}", field="spec.sourceName") from None
-                finally:
-                    sftp.close()
-                return
-            stream = stream_command(client, ["pvesm", "export", disk.volume or disk.path, "raw+size", "-",
-                                             "--snapshot", snapshot], what, header=8)
-            size = struct.unpack("<Q", next(stream))[0]
-            if size != disk.capacity:
-                raise HypervisorError(f"{what}: the export is {size} bytes, the disk {disk.capacity}")
-            done = 0
-            for seg in stream:
-                done += seg.length
-                yield seg
-            if done != size:
-                raise HypervisorError(f"{what}: the export ended after {done} of {size} bytes")
+            path = self.pve.run(client, ["pvesm", "path", disk.volume or disk.path], f"locating {disk.path}")
+            sftp = client.open_sftp()
+            try:
+                with sftp.open(path.strip(), "rb") as fh:
+                    reader = RandomReader(fh)
+                    try:
+                        image = qcow2.read_header(reader)
+                        size = qcow2.snapshot_size(image, qcow2.find_snapshot(image, snapshot))
+                        if size != disk.capacity:
+                            raise PlanChanged(f"{what}: the disk was {size} bytes at the snapshot, {disk.capacity} "
+                                              f"at Validating (resized meanwhile); run the migration again",
+                                              field="spec.sourceName")
+                        yield from qcow2.segments(reader, snapshot, image=image)
+                    except qcow2.Qcow2Error as err:
+                        raise UnsupportedDiskFormat(f"{what}: {err}", field="spec.sourceName") from None
+            finally:
+                sftp.close()
         finally:
             client.close()
 
@@ -656,14 +668,20 @@ class ProxmoxDriver(HypervisorDriver):
             client.close()
             raise
 
-    def node_mkdir(self, node: str, path: str) -> None:
-        """Make ``path`` (0700) on the node; it must not exist (a name that is taken is somebody else's)."""
+    def node_mkdir(self, node: str, path: str) -> bool:
+        """Make ``path`` (0700) on the node; False when it exists already (somebody else's: never taken)."""
         client, sftp = self._sftp(node)
         try:
+            try:
+                sftp.stat(path)
+                return False
+            except FileNotFoundError:
+                pass
             try:
                 sftp.mkdir(path, mode=0o700)
             except OSError as err:
                 raise HypervisorError(f"making {path} on node {node}: {err}") from None
+            return True
         finally:
             client.close()
 
@@ -704,24 +722,27 @@ class ProxmoxDriver(HypervisorDriver):
         finally:
             client.close()
 
-    def node_remove(self, node: str, path: str, *, key: str | None = None, folder: bool = False) -> bool:
-        """Remove a file this run wrote (only while it is the one recorded: ``key``), or its folder when empty."""
+    def node_remove(self, node: str, path: str, *, key: str | None = None, folder: bool = False) -> str:
+        """Remove a file this run wrote (only while it is the one recorded: ``key``), or its folder when empty:
+        "removed", "gone" (it was not there) or "kept" (another file, not empty, or the node refused; logged)."""
         client, sftp = self._sftp(node)
         try:
             try:
+                st = sftp.stat(path)
+            except FileNotFoundError:
+                return "gone"
+            try:
                 if folder:
                     sftp.rmdir(path)
-                    return True
-                st = sftp.stat(path)
+                    return "removed"
                 if key is not None and f"size={st.st_size};mtime={st.st_mtime}" != key:
-                    return False
+                    log.warning("kept %s on node %s: not the file this run wrote", path, node)
+                    return "kept"
                 sftp.remove(path)
-                return True
-            except FileNotFoundError:
-                return False
+                return "removed"
             except OSError as err:
-                log.warning("removing %s on node %s: %s", path, node, err)
-                return False
+                log.warning("could not remove %s on node %s: %s", path, node, err)
+                return "kept"
         finally:
             client.close()
 
@@ -733,7 +754,10 @@ class ProxmoxDriver(HypervisorDriver):
             command += ["--format", fmt]
         client = self.pve.ssh(self._node_host(node))
         try:
-            self.pve.run(client, command, f"importing {path} into VM {vmid}")
+            self.pve.run(client, command, f"importing {path} into VM {vmid}", timeout=TASK_TIMEOUT)
+        except TimeoutError:
+            raise HypervisorError(f"qm importdisk of {path} into VM {vmid} said nothing for {TASK_TIMEOUT:.0f} s"
+                                  ) from None
         finally:
             client.close()
         config = self._config(node, vmid)

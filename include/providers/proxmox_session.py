@@ -25,8 +25,9 @@ from include.providers.proxmox_driver import NODE_STAGE_ROOT, VmidTaken
 from include.providers.session import TargetSession, VMHandle, _logged
 
 if TYPE_CHECKING:
-    from include.model import DiskPlan
+    from include.model import DiskPlan, TargetPlan
     from include.providers.proxmox_driver import ProxmoxDriver
+    from include.providers.session import Ownership
 
 #: how many VMIDs a create tries when other migrations take the free one first
 VMID_TRIES = 5
@@ -34,6 +35,20 @@ VMID_TRIES = 5
 
 class ProxmoxTargetSession(TargetSession):
     driver: ProxmoxDriver
+
+    def __init__(self, driver: ProxmoxDriver, plan: TargetPlan, owned: Ownership) -> None:
+        super().__init__(driver, plan, owned)
+        # the node, the import storage and the way disks travel, as Validating chose them (resolved_options)
+        driver.pinned_node = plan.options.get("node") or None
+
+    def resolved_options(self) -> dict[str, str]:
+        node = self.driver._node()  # noqa: SLF001 - the session is the driver's own
+        method = self._method(node)
+        return {"node": node, "diskImport": method,
+                **({"importStorage": self.driver.import_storage(node)} if method == "upload" else {})}
+
+    def _store(self, node: str) -> str:
+        return self.plan.options.get("importStorage") or self.driver.import_storage(node)
 
     # -- Validating -------------------------------------------------------------------------------------
     def check_free(self, disks: Sequence[DiskPlan]) -> None:
@@ -44,7 +59,7 @@ class ProxmoxTargetSession(TargetSession):
                            f"not created by this migration", field="spec.targetName")
         node = self.driver._node()  # noqa: SLF001 - the session is the driver's own
         ssh = self._method(node) == "ssh"
-        store = None if ssh else self.driver.import_storage(node)
+        store = None if ssh else self._store(node)
         if ssh:  # the node is reached over SSH now: a missing key or an unknown host key fails here
             self.driver.node_file_key(node, NODE_STAGE_ROOT)
         for index, hint in enumerate(self.plan.networks):
@@ -76,7 +91,7 @@ class ProxmoxTargetSession(TargetSession):
         if self._method(node) == "ssh":
             self._stage_disk(node, disk, segments, length)
             return
-        store = self.driver.import_storage(node)
+        store = self._store(node)
         ledger, scope, volume = self.owned.ledger, self.owned.scope, disk.target_volume
         self._remove(store, volume, conflict=True)
         # an intent on the node's clock: a volume the upload's task still made after a failed wait, or after the
@@ -110,28 +125,27 @@ class ProxmoxTargetSession(TargetSession):
         node = self.driver._node()  # noqa: SLF001
         if self._method(node) == "ssh":
             return self._unstage(node, disk.target_volume)
-        store = self.driver.import_storage(node)
+        store = self._store(node)
         return self._remove(store, disk.target_volume, conflict=False)
 
     # -- the SSH path: files in a folder of the run's on the node ------------------------------------------
-    def _stage_folder(self, node: str, *, make: bool = True) -> str | None:
+    def _stage_folder(self, node: str) -> str:
+        """The run's 0700 folder on the node, made once (under the run's lock: parallel disks share it)."""
         ledger, scope = self.owned.ledger, self.owned.scope
-        for e in ledger.entries("dir"):
-            if e.scope == scope and e.ident.get("role") == "node-stage" and e.ident.get("node") == node \
-                    and e.state != "creating":
-                return str(e.ident["path"])
-        if not make:
-            return None
-        path = f"{NODE_STAGE_ROOT}/vmmigration-{uuid.uuid4().hex[:16]}"
-        # recorded first; made exclusively (an existing name fails the mkdir, and is never taken for ours)
-        intent = ledger.record("dir", scope, state="creating", role="node-stage", node=node, path=path)
-        try:
-            self.driver.node_mkdir(node, path)
-        except BaseException:
-            ledger.forget(intent)
-            raise
-        ledger.record("dir", scope, role="node-stage", node=node, path=path)  # the intent, made good
-        return path
+        with ledger.state.lock(ledger.namespace, ledger.name, "node-stage"):
+            for e in ledger.entries("dir"):
+                if e.scope == scope and e.ident.get("role") == "node-stage" and e.ident.get("node") == node \
+                        and e.state != "creating":
+                    return str(e.ident["path"])
+            for _ in range(3):
+                path = f"{NODE_STAGE_ROOT}/vmmigration-{uuid.uuid4().hex[:16]}"
+                # recorded first: a mkdir that happened but whose answer was lost is still found (and rmdir'd)
+                intent = ledger.record("dir", scope, state="creating", role="node-stage", node=node, path=path)
+                if self.driver.node_mkdir(node, path):
+                    ledger.record("dir", scope, role="node-stage", node=node, path=path)  # the intent, made good
+                    return path
+                ledger.forget(intent)  # the name was taken already: somebody else's, never used
+        raise TargetCreationError(f"could not make a folder of this run's under {NODE_STAGE_ROOT} on node {node}")
 
     def _staged(self, node: str, volume: str) -> list[Entry]:
         return [e for e in self.owned.ledger.entries("file") if e.scope == self.owned.scope
@@ -140,11 +154,17 @@ class ProxmoxTargetSession(TargetSession):
     def _unstage(self, node: str, volume: str) -> bool:
         removed = False
         for entry in self._staged(node, volume):
-            # an intent's file is in the run's own 0700 folder, made by an exclusive create: ours whatever it holds
-            key = None if entry.state == "creating" else entry.ident.get("key")
-            removed = self.driver.node_remove(node, entry.ident["path"], key=key) or removed
-            self.owned.ledger.forget(entry)
+            removed = self._remove_file(entry) or removed
         return removed
+
+    def _remove_file(self, entry: Entry) -> bool:
+        """Remove a file the ledger lists; its entry is forgotten only when it is gone."""
+        # an intent's file is in the run's own 0700 folder, made by an exclusive create: ours whatever it holds
+        key = None if entry.state == "creating" else entry.ident.get("key")
+        outcome = self.driver.node_remove(str(entry.ident["node"]), entry.ident["path"], key=key)
+        if outcome != "kept":
+            self.owned.ledger.forget(entry)
+        return outcome == "removed"
 
     def _stage_disk(self, node: str, disk: DiskPlan, segments: Iterator[Segment], length: int) -> None:
         folder = self._stage_folder(node)
@@ -164,18 +184,21 @@ class ProxmoxTargetSession(TargetSession):
         ledger.forget(intent)
 
     def _clear_stage(self) -> list[str]:
-        removed = []
-        for entry in [e for e in self.owned.ledger.entries("file") if e.scope == self.owned.scope]:
-            key = None if entry.state == "creating" else entry.ident.get("key")
-            if self.driver.node_remove(str(entry.ident["node"]), entry.ident["path"], key=key):
+        """Remove every file the run wrote on a node, then its folders (each only when empty; an intent's too,
+        as its mkdir may have happened). What cannot be removed stays in the ledger, and is said."""
+        removed, ledger, scope = [], self.owned.ledger, self.owned.scope
+        for entry in [e for e in ledger.entries("file") if e.scope == scope]:
+            if self._remove_file(entry):
                 removed.append(f"{entry.ident['path']} on node {entry.ident['node']}")
-            self.owned.ledger.forget(entry)
-        for entry in [e for e in self.owned.ledger.entries("dir") if e.scope == self.owned.scope
-                      and e.ident.get("role") == "node-stage"]:
-            if entry.state != "creating" and self.driver.node_remove(str(entry.ident["node"]), entry.ident["path"],
-                                                                     folder=True):
+        for entry in [e for e in ledger.entries("dir") if e.scope == scope and e.ident.get("role") == "node-stage"]:
+            outcome = self.driver.node_remove(str(entry.ident["node"]), entry.ident["path"], folder=True)
+            if outcome == "removed":
                 removed.append(f"folder {entry.ident['path']} on node {entry.ident['node']}")
-            self.owned.ledger.forget(entry)
+            if outcome != "kept":
+                ledger.forget(entry)
+            else:
+                self.owned.logger.warning("kept the folder %s on node %s: not empty, or the node refused",
+                                          entry.ident["path"], entry.ident["node"])
         return removed
 
     def _own(self, store: str, volume: str, key: str) -> Entry | None:
@@ -208,7 +231,7 @@ class ProxmoxTargetSession(TargetSession):
                            field="spec.targetName")
         node = self.driver._node()  # noqa: SLF001
         ssh = self._method(node) == "ssh"
-        store = None if ssh else self.driver.import_storage(node)
+        store = None if ssh else self._store(node)
         imports = [(d.target_disk(), None if ssh else f"{store}:import/{d.target_volume}") for d in disks]
         last: Exception | None = None
         for _ in range(VMID_TRIES):

@@ -70,6 +70,11 @@ class TargetSession(abc.ABC):
     def check_free(self, disks: Sequence[DiskPlan]) -> None:
         """Validating: Conflict when the VM or a disk the plan would create exists and is not this run's."""
 
+    def resolved_options(self) -> dict[str, str]:
+        """Validating, after :meth:`check_free`: choices this session made with the target at hand (a node, how
+        disks travel), pinned into the plan's ``target.options`` so that every later task makes the same."""
+        return {}
+
     def writes_in_place(self, disk: DiskPlan) -> bool:
         """Whether the disk's target is a file on this host that qemu-img can convert into."""
         return False

@@ -77,14 +77,15 @@ class ProxmoxHook(BaseHook):
 
 def ssh_through_hook(host: str, port: int, user: str, key: Any, host_key: Any) -> Any:
     """A client from the SSH provider's ``SSHHook``: the Secret's key, the node's one trusted host key (only its type
-    negotiated, so the node cannot show another), no compression (disk data), one attempt (a refused key is not
-    retried)."""
+    negotiated, and the key shown checked after the handshake, so neither another key nor the worker's own
+    known_hosts is trusted), no compression (disk data), one attempt (a refused key is not retried)."""
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
-    from include.providers.proxmox_api import other_host_key_algorithms
+    from include.providers.proxmox_api import check_host_key, other_host_key_algorithms
 
     hook = SSHHook(remote_host=host, port=port, username=user, conn_timeout=30, banner_timeout=30,
                    conn_retry_attempts=1, no_host_key_check=False,
                    disabled_algorithms={"keys": other_host_key_algorithms(host_key)})
     hook.pkey, hook.host_key, hook.look_for_keys, hook.compress = key, host_key, False, False
-    return hook.get_conn()
+    # SSHHook also trusts the worker's ~/.ssh/known_hosts: the key the node showed is checked against ours here
+    return check_host_key(hook.get_conn(), host_key, host)

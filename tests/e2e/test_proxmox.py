@@ -307,11 +307,19 @@ def _p2k_docs(world, vm: str, target: str) -> list[dict]:
 
 def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(airflow_db, store, world, proxmox,
                                                                             tmp_path):
-    """A running VM (qcow2 on a directory storage, raw on LVM-thin) whose guest goes on writing to both disks
-    right after the snapshot: the migrated disks hold what they held at the snapshot (the qcow2 read at its
-    internal snapshot through its own tables, the LVM-thin volume through ``pvesm export --snapshot``), not what
-    the volumes hold now; the snapshot is removed and the VM runs on."""
-    raws = pw.create_vm(proxmox, 104, "live-src", tmp_path, running=True)
+    """A running VM with two qcow2 disks on a directory storage (one made as PVE makes them, with
+    preallocation=metadata), whose guest goes on writing to both right after the snapshot: the migrated disks
+    hold what they held at the snapshot (each read at its internal snapshot through its own tables), not what the
+    volumes hold now; the snapshot is removed and the VM runs on."""
+    raws, disks = {}, []
+    for index, (key, size) in enumerate((("scsi0", 40), ("virtio0", 24))):
+        raw = tmp_path / f"live-{key}.raw"
+        vw.pattern_disk(raw, size, seed=index + 51)
+        raws[key] = raw
+        disks.append((key, "local", "qcow2", size * pw.MiB, raw))
+    proxmox.add_vm("pve1", 104, "live-src", disks=disks, running=True, agent="1")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "preallocation=metadata",
+                    str(raws["virtio0"]), str(proxmox.disk_files(104)["virtio0"])], check=True)
     proxmox.guest_writes(104)
     ensure_world_pools(world.conn(), world)
     world.share.mkdir(parents=True, exist_ok=True)
@@ -321,15 +329,16 @@ def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(ai
     assert str(dagrun.state) == "success", task_states(dagrun)
     status = _status(store, "p2k")
     assert status["phase"] == "Ready" and status["pointInTime"]["consistency"] == "crash-consistent", status
+    assert "guest agent is enabled" in status["pointInTime"]["detail"]
     files = proxmox.disk_files(104)
     conn = world.conn()
     try:
         pool = conn.storagePoolLookupByName(world.target_pool)
         pool.refresh(0)
-        for disk, key, fmt in (("sda", "scsi0", "qcow2"), ("sdb", "scsi1", "raw")):
+        for disk, key in (("sda", "scsi0"), ("vda", "virtio0")):
             dst = pool.storageVolLookupByName(f"{target}-{disk}.qcow2").path()
             assert diskio.compare(raws[key], dst, "raw", "qcow2"), f"{disk} is not the disk at the snapshot"
-            assert not diskio.compare(raws[key], files[key], "raw", fmt), f"the guest wrote to {key} after it"
+            assert not diskio.compare(raws[key], files[key], "raw", "qcow2"), f"the guest wrote to {key} after it"
     finally:
         if target in conn.listDefinedDomains():
             conn.lookupByName(target).undefine()
@@ -337,11 +346,15 @@ def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(ai
     api = proxmox.proxmox()
     assert [s["name"] for s in api.nodes("pve1").qemu(104).snapshot.get()] == ["current"], "the snapshot is removed"
     assert api.nodes("pve1").qemu(104).status.current.get()["status"] == "running"
-    assert not any(p.name.startswith("snap_") for p in files["scsi1"].parent.iterdir()), "its LVM snapshot too"
 
 
-def test_a_running_vm_with_a_disk_pve_cannot_snapshot_is_refused_in_validating(airflow_db, store, world, proxmox):
-    proxmox.add_vm("pve1", 105, "raw-live", disks=[("scsi0", "local", "raw", 8 << 20)], running=True)
+@pytest.mark.parametrize(("storage", "shown"), [("local", "raw on dir storage local"),
+                                                ("local-lvm", "raw on lvmthin storage local-lvm")])
+def test_a_running_vm_with_a_disk_we_cannot_read_at_a_snapshot_is_refused_in_validating(
+        airflow_db, store, world, proxmox, storage, shown):
+    """Raw on a directory storage (PVE cannot snapshot it) and LVM-thin (a real node's ``pvesm export`` refuses
+    ``--snapshot`` there, and its snapshot volume is not read yet): refused before anything is made."""
+    proxmox.add_vm("pve1", 105, "raw-live", disks=[("scsi0", storage, "raw", 8 << 20)], running=True)
     ensure_world_pools(world.conn(), world)
     world.share.mkdir(parents=True, exist_ok=True)
     write_store(store, "p2k.yaml", [*_p2k_docs(world, "raw-live", "raw-live-kvm"), *pw.provider_docs(proxmox, "pve")])
@@ -349,7 +362,7 @@ def test_a_running_vm_with_a_disk_pve_cannot_snapshot_is_refused_in_validating(a
     assert str(dagrun.state) == "failed"
     cond = _validating_condition(store, "p2k")
     assert "spec.sourceName" in cond["message"] and "is running" in cond["message"], cond
-    assert "sda (local:105/vm-105-disk-0.raw, raw on dir storage local)" in cond["message"], cond
+    assert f"sda ({storage}:" in cond["message"] and shown in cond["message"], cond
     assert [s["name"] for s in proxmox.proxmox().nodes("pve1").qemu(105).snapshot.get()] == ["current"]
 
 
@@ -373,6 +386,9 @@ def test_libvirt_to_proxmox_8_3_imports_each_disk_with_qm_importdisk_over_ssh(ai
         assert disks[key].startswith("local-lvm:vm-")
         assert diskio.compare(src, proxmox.volume_path(disks[key]), "qcow2", "raw"), f"{disk} differs"
     assert set(glob.glob("/var/tmp/vmmigration-*")) == before, "the node folder and its files are removed"
+    plan = SpecStore(store).load_plan("default", "k2p")
+    assert (plan["target"]["options"]["diskImport"], plan["target"]["options"]["node"]) == ("ssh", "pve1"), \
+        "the way disks travel and the node are pinned at Validating"
     requests = [json.loads(line) for line in log.read_text().splitlines()[seen:]]
     assert [r for r in requests if r["path"].endswith("/version")], "the node's version was asked"
     assert not [r for r in requests if r["path"].endswith("/upload")], "nothing is uploaded to an 8.3 node"

@@ -125,3 +125,33 @@ def test_proxmox_hook_reaches_a_node_over_the_ssh_providers_hook_trusting_only_t
     refused = dict(creds, sshPrivateKey=other.read_text())
     with pytest.raises(HypervisorAuthError, match="refused the SSH key"):
         hook_module.ProxmoxHook(uri=pve.url, credentials=refused).pve.ssh()
+
+
+def test_proxmox_ssh_takes_hashed_known_hosts_and_never_the_workers_own(pve, monkeypatch, tmp_path):
+    """``ssh-keygen -H`` lines are matched; a worker whose ~/.ssh/known_hosts has the node's real key does not
+    make a wrong sshKnownHosts pass (SSHHook loads that file; the key the node shows is checked against ours)."""
+    import subprocess
+    from pathlib import Path
+
+    from include.errors import ConfigurationError
+    from tests.e2e.pve_world import provider_docs
+
+    hook_module = pytest.importorskip("hooks.proxmox_hook")
+    creds = provider_docs(pve, "pve")[1]["stringData"]
+    hashed = tmp_path / "known_hosts"
+    hashed.write_text(creds["sshKnownHosts"])
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(hashed)], check=True, capture_output=True)
+    assert "|1|" in hashed.read_text()
+    client = hook_module.ProxmoxHook(uri=pve.url, credentials=dict(creds, sshKnownHosts=hashed.read_text())).pve.ssh()
+    client.close()
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(creds["sshKnownHosts"])  # the real key, trusted by the worker
+    monkeypatch.setenv("HOME", str(home))
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    host = creds["sshKnownHosts"].split()[0]
+    pub = Path(str(other) + ".pub").read_text().split()
+    with pytest.raises(ConfigurationError, match="host key"):
+        hook_module.ProxmoxHook(uri=pve.url, credentials=dict(creds, sshKnownHosts=f"{host} {pub[0]} {pub[1]}\n")
+                                ).pve.ssh()

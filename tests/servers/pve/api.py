@@ -920,6 +920,7 @@ def read_multipart(rfile: Any, length: int, boundary: bytes, tmpdir: Path) -> di
     """Stream a multipart/form-data body: form fields as parameters, the ``filename`` file part written to a
     ``pveupload-*`` file (its name becomes ``tmpfilename``, as a node does), never held in memory."""
     params: dict[str, Any] = {}
+    seen: list[str] = []
     remaining = length
     buf = b""
 
@@ -953,6 +954,12 @@ def read_multipart(rfile: Any, length: int, boundary: bytes, tmpdir: Path) -> di
         fname = re.search(r'\bfilename="([^"]*)"', disp)
         if not name:
             raise MultipartError("wrong content disposition in multipart")
+        # pveproxy reads the fields in one order only (content, checksum-algorithm, checksum, then the file)
+        order = ("content", "checksum-algorithm", "checksum", "filename")
+        if name.group(1) in order and any(order.index(k) > order.index(name.group(1)) for k in seen):
+            raise MultipartError(f"wrong Content-Disposition 'form-data; name=\"{name.group(1)}\"' in multipart, "
+                                 f"expected 'form-data' (pveproxy takes {', '.join(order)} in that order)")
+        seen.append(name.group(1))
         out = None
         if fname is not None:
             if name.group(1) != "filename":

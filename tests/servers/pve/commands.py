@@ -7,9 +7,9 @@ a ``bin/`` folder first in PATH (sshd_config ``SetEnv``) whose ``pvesm`` and ``q
 - ``pvesm path VOLID`` prints the file of a volume (it need not exist, as on a node);
 - ``pvesm list STORAGE [--content C] [--vmid N]`` prints PVE's table (Volid Format Type Size VMID);
 - ``pvesm status`` prints the storages (Name Type Status Total Used Available %);
-- ``pvesm export VOLID raw+size - [--snapshot S]`` writes PVE's ``raw+size`` stream to stdout (the size as a
-  little-endian u64, then the raw bytes), from an LVM-thin volume or its snapshot volume; on a directory storage
-  it refuses a snapshot as PVE's DirPlugin does (its snapshots are internal to qcow2 files);
+- ``pvesm export VOLID raw+size -`` writes PVE's ``raw+size`` stream to stdout (the size as a little-endian u64,
+  then the raw bytes) of a raw volume; ``--snapshot`` is refused as a real node refuses it (LVM-thin's plugin
+  dies "cannot export a snapshot", a directory storage's has no such format);
 - ``qm importdisk VMID FILE STORAGE [--format F]`` and ``qm disk import ...`` copy FILE into a new
   ``vm-<vmid>-disk-<n>`` volume (``qemu-img convert``; the source format kept unless ``--format``) and add it
   to the VM's config as ``unused<N>``, printing ``Successfully imported disk as 'unused0:local-lvm:vm-100-disk-1'``;
@@ -26,7 +26,7 @@ import struct
 import sys
 from pathlib import Path
 
-from tests.servers.pve.state import PveError, Store, image_info, snap_file
+from tests.servers.pve.state import PveError, Store, image_info
 
 
 def pvesm(store: Store, node: str, args: list[str]) -> int:
@@ -72,15 +72,13 @@ def export(store: Store, state: dict, opts: argparse.Namespace) -> int:
     sid, _ = store.split_volid(opts.volume)
     lvm = store.storage(state, sid).get("naming") == "lvm"
     kind = "LvmThinPlugin" if lvm else "DirPlugin"
-    if opts.format != "raw+size" or opts.with_snapshots or opts.base or (opts.snapshot and not lvm):
+    if opts.snapshot and lvm:  # LVMPlugin's volume_export, which LvmThinPlugin inherits, has always refused it
+        raise PveError(f"cannot export a snapshot in PVE::Storage::{kind}")
+    if opts.format != "raw+size" or opts.with_snapshots or opts.base or opts.snapshot:
         raise PveError(f"volume export format {opts.format} not available for PVE::Storage::{kind}")
     if opts.filename != "-":
         raise PveError("the test server's pvesm export writes to stdout only ('-')")
     path = store.volume_path(state, opts.volume)
-    if opts.snapshot:
-        path = snap_file(path, opts.snapshot)
-        if not path.is_file():
-            raise PveError(f"Failed to find logical volume 'pve/snap_{Path(opts.volume).stem}_{opts.snapshot}'")
     fmt, size = image_info(path)
     if fmt != "raw":
         raise PveError(f"volume export format {opts.format} not available for PVE::Storage::{kind} ({fmt})")

@@ -116,9 +116,10 @@ def test_upload_then_create_with_import_from(pve: PveServer, tmp_path: Path) -> 
     node = api.nodes("pve1")
     for image in (qcow, raw):
         with open(image, "rb") as f:
-            upid = node.storage("local").upload.post(content="import", filename=f,
+            # in pveproxy's order (content, checksum-algorithm, checksum, then the file): it takes no other
+            upid = node.storage("local").upload.post(content="import", **{"checksum-algorithm": "sha256"},
                                                      checksum=hashlib.sha256(image.read_bytes()).hexdigest(),
-                                                     **{"checksum-algorithm": "sha256"})
+                                                     filename=f)
         assert pve.wait_task(upid)["exitstatus"] == "OK", pve.task_log(upid)
     content = node.storage("local").content.get(content="import")
     assert {c["volid"] for c in content} == {"local:import/debian.qcow2", "local:import/data.raw"}
@@ -309,3 +310,17 @@ def test_state_survives_a_restart(tmp_path: Path, tmp_path_factory: pytest.TempP
         assert server.api("GET", "/nodes/pve1/qemu") == []
         status, reason, _ = server.raw("GET", "/nodes/pve1/qemu/200/config", expect_reject=True)
         assert status == 500 and "nodes/pve1/qemu-server/200.conf" in reason
+
+
+def test_an_upload_with_its_fields_out_of_pveproxys_order_is_refused(pve, tmp_path):
+    """pveproxy parses content, checksum-algorithm, checksum, then the file, in that order only."""
+    import hashlib
+
+    from proxmoxer.core import ResourceException
+
+    image = tmp_path / "x.raw"
+    image.write_bytes(b"\1" * 4096)
+    node = pve.proxmox(expect_reject=True).nodes("pve1")
+    with open(image, "rb") as f, pytest.raises(ResourceException, match="wrong Content-Disposition"):
+        node.storage("local").upload.post(content="import", checksum=hashlib.sha256(image.read_bytes()).hexdigest(),
+                                          **{"checksum-algorithm": "sha256"}, filename=f)
