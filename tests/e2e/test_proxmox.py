@@ -307,16 +307,18 @@ def _p2k_docs(world, vm: str, target: str) -> list[dict]:
 
 def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(airflow_db, store, world, proxmox,
                                                                             tmp_path):
-    """A running VM with two qcow2 disks on a directory storage (one made as PVE makes them, with
-    preallocation=metadata), whose guest goes on writing to both right after the snapshot: the migrated disks
-    hold what they held at the snapshot (each read at its internal snapshot through its own tables), not what the
-    volumes hold now; the snapshot is removed and the VM runs on."""
+    """A running VM with a qcow2 disk on a directory storage (made as PVE makes them, with
+    preallocation=metadata) and a raw one on LVM-thin, whose guest goes on writing to both right after the
+    snapshot: the migrated disks hold what they held at the snapshot (the qcow2 read at its internal snapshot
+    through its own tables, the LVM-thin volume through its snapshot volume), not what the volumes hold now; the
+    snapshot is removed and the VM runs on."""
     raws, disks = {}, []
-    for index, (key, size) in enumerate((("scsi0", 40), ("virtio0", 24))):
+    for index, (key, storage, fmt, size) in enumerate((("scsi0", "local-lvm", "raw", 40),
+                                                       ("virtio0", "local", "qcow2", 24))):
         raw = tmp_path / f"live-{key}.raw"
         vw.pattern_disk(raw, size, seed=index + 51)
         raws[key] = raw
-        disks.append((key, "local", "qcow2", size * pw.MiB, raw))
+        disks.append((key, storage, fmt, size * pw.MiB, raw))
     proxmox.add_vm("pve1", 104, "live-src", disks=disks, running=True, agent="1")
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "preallocation=metadata",
                     str(raws["virtio0"]), str(proxmox.disk_files(104)["virtio0"])], check=True)
@@ -338,7 +340,8 @@ def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(ai
         for disk, key in (("sda", "scsi0"), ("vda", "virtio0")):
             dst = pool.storageVolLookupByName(f"{target}-{disk}.qcow2").path()
             assert diskio.compare(raws[key], dst, "raw", "qcow2"), f"{disk} is not the disk at the snapshot"
-            assert not diskio.compare(raws[key], files[key], "raw", "qcow2"), f"the guest wrote to {key} after it"
+            fmt = "raw" if key == "scsi0" else "qcow2"
+            assert not diskio.compare(raws[key], files[key], "raw", fmt), f"the guest wrote to {key} after it"
     finally:
         if target in conn.listDefinedDomains():
             conn.lookupByName(target).undefine()
@@ -348,12 +351,9 @@ def test_a_running_vm_is_exported_as_it_was_at_a_snapshot_taken_while_it_runs(ai
     assert api.nodes("pve1").qemu(104).status.current.get()["status"] == "running"
 
 
-@pytest.mark.parametrize(("storage", "shown"), [("local", "raw on dir storage local"),
-                                                ("local-lvm", "raw on lvmthin storage local-lvm")])
-def test_a_running_vm_with_a_disk_we_cannot_read_at_a_snapshot_is_refused_in_validating(
-        airflow_db, store, world, proxmox, storage, shown):
-    """Raw on a directory storage (PVE cannot snapshot it) and LVM-thin (a real node's ``pvesm export`` refuses
-    ``--snapshot`` there, and its snapshot volume is not read yet): refused before anything is made."""
+def test_a_running_vm_with_a_disk_pve_cannot_snapshot_is_refused_in_validating(airflow_db, store, world, proxmox):
+    """Raw on a directory storage (PVE cannot snapshot it): refused before anything is made."""
+    storage, shown = "local", "raw on dir storage local"
     proxmox.add_vm("pve1", 105, "raw-live", disks=[("scsi0", storage, "raw", 8 << 20)], running=True)
     ensure_world_pools(world.conn(), world)
     world.share.mkdir(parents=True, exist_ok=True)

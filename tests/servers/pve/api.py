@@ -68,6 +68,8 @@ from tests.servers.pve.state import (
 )
 
 BASE = "/api2/json"
+#: the volume group the LVM-thin storage answers with (its volumes are files; see commands.py lvchange/lvs)
+LVM_VG = "pve"
 NIC_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "ne2k_pci", "pcnet", "i82551", "i82557b",
               "i82559er", "ne2k_isa")
 
@@ -789,6 +791,16 @@ class Api:
             out["format"] = {"default": "raw",
                              "supported": ["raw"] if spec.get("naming") == "lvm" else list(FORMATS)}
         return out
+
+    @route("GET", "/storage/{storage}")
+    def storage_config(self, p: dict[str, Any], _: str) -> Any:
+        """The storage's configuration (storage.cfg), as ``GET /storage/{storage}`` gives it."""
+        spec = self.store.storage(self.store.read(), p["storage"])
+        if spec.get("naming") == "lvm":
+            return {"storage": p["storage"], "type": "lvmthin", "vgname": LVM_VG, "thinpool": "data",
+                    "content": spec["content"], "digest": "0" * 40}
+        return {"storage": p["storage"], "type": "dir", "path": spec["path"], "content": spec["content"],
+                "digest": "0" * 40}
 
     @route("GET", "/nodes/{node}/storage")
     def storage_list(self, p: dict[str, Any], _: str) -> Any:

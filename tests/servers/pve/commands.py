@@ -13,6 +13,9 @@ a ``bin/`` folder first in PATH (sshd_config ``SetEnv``) whose ``pvesm`` and ``q
 - ``qm importdisk VMID FILE STORAGE [--format F]`` and ``qm disk import ...`` copy FILE into a new
   ``vm-<vmid>-disk-<n>`` volume (``qemu-img convert``; the source format kept unless ``--format``) and add it
   to the VM's config as ``unused<N>``, printing ``Successfully imported disk as 'unused0:local-lvm:vm-100-disk-1'``;
+- ``lvchange -ay|-an [-K|-Ky] VG/LV`` and ``lvs --noheadings -o lv_path VG/LV`` for the LVM-thin storage's
+  snapshot volumes (``pve/snap_vm-100-disk-0_<snapname>``, the copy a snapshot made): activating one makes
+  ``lvs`` print its path (the snapshot file); one not activated, or not there, fails as LVM does;
 - ``qm config VMID`` prints the config as ``key: value`` lines; ``qm status VMID`` prints ``status: stopped``.
 
 Errors go to stderr with exit status 255, as PVE's perl tools exit on ``die``.
@@ -21,12 +24,14 @@ Errors go to stderr with exit status 255, as PVE's perl tools exit on ``die``.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shutil
 import struct
 import sys
 from pathlib import Path
 
-from tests.servers.pve.state import PveError, Store, image_info
+from tests.servers.pve.state import PveError, Store, image_info, snap_file
 
 
 def pvesm(store: Store, node: str, args: list[str]) -> int:
@@ -131,10 +136,52 @@ def qm(store: Store, node: str, args: list[str]) -> int:
     return 0
 
 
+def _snapshot_lv(store: Store, name: str) -> Path:
+    """The file of an LVM-thin snapshot volume ``pve/snap_<volname>_<snap>`` (Failed to find... when absent)."""
+    vg, _, lv = name.partition("/")
+    state = store.read()
+    found = re.fullmatch(r"snap_(vm-\d+-disk-\d+)_(\w+)", lv)
+    for sid, spec in state["storages"].items():
+        if found and vg == "pve" and spec.get("naming") == "lvm":
+            path = snap_file(store.volume_path(state, f"{sid}:{found.group(1)}"), found.group(2))
+            if path.is_file():
+                return path
+    raise PveError(f"  Failed to find logical volume \"{name}\"")
+
+
+def lvm(store: Store, tool: str, args: list[str]) -> int:
+    active = store.workdir / "lvm-active.json"
+    marks = json.loads(active.read_text()) if active.exists() else []
+    if tool == "lvchange":
+        parser = argparse.ArgumentParser(prog="lvchange")
+        parser.add_argument("-a", dest="activate", choices=("y", "n"), required=True)
+        parser.add_argument("-K", dest="ignore_skip", nargs="?", const="y", choices=("y", "n"))
+        parser.add_argument("lv")
+        opts = parser.parse_args([a.replace("-ay", "-ay") for a in args])
+        _snapshot_lv(store, opts.lv)
+        if opts.activate == "y" and opts.ignore_skip != "y":
+            raise PveError(f"  Logical volume {opts.lv} is skipped from activation (use -K)")
+        marks = sorted(set(marks) | {opts.lv}) if opts.activate == "y" else [m for m in marks if m != opts.lv]
+        active.write_text(json.dumps(marks))
+        return 0
+    parser = argparse.ArgumentParser(prog="lvs")
+    parser.add_argument("--noheadings", action="store_true")
+    parser.add_argument("-o", dest="fields", default="lv_path")
+    parser.add_argument("lv")
+    opts = parser.parse_args(args)
+    path = _snapshot_lv(store, opts.lv)
+    if opts.lv not in marks:
+        raise PveError(f"  {opts.lv}: the volume is not active (lv_path is empty for an inactive volume)")
+    print(f"  {path}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     workdir, node, tool, *args = argv
     store = Store(workdir)
     try:
+        if tool in ("lvchange", "lvs"):
+            return lvm(store, tool, args)
         return pvesm(store, node, args) if tool == "pvesm" else qm(store, node, args)
     except PveError as exc:
         print(exc.message, file=sys.stderr)

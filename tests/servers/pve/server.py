@@ -394,7 +394,7 @@ def _start_node_ssh(folder: Path, node: str, workdir: Path, host_key: Path, clie
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory; sshd refuses to start without it
     bindir = folder / "bin"
     bindir.mkdir(exist_ok=True)
-    for tool in ("pvesm", "qm"):
+    for tool in ("pvesm", "qm", "lvchange", "lvs"):
         script = bindir / tool
         script.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m tests.servers.pve.commands "
                           f"{workdir} {node} {tool} \"$@\"\n")
