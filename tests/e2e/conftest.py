@@ -11,3 +11,6 @@ def s3(s3, monkeypatch):
     on loopback, which the address policy allows only when told to."""
     monkeypatch.setenv("VMMIGRATION_ALLOW_LOOPBACK", "true")
     return s3
+
+
+from tests.e2e.kube_world import clean_cluster, engine  # noqa: E402, F401 - the engine's identity, a clean cluster

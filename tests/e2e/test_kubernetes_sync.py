@@ -1,0 +1,168 @@
+"""VMMigrations found in the cluster (the real kube-apiserver, read as the engine's ServiceAccount of
+deploy/rbac/engine.yaml) mirrored into the spec store: the migration and its inventory (VirtualMachine,
+Providers, their Secrets) land in one 0600 file, the DAG factory makes its DAG, and a run of it ends Ready with
+its status written back to the cluster; a resync of the same generation changes nothing, a new generation is
+mirrored again with a new run id, a deleted VMMigration's mirror goes, and files the mirror did not write are
+never touched."""
+
+from __future__ import annotations
+
+import copy
+import json
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from include.demo import create_source_vm, store_documents
+from include.kube_sync import ClusterInventory, mirror_path, read_header, run_id_for, sync
+from tests.e2e.helpers import run_migration, task_states
+from tests.e2e.kube_world import GROUP, VERSION, _connect, _get
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_cluster")]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _apply_all(kube_api, docs: list[dict]) -> None:
+    for doc in docs:
+        doc = copy.deepcopy(doc)
+        if doc["kind"] != "VirtualMachine":
+            doc.pop("status", None)
+        applied = kube_api.apply_yaml(doc)
+        if doc["kind"] == "VirtualMachine" and "status" in doc:  # its id, as a provider would have set it
+            kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{doc['metadata']['namespace']}/"
+                             f"virtualmachines/{doc['metadata']['name']}/status", body={"status": doc["status"]},
+                             headers={"Content-Type": "application/merge-patch+json"})
+        assert applied
+
+
+def test_a_vmmigration_in_the_cluster_is_mirrored_and_runs_to_ready(airflow_db, store, world, kube_api, engine,
+                                                                    monkeypatch):
+    name = f"sync-{uuid.uuid4().hex[:6]}"
+    create_source_vm(world)
+    docs = store_documents(world, name=name)
+    _apply_all(kube_api, docs)
+    (store / "mine.yaml").write_text("# a file of the operator's own: never touched\n")
+    squatter = mirror_path(store, "default", f"other-{name}")
+    squatter.write_text("# not a mirror, whatever its name says\n")
+    with kube_api.client(engine) as api:
+        result = sync(ClusterInventory(api), store)
+    mine = next(m for m in result.changed if m.name == name)
+    path = mirror_path(store, "default", name)
+    assert read_header(path) == mine and stat.S_IMODE(path.stat().st_mode) == 0o600
+    mirrored = list(yaml.safe_load_all(path.read_text()))
+    kinds = sorted(d["kind"] for d in mirrored)
+    assert kinds == ["Provider", "Provider", "Secret", "VMMigration", "VirtualMachine"], kinds
+    migration = mirrored[0]
+    assert migration["metadata"]["annotations"]["vmmigration.virtrigaud.io/cluster-uid"] == mine.uid
+    assert mine.run_id == run_id_for(mine.uid, 1) and mine.generation == 1
+    _connect(monkeypatch, kube_api, engine)
+    dagrun = run_migration(f"vmmigration__default__{name}")
+    assert str(dagrun.state) == "success", task_states(dagrun)
+    assert _get(kube_api, "default", name)["status"]["phase"] == "Ready"
+
+    with kube_api.client(engine) as api:
+        again = sync(ClusterInventory(api), store)
+    assert name not in [m.name for m in again.changed], "the same generation is not mirrored again"
+    kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}",
+                     body={"spec": {"targetResourceHints": {"cpu": 1, "memory": 256}}},
+                     headers={"Content-Type": "application/merge-patch+json"})
+    with kube_api.client(engine) as api:
+        edited = sync(ClusterInventory(api), store)
+    new = next(m for m in edited.changed if m.name == name)
+    assert new.generation == 2 and new.run_id != mine.run_id and read_header(path) == new
+    kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+    with kube_api.client(engine) as api:
+        gone = sync(ClusterInventory(api), store)
+    assert path.name in gone.removed and not path.exists()
+    assert (store / "mine.yaml").exists() and squatter.read_text().startswith("# not a mirror"), \
+        "files the mirror did not write stay as they are"
+    assert json.dumps([m.name for m in gone.current]).count(name) == 0
+
+
+def test_the_watch_trigger_fires_on_a_change_and_times_out_without_one(kube_api, engine, monkeypatch):
+    import threading
+
+    from triggers.vmmigration_watch import VMMigrationWatchTrigger
+
+    _connect(monkeypatch, kube_api, engine)
+    with kube_api.client(engine) as api:
+        _items, version = ClusterInventory(api).migrations()
+    quiet = VMMigrationWatchTrigger("vmmigration_k8s", version, timeout=1).watch_once()
+    assert quiet == {"changed": False, "resourceVersion": version}
+    name = f"watch-{uuid.uuid4().hex[:6]}"
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(
+        VMMigrationWatchTrigger("vmmigration_k8s", version, timeout=30).watch_once()))
+    waiter.start()
+    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                         "metadata": {"name": name, "namespace": "default"},
+                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
+                                  "storage": {"type": "nfs", "path": "/share"}}})
+    waiter.join(40)
+    assert got.get("changed") and got.get("name") == f"default/{name}" and got.get("type") == "ADDED", got
+    kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+
+
+def test_the_watcher_dag_parses_only_with_a_connection_and_its_sensor_sees_what_is_not_mirrored(
+        kube_api, engine, monkeypatch, store):
+    from pathlib import Path
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from sensors.vmmigration_sensor import VMMigrationSensor
+
+    path = str(Path(__file__).resolve().parents[2] / "dags" / "vmmigration_kubernetes.py")
+    monkeypatch.delenv("VMMIGRATION_KUBERNETES_CONN_ID", raising=False)
+    assert DagBag(dag_folder=path).dags == {}, "no connection: no watcher"
+    _connect(monkeypatch, kube_api, engine)
+    bag = DagBag(dag_folder=path)
+    assert not bag.import_errors and sorted(bag.dags["vmmigration_kubernetes"].task_ids) == [
+        "mirror_vmmigrations", "start_runs", "wait_for_vmmigrations"]
+    name = f"sense-{uuid.uuid4().hex[:6]}"
+    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                         "metadata": {"name": name, "namespace": "default"},
+                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
+                                  "storage": {"type": "nfs", "path": "/share"}}})
+    sensor = VMMigrationSensor(task_id="w", kubernetes_conn_id="vmmigration_k8s", store_path=str(store))
+    assert f"default/{name}" in sensor.unmirrored()[0]
+    with kube_api.client(engine) as api:
+        sync(ClusterInventory(api), store)
+    assert f"default/{name}" not in sensor.unmirrored()[0], "mirrored now: the sensor waits"
+    kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+
+
+def test_the_watcher_dag_starts_one_run_per_generation(airflow_db, store, world, kube_api, engine, monkeypatch):
+    """The watcher DAG (dag.test(), its sensor, mirror and start_runs tasks for real, in-process): a VMMigration
+    whose new generation has no mirror yet wakes the sensor at once, is mirrored, and gets exactly the run its uid
+    and generation name; a second round of the same generation starts nothing new (its run is skipped as
+    existing). The migration's DAG must be known to Airflow first (as the dag-processor makes it known from the
+    mirror): the first generation is mirrored before, as an earlier round would have."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    name = f"wd-{uuid.uuid4().hex[:6]}"
+    create_source_vm(world)
+    _apply_all(kube_api, store_documents(world, name=name))
+    with kube_api.client(engine) as api:
+        first = next(m for m in sync(ClusterInventory(api), store).changed if m.name == name)
+    kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}",
+                     body={"spec": {"targetResourceHints": {"cpu": 1, "memory": 256}}},
+                     headers={"Content-Type": "application/merge-patch+json"})
+    _connect(monkeypatch, kube_api, engine)
+    monkeypatch.setenv("VMMIGRATION_KUBERNETES_WATCH_SECONDS", "3")  # the second round waits that long
+    path = str(ROOT / "dags" / "vmmigration_kubernetes.py")
+    watcher = DagBag(dag_folder=path).dags["vmmigration_kubernetes"]
+    for _round in (1, 2):
+        run = watcher.test()
+        states = task_states(run)
+        assert str(run.state) == "success", states
+    dag_id = f"vmmigration__default__{name}"
+    with create_session() as session:
+        runs = sorted(r.run_id for r in session.query(DagRun).filter(DagRun.dag_id == dag_id))
+    assert runs == [run_id_for(first.uid, 2)], runs
+    assert read_header(mirror_path(store, "default", name)).generation == 2
+    kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
