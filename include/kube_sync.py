@@ -10,7 +10,8 @@ the Providers and the storage name. What is missing is left out, and Validating 
 
 A file is rewritten only when its VMMigration's uid or generation changed (a spec edited mid-run makes a new
 generation: the running plan stays pinned, see include.plan; the new one runs next); a mirror whose VMMigration
-is gone from the cluster is removed. Only files this module wrote (the prefix and the first line) are ever
+is gone from the cluster is removed, once its run (if one started) has ended: a DAG that vanished mid-run would
+leave its cleanup undone. Only files this module wrote (the prefix and the first line) are ever
 rewritten or removed; nothing else in the folder is touched.
 
 No Airflow here: the caller gives a ``kubernetes.client.ApiClient``.
@@ -59,6 +60,8 @@ class SyncResult:
     current: tuple[Mirrored, ...]
     #: mirror files removed: their VMMigration is gone from the cluster
     removed: tuple[str, ...]
+    #: mirror files of deleted VMMigrations kept while their run goes on (removed once it has ended)
+    held: tuple[str, ...] = ()
 
 
 def run_id_for(uid: str, generation: int) -> str:
@@ -228,10 +231,26 @@ def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
         _write(path, HEADER.format(ns=mine.namespace, name=mine.name, uid=mine.uid, gen=mine.generation),
                inventory.documents(item))
         changed.append(mine)
-    removed = []
+    removed, held = [], []
     for path in sorted(store.glob(f"{PREFIX}*.yaml")):
-        if path.name not in keep and read_header(path) is not None:
-            path.unlink()
-            removed.append(path.name)
+        mirrored = read_header(path)
+        if path.name in keep or mirrored is None:
+            continue
+        if _running(store, mirrored):
+            # its DAG must stay while its run goes on (a DAG that vanishes mid-run leaves its cleanup undone);
+            # the mirror goes once the run has ended, Ready or Failed
+            held.append(path.name)
+            continue
+        path.unlink()
+        removed.append(path.name)
     return SyncResult(resource_version=version, changed=tuple(changed), current=tuple(current),
-                      removed=tuple(removed))
+                      removed=tuple(removed), held=tuple(held))
+
+
+def _running(store: Path, mirrored: Mirrored) -> bool:
+    """Whether the migration's run has started and not ended (its status phase neither Ready nor Failed)."""
+    from include.store import SpecStore
+
+    specs = SpecStore(store)
+    status = specs.read_json(specs.status_path(mirrored.namespace, mirrored.name)) or {}
+    return bool(status.get("phase")) and status.get("phase") not in ("Ready", "Failed", "Pending")

@@ -166,3 +166,30 @@ def test_the_watcher_dag_starts_one_run_per_generation(airflow_db, store, world,
     assert runs == [run_id_for(first.uid, 2)], runs
     assert read_header(mirror_path(store, "default", name)).generation == 2
     kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+
+
+def test_a_deleted_vmmigrations_mirror_stays_while_its_run_goes_on(kube_api, engine, store):
+    """Deleting a VMMigration whose run is in Transferring keeps its mirror (its DAG must not vanish mid-run);
+    once the run has ended (Failed here), the next sync removes it."""
+    from include.store import SpecStore
+
+    name = f"held-{uuid.uuid4().hex[:6]}"
+    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                         "metadata": {"name": name, "namespace": "default"},
+                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
+                                  "storage": {"type": "nfs", "path": "/share"}}})
+    with kube_api.client(engine) as api:
+        sync(ClusterInventory(api), store)
+    specs = SpecStore(store)
+    status_path = specs.status_path("default", name)
+    status_path.parent.mkdir(parents=True, exist_ok=True)
+    specs.write_json(status_path, {"phase": "Transferring"})
+    kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+    with kube_api.client(engine) as api:
+        during = sync(ClusterInventory(api), store)
+    path = mirror_path(store, "default", name)
+    assert path.name in during.held and path.exists()
+    specs.write_json(status_path, {"phase": "Failed"})
+    with kube_api.client(engine) as api:
+        after = sync(ClusterInventory(api), store)
+    assert path.name in after.removed and not path.exists()
