@@ -9,7 +9,8 @@ Providers (the VM's and ``targetProviderRef``), the ReferenceGrants of the names
 the Providers and the storage name. What is missing is left out, and Validating names it.
 
 A file is rewritten only when its VMMigration's uid or generation changed (a spec edited mid-run makes a new
-generation: the running plan stays pinned, see include.plan; the new one runs next); a mirror whose VMMigration
+generation: the running run finds its pin changed and stops with PlanChanged, see include.phases.context; the
+new one runs next); a mirror whose VMMigration
 is gone from the cluster is removed, once its run (if one started) has ended: a DAG that vanished mid-run would
 leave its cleanup undone. Only files this module wrote (the prefix and the first line) are ever
 rewritten or removed; nothing else in the folder is touched.
