@@ -114,6 +114,12 @@ class TargetValidationError(MigrationFailure):
     reason = "TargetValidationFailed"
 
 
+class MigrationDeleted(InvalidMigration):
+    """The VMMigration was deleted from the cluster while its run was under way: the run stops and rolls back."""
+
+    reason = "Deleted"
+
+
 class PlanChanged(InvalidMigration):
     """The spec, a Provider or the storage was edited after Validating: the run does not follow it."""
 

@@ -1,7 +1,8 @@
 """Resolution of a VMMigration's references: sourceName -> VirtualMachine -> Provider -> credentials Secret.
 
-The objects come from an ``Inventory``: the local YAML bundle of the spec store here, the Kubernetes
-API later, through this same code path. Credentials only ever come from Secrets, never from the
+The objects come from an ``Inventory``: the local YAML bundle of the spec store, with the Secrets of a
+VMMigration mirrored from a Kubernetes cluster read from that cluster (``SecretsFrom``), through this same
+code path. Credentials only ever come from Secrets, never from the
 VMMigration itself, and ``Credentials`` never shows its values in ``repr``.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +53,27 @@ class TracingInventory(BundleInventory):
     def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
         self.used.update(k for k in self._objects if k[0] == kind and k[1] == namespace)
         return super().list(kind, namespace)
+
+
+class SecretsFrom:
+    """An inventory whose Secrets are read elsewhere (a VMMigration mirrored from a cluster: the cluster, as each
+    task needs them, never a copy on disk); every other object comes from ``base``. ``read(namespace, name)``
+    returns the Secret as a document, or None when there is none."""
+
+    def __init__(self, base: Inventory, read: Callable[[str, str], dict[str, Any] | None]) -> None:
+        self.base = base
+        self.read = read
+        self._read: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if kind != "Secret":
+            return self.base.get(kind, namespace, name)
+        if (namespace, name) not in self._read:
+            self._read[(namespace, name)] = self.read(namespace, name)
+        return self._read[(namespace, name)]
+
+    def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        return [] if kind == "Secret" else self.base.list(kind, namespace)
 
 
 class Credentials(Mapping[str, str]):

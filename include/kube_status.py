@@ -14,8 +14,12 @@ Rules:
   again (a merge patch of the whole ``status``: nothing is lost by a skipped write).
 - Progress alone is published at most every ``INTERVAL`` seconds per migration (the time is kept beside the
   status file, so it holds across the tasks of a run); a phase, a condition, a failure or Ready at once.
-- A VMMigration that is not in the cluster (a folder-only migration, or one deleted meanwhile) is skipped
-  quietly after the first 404, logged once.
+- A VMMigration that is not in the cluster (a folder-only migration) is skipped quietly after the first 404,
+  logged once.
+- A VMMigration mirrored from the cluster (``include.kube_sync``) is patched with its uid as a precondition, so
+  that a VMMigration deleted and made again under the same name never receives the old run's status. When the
+  cluster answers that it is gone (404, or the uid no longer matching), the run is told (``MigrationDeleted``
+  from ``MirroredSink.update``): it stops and rolls back what it created, per its validated cleanupPolicy.
 
 No Airflow here: the caller gives a ``kubernetes.client.ApiClient`` factory (the Airflow hook's, in the
 pipeline).
@@ -90,7 +94,12 @@ class ClusterStatus:
         self.logger = logger or log
         self.clock = clock
         self._absent: set[tuple[str, str]] = set()
-        self._uids: dict[tuple[str, str], str] = {}
+        #: migrations found deleted from the cluster (by the uid their run was for)
+        self._gone: dict[tuple[str, str], str] = {}
+
+    def gone(self, namespace: str, name: str) -> str | None:
+        """The uid of the VMMigration found deleted from the cluster, None while it is there."""
+        return self._gone.get((namespace, name))
 
     def _api(self) -> Any:
         from kubernetes import client
@@ -99,7 +108,7 @@ class ClusterStatus:
             self._client = self._factory()
         return client.CustomObjectsApi(self._client), client.CoreV1Api(self._client)
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Callable[[], Any]) -> Any:
         """One request, retried once on a conflict, a throttle or a server error; raises the last error."""
         from kubernetes.client.exceptions import ApiException
 
@@ -119,26 +128,37 @@ class ClusterStatus:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def publish(self, namespace: str, name: str, before: dict[str, Any] | None, after: dict[str, Any],
-                memo: Path | None = None) -> bool:
+                memo: Path | None = None, *, uid: str | None = None) -> bool:
         """Patch the VMMigration's status (throttled, see the module) and create its Events; False when nothing
-        was written (skipped, absent, or failed: logged, never raised)."""
+        was written (skipped, absent, gone, or failed: logged, never raised). With ``uid`` (a migration mirrored
+        from the cluster) only that very object is patched; see ``gone``."""
         from kubernetes.client.exceptions import ApiException
 
         key = (namespace, name)
-        if key in self._absent:
+        if key in self._absent or key in self._gone:
+            return False
+        state = _read(memo)
+        if uid and state.get("gone") == uid:  # found deleted by an earlier task of this run
+            self._gone[key] = uid
             return False
         significant = _shape(before) != _shape(after)
-        state = _read(memo)
         now = self.clock()
         if not significant and (now - float(state.get("patchedAt", 0)) < INTERVAL
                                 or now - float(state.get("failedAt", 0)) < BACKOFF):
             return False
         objects, core = self._api()
-        body = {"status": copy.deepcopy(after)}
+        body: dict[str, Any] = {"status": copy.deepcopy(after)}
+        if uid:
+            body["metadata"] = {"uid": uid}  # a precondition: another object of the same name is refused
         try:
-            answer = self._call("patching the status", lambda: objects.patch_namespaced_custom_object_status(
+            answer = self._call(lambda: objects.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=TIMEOUT))
         except ApiException as err:
+            if uid and (err.status == 404 or (err.status == 409 and "uid" in str(err.body or "").lower())):
+                self._gone[key] = uid
+                self.logger.warning("VMMigration %s/%s (uid %s) was deleted from the cluster", namespace, name, uid)
+                _write(memo, dict(state, gone=uid))
+                return False
             if err.status == 404:
                 self._absent.add(key)
                 self.logger.info("VMMigration %s/%s is not in the cluster: its status stays local", namespace, name)
@@ -160,22 +180,26 @@ class ClusterStatus:
 
     def _event(self, core: Any, namespace: str, name: str, uid: str | None, etype: str, reason: str,
                message: str) -> None:
-        stamp = _now()
-        body = {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{name}.", "namespace": namespace},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name,
-                               "namespace": namespace, **({"uid": uid} if uid else {})},
-            "reason": reason[:128], "message": message[:1024], "type": etype, "count": 1,
-            "firstTimestamp": stamp, "lastTimestamp": stamp,
-            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
-        }
+        body = event_body(namespace, name, uid, etype, reason, message)
         try:
-            self._call("creating an event", lambda: core.create_namespaced_event(namespace, body,
-                                                                                _request_timeout=TIMEOUT))
+            self._call(lambda: core.create_namespaced_event(namespace, body, _request_timeout=TIMEOUT))
         except Exception as err:  # noqa: BLE001 - an event is a courtesy; the status carries the facts
             self.logger.warning("could not create the %s event of %s/%s: %s", reason, namespace, name,
                                 getattr(err, "reason", None) or err)
+
+
+def event_body(namespace: str, name: str, uid: str | None, etype: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event about the VMMigration ``namespace/name`` (what ``kubectl describe`` lists)."""
+    stamp = _now()
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name,
+                           "namespace": namespace, **({"uid": uid} if uid else {})},
+        "reason": reason[:128], "message": message[:1024], "type": etype, "count": 1,
+        "firstTimestamp": stamp, "lastTimestamp": stamp,
+        "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
+    }
 
 
 def _read(memo: Path | None) -> dict[str, Any]:
@@ -198,7 +222,8 @@ def _write(memo: Path | None, data: dict[str, Any]) -> None:
 
 class MirroredSink:
     """A status sink that keeps the status in the run's status file and publishes each change to the cluster,
-    under the file's lock (see the module docstring)."""
+    under the file's lock (see the module docstring). For a migration mirrored from the cluster, ``update``
+    raises ``MigrationDeleted`` once the cluster says its VMMigration is gone (the status file has the change)."""
 
     def __init__(self, store: Any, cluster: ClusterStatus) -> None:
         self.store = store
@@ -207,15 +232,30 @@ class MirroredSink:
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.store.read_json(self.store.status_path(namespace, name))
 
+    def cluster_uid(self, namespace: str, name: str) -> str | None:
+        """The uid of the cluster VMMigration this migration's mirror (and so its run) is of; None for a
+        migration that is not a mirror."""
+        from include.kube_sync import mirror_path, read_header
+
+        mirrored = read_header(mirror_path(self.store.root, namespace, name))
+        return mirrored.uid if mirrored is not None else None
+
     def update(self, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        from include.errors import MigrationDeleted
         from include.status import new_status
         from include.store import locked
 
+        uid = self.cluster_uid(namespace, name)
         path = self.store.status_path(namespace, name)
         with locked(path):
             before = self.store.read_json(path)
             status = copy.deepcopy(before) if before else new_status()
             mutate(status)
             self.store.write_json(path, status)
-            self.cluster.publish(namespace, name, before, status, memo=path.with_name(path.name + ".cluster"))
+            self.cluster.publish(namespace, name, before, status, memo=path.with_name(path.name + ".cluster"),
+                                 uid=uid)
+        if uid and self.cluster.gone(namespace, name) == uid:
+            raise MigrationDeleted(f"the VMMigration {namespace}/{name} (uid {uid}) was deleted from the cluster "
+                                   f"while its run was under way: the run stops here and rolls back what it "
+                                   f"created (cleanupPolicy as validated)", field="metadata.uid")
         return status

@@ -5,21 +5,25 @@ VMMigration's uid and generation (one run per generation, whoever triggers it, h
 One file per VMMigration, ``<store>/k8s--<namespace>--<name>.yaml`` (0600), whose first line says it is a mirror
 and of which uid and generation: the VMMigration (its spec, and its uid and generation as annotations), and the
 inventory it names, read from the cluster: the VirtualMachine (``sourceName`` in ``sourceNamespace``), the
-Providers (the VM's and ``targetProviderRef``), the ReferenceGrants of the namespaces referred to, and the Secrets
-the Providers and the storage name. What is missing is left out, and Validating names it.
+Providers (the VM's and ``targetProviderRef``) and the ReferenceGrants of the namespaces referred to. What is
+missing is left out, and Validating names it. Secrets are never mirrored: each task reads the ones it needs from
+the cluster, in the migration's namespace (``read_secret``, include.inventory.SecretsFrom).
 
-A file is rewritten only when its VMMigration's uid or generation changed (a spec edited mid-run makes a new
-generation: the running run finds its pin changed and stops with PlanChanged, see include.phases.context; the
-new one runs next); a mirror whose VMMigration
-is gone from the cluster is removed, once its run (if one started) has ended: a DAG that vanished mid-run would
-leave its cleanup undone. Only files this module wrote (the prefix and the first line) are ever
-rewritten or removed; nothing else in the folder is touched.
+A file is rewritten only when its VMMigration's uid or generation changed, and never while the run of the
+mirrored generation is under way: a spec edited mid-run (a new generation) leaves the running run on the plan it
+validated, is reported by an Event (``SpecChangedDuringRun``), and is mirrored (and run) once that run has
+ended; a new generation of a migration that ended Ready is not run (``SpecChangedAfterReady``: a migration moves
+its VM once). A mirror whose VMMigration is gone from the cluster is removed once its run (if one started) has
+ended: a DAG that vanished mid-run would leave its cleanup undone; the run itself finds the VMMigration gone at
+its next status write, stops and rolls back (include.kube_status). Only files this module wrote (the prefix and
+the first line) are ever rewritten or removed; nothing else in the folder is touched.
 
 No Airflow here: the caller gives a ``kubernetes.client.ApiClient``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -36,6 +40,7 @@ HEADER = "# mirrored from the cluster by the VM migration engine; do not edit: V
          "generation {gen}"
 UID_ANNOTATION = "vmmigration.virtrigaud.io/cluster-uid"
 GENERATION_ANNOTATION = "vmmigration.virtrigaud.io/cluster-generation"
+log = logging.getLogger(__name__)
 _HEADER_RE = re.compile(r"^# mirrored from the cluster by the VM migration engine; do not edit: VMMigration "
                         r"(?P<ns>\S+)/(?P<name>\S+) uid (?P<uid>\S+) generation (?P<gen>\d+)$")
 
@@ -63,6 +68,10 @@ class SyncResult:
     removed: tuple[str, ...]
     #: mirror files of deleted VMMigrations kept while their run goes on (removed once it has ended)
     held: tuple[str, ...] = ()
+    #: new generations waiting for the run under way to end (its plan is pinned; reported by an Event)
+    deferred: tuple[Mirrored, ...] = ()
+    #: new generations of migrations that ended Ready: not run (reported by an Event)
+    complete: tuple[Mirrored, ...] = ()
 
 
 def run_id_for(uid: str, generation: int) -> str:
@@ -103,6 +112,17 @@ class ClusterInventory:
         answer = self.custom.list_cluster_custom_object(GROUP, VERSION, "vmmigrations")
         return list(answer.get("items") or []), str(answer.get("metadata", {}).get("resourceVersion", ""))
 
+    def event(self, of: Mirrored, etype: str, reason: str, message: str) -> None:
+        """An Event on the VMMigration (a courtesy: a refusal is logged, never raised)."""
+        from include.kube_status import event_body
+
+        try:
+            self.core.create_namespaced_event(of.namespace, event_body(of.namespace, of.name, of.uid, etype, reason,
+                                                                       message), _request_timeout=(3, 5))
+        except Exception as err:  # noqa: BLE001 - the log has it too
+            log.warning("could not create the %s event of %s/%s: %s", reason, of.namespace, of.name,
+                        getattr(err, "reason", None) or err)
+
     def _custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
@@ -112,18 +132,6 @@ class ClusterInventory:
             if err.status in (403, 404):
                 return None
             raise
-
-    def _secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as err:
-            if err.status in (403, 404):
-                return None
-            raise
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
-                "type": secret.type or "Opaque", "data": dict(secret.data or {})}
 
     def _grants(self, namespace: str) -> list[dict[str, Any]]:
         from kubernetes.client.exceptions import ApiException
@@ -173,17 +181,47 @@ class ClusterInventory:
             if not pname:
                 continue
             namespaces.add(pns)
-            provider = add(self._custom("providers", pns, str(pname)))
-            secret = ((provider or {}).get("spec") or {}).get("credentialSecretRef") or {}
-            if secret.get("name"):
-                add(self._secret(secret.get("namespace") or pns, secret["name"]))
-        storage_secret = (spec.get("storage") or {}).get("credentialsSecretRef") or {}
-        if storage_secret.get("name"):
-            add(self._secret(storage_secret.get("namespace") or ns, storage_secret["name"]))
+            add(self._custom("providers", pns, str(pname)))
         for other in sorted(namespaces - {ns}):
             for grant in self._grants(other):
                 add(grant)
         return docs
+
+
+def read_secret(api_client: Any, namespace: str, name: str, *, wait: float = 60.0) -> dict[str, Any] | None:
+    """A Secret of the cluster as a store document (None when there is none), read as each task needs it. An API
+    server that is away for a moment (a restart, an upgrade, a throttle) is waited for up to ``wait`` seconds."""
+    import time
+
+    import urllib3
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from include.errors import ConfigurationError
+
+    deadline, pause = time.monotonic() + wait, 1.0
+    while True:
+        try:
+            secret = client.CoreV1Api(api_client).read_namespaced_secret(name, namespace, _request_timeout=(3, 10))
+            break
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            if err.status in (401, 403):
+                raise ConfigurationError(f"Secret {namespace}/{name}: the engine's identity may not read it (HTTP "
+                                         f"{err.status}); the engine reads Secrets only in the namespaces it serves "
+                                         f"(a Role each, deploy/rbac/engine.yaml)") from None
+            if err.status != 429 and err.status < 500 or time.monotonic() + pause > deadline:
+                raise
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            if time.monotonic() + pause > deadline:
+                raise ConnectionError(f"Secret {namespace}/{name}: the cluster's API server did not answer for "
+                                      f"{wait:.0f} s ({type(err).__name__})") from None
+        log.info("Secret %s/%s: the API server is not answering; trying again in %.0f s", namespace, name, pause)
+        time.sleep(pause)
+        pause = min(pause * 2, 8.0)
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+            "type": secret.type or "Opaque", "data": dict(secret.data or {})}
 
 
 def _clean(doc: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +238,7 @@ def _clean(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write(path: Path, header: str, docs: Iterable[dict[str, Any]]) -> None:
-    """Atomically, 0600 (the file may hold Secrets)."""
+    """Atomically, 0600 (the inventory is the operator's business only)."""
     fd, tmp = tempfile.mkstemp(prefix=".k8s-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -213,45 +251,114 @@ def _write(path: Path, header: str, docs: Iterable[dict[str, Any]]) -> None:
         raise
 
 
+#: what sync does with a VMMigration of the cluster (``decide``)
+CURRENT, WRITE, FOREIGN, DEFERRED, COMPLETE = "current", "write", "foreign", "deferred", "complete"
+
+
+def _of(item: dict[str, Any]) -> Mirrored:
+    meta = item.get("metadata") or {}
+    return Mirrored(str(meta["namespace"]), str(meta["name"]), str(meta["uid"]), int(meta.get("generation") or 1))
+
+
+def decide(store: Path, item: dict[str, Any]) -> tuple[Mirrored, Mirrored | None, str]:
+    """(the VMMigration as the cluster has it, its mirror as it is, what sync does):
+
+    - ``current``: mirrored as it is; ``foreign``: a file of that name this module did not write (never touched);
+    - ``write``: a VMMigration or generation not mirrored yet, and no run of the mirror under way;
+    - ``deferred``: a new generation (or a new VMMigration of the same name) while the mirror's run is under way:
+      the running run keeps the plan it validated, the mirror stays as it is until that run has ended;
+    - ``complete``: a new generation of a VMMigration whose run ended Ready: a migration moves its VM once, the
+      edit is not run (a new VMMigration is).
+    """
+    mine = _of(item)
+    path = mirror_path(store, mine.namespace, mine.name)
+    header = read_header(path)
+    if header == mine:
+        return mine, header, CURRENT
+    if header is None:
+        return mine, None, FOREIGN if path.exists() else WRITE
+    phase = _phase(store, header, item)
+    if phase not in (None, "", "Pending", "Ready", "Failed"):
+        return mine, header, DEFERRED
+    if phase == "Ready" and header.uid == mine.uid:
+        return mine, header, COMPLETE
+    return mine, header, WRITE
+
+
 def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
-    """Mirror every VMMigration of the cluster into ``store`` (see the module docstring)."""
+    """Mirror every VMMigration of the cluster into ``store`` (see the module docstring and ``decide``)."""
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     items, version = inventory.migrations()
-    changed, current, keep = [], [], set()
+    changed, current, keep, deferred, complete = [], [], set(), [], []
     for item in items:
-        meta = item.get("metadata") or {}
-        mine = Mirrored(str(meta["namespace"]), str(meta["name"]), str(meta["uid"]), int(meta.get("generation") or 1))
+        mine, header, action = decide(store, item)
         current.append(mine)
         path = mirror_path(store, mine.namespace, mine.name)
         keep.add(path.name)
-        if read_header(path) == mine and not (meta.get("deletionTimestamp")):
-            continue
-        if path.exists() and read_header(path) is None:
-            continue  # a file of that name that this module did not write: never overwritten
-        _write(path, HEADER.format(ns=mine.namespace, name=mine.name, uid=mine.uid, gen=mine.generation),
-               inventory.documents(item))
-        changed.append(mine)
+        if action == WRITE:
+            _write(path, HEADER.format(ns=mine.namespace, name=mine.name, uid=mine.uid, gen=mine.generation),
+                   inventory.documents(item))
+            changed.append(mine)
+        elif action in (DEFERRED, COMPLETE) and header is not None:
+            (deferred if action == DEFERRED else complete).append(mine)
+            _report(inventory, store, mine, header, action)
     removed, held = [], []
     for path in sorted(store.glob(f"{PREFIX}*.yaml")):
         mirrored = read_header(path)
         if path.name in keep or mirrored is None:
             continue
-        if _running(store, mirrored):
+        if _phase(store, mirrored, None) not in (None, "", "Pending", "Ready", "Failed"):
             # its DAG must stay while its run goes on (a DAG that vanishes mid-run leaves its cleanup undone);
             # the mirror goes once the run has ended, Ready or Failed
             held.append(path.name)
             continue
         path.unlink()
+        _memo(store, mirrored).unlink(missing_ok=True)
         removed.append(path.name)
     return SyncResult(resource_version=version, changed=tuple(changed), current=tuple(current),
-                      removed=tuple(removed), held=tuple(held))
+                      removed=tuple(removed), held=tuple(held), deferred=tuple(deferred), complete=tuple(complete))
 
 
-def _running(store: Path, mirrored: Mirrored) -> bool:
-    """Whether the migration's run has started and not ended (its status phase neither Ready nor Failed)."""
+def _phase(store: Path, mirrored: Mirrored, item: dict[str, Any] | None) -> str | None:
+    """The phase of the mirror's migration: its run's status file, else (no file here) the cluster's status of
+    that same VMMigration."""
     from include.store import SpecStore
 
     specs = SpecStore(store)
-    status = specs.read_json(specs.status_path(mirrored.namespace, mirrored.name)) or {}
-    return bool(status.get("phase")) and status.get("phase") not in ("Ready", "Failed", "Pending")
+    status = specs.read_json(specs.status_path(mirrored.namespace, mirrored.name))
+    if status is None and item is not None and str((item.get("metadata") or {}).get("uid")) == mirrored.uid:
+        status = item.get("status") or {}
+    return (status or {}).get("phase")
+
+
+def _memo(store: Path, mirrored: Mirrored) -> Path:
+    return Path(store) / f".{PREFIX}{mirrored.namespace}--{mirrored.name}.reported"
+
+
+def _report(inventory: ClusterInventory, store: Path, mine: Mirrored, header: Mirrored, action: str) -> None:
+    """Say once per generation, in an Event on the VMMigration and in the log, that an edit is not run (yet)."""
+    memo = _memo(store, header)
+    said = f"{mine.uid} {mine.generation} {action}"
+    try:
+        if memo.read_text() == said:
+            return
+    except OSError:
+        pass
+    if action == DEFERRED:
+        what = (f"generation {mine.generation}" if mine.uid == header.uid
+                else f"a new VMMigration of that name (uid {mine.uid})")
+        reason = "SpecChangedDuringRun"
+        message = (f"{what} arrived while the run of generation {header.generation} is under way: that run keeps "
+                   f"the plan it validated; {what} is taken up once it has ended")
+    else:
+        reason = "SpecChangedAfterReady"
+        message = (f"generation {mine.generation} arrived after the migration of generation {header.generation} "
+                   f"ended Ready: a migration moves its VM once, so the edit is not run; create a new VMMigration "
+                   f"to migrate again")
+    log.info("VMMigration %s/%s: %s", mine.namespace, mine.name, message)
+    inventory.event(mine, "Warning" if action == DEFERRED else "Normal", reason, message)
+    try:
+        memo.write_text(said)
+    except OSError:
+        pass

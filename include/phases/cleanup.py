@@ -17,7 +17,7 @@ from include import safefs
 from include import status as st
 from include.bootcheck import DELETE_RUNNING
 from include.claims import NameClaims
-from include.errors import NotFound, PlanChanged
+from include.errors import MigrationDeleted, NotFound, PlanChanged
 from include.phases.checks import ensure_same_source
 from include.phases.context import MigrationContext, host_scope
 from include.phases.source import end_point_in_time
@@ -72,7 +72,10 @@ def cleanup(ctx: MigrationContext, *, succeeded: bool, failure: str | None = Non
                     kept.append(f"folder {ctx.storage.location(entry.ident['key'])} (not empty)")
                 ledger.forget(entry)
     ours = ledger.find("snapshot", ctx.scope_source, vm=plan.source.vm_id, name=plan.snapshot.name)
-    if succeeded and policy.delete_snapshot and ours:
+    # a VMMigration deleted from the cluster has no next run to reuse or delete the snapshot: it goes now
+    record = ctx.store.run_record(ctx.namespace, ctx.name)
+    deleted = ((record.get("failure") or {}).get("reason") == MigrationDeleted.reason) and not succeeded
+    if (succeeded or deleted) and policy.delete_snapshot and ours:
         with _logged(ctx, "deleting the snapshot"):
             ensure_same_source(ctx)
             if ctx.source.delete_snapshot(plan.source.vm, plan.snapshot.name):

@@ -17,8 +17,16 @@ from typing import Any
 from include import safefs
 from include import status as st
 from include.diskio import ProgressTracker, format_progress
-from include.errors import InvalidMigration, MigrationFailure, PlanChanged
-from include.inventory import BundleInventory, ProviderInfo, Resolved, TracingInventory, resolve
+from include.errors import InvalidMigration, MigrationDeleted, MigrationFailure, PlanChanged
+from include.inventory import (
+    BundleInventory,
+    Inventory,
+    ProviderInfo,
+    Resolved,
+    SecretsFrom,
+    TracingInventory,
+    resolve,
+)
 from include.ledger import Ledger
 from include.model import DiskPlan, DiskRecord, Plan
 from include.plan import pin_of, staging_root
@@ -67,6 +75,9 @@ class MigrationContext:
     storage_factory: Callable[..., StorageBackend] = backend_for
     logger: logging.Logger = log
     status_interval: float = 10.0
+    #: reads a Secret (namespace, name) from the cluster, for a VMMigration mirrored from it (its Secrets are
+    #: never copied to disk); None: Secrets come from the spec store
+    cluster_secret: Callable[[str, str], dict[str, Any] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.sink is None:
@@ -78,6 +89,9 @@ class MigrationContext:
     validating: bool = False
     #: set by cleanup: it works on from the plan even when the spec no longer resolves
     cleaning: bool = False
+    #: a status write that finds the cluster's VMMigration deleted stops the phase (MigrationDeleted); cleanup
+    #: and the failure notifier go on (they are how the run ends)
+    stop_when_deleted: bool = True
 
     @cached_property
     def index(self) -> StoreIndex:
@@ -87,7 +101,8 @@ class MigrationContext:
         index = None if self.validating else self.store.own_index(self.namespace, self.name)
         if index is not None:
             try:
-                resolve(self._migration_in(index), BundleInventory(index.objects))
+                migration = self._migration_in(index)
+                resolve(migration, self.inventory_for(migration, BundleInventory(index.objects)))
                 return index
             except (KeyError, SpecValidationError, MigrationFailure):
                 self.logger.info("the spec files of the validated run changed; reading the whole store")
@@ -104,14 +119,22 @@ class MigrationContext:
     def migration(self) -> VMMigration:
         return self._migration_in(self.index)
 
+    def inventory_for(self, migration: VMMigration, base: Inventory) -> Inventory:
+        """``base``, with the Secrets read from the cluster for a VMMigration mirrored from it."""
+        from include.kube_sync import UID_ANNOTATION
+
+        if self.cluster_secret is not None and migration.annotations.get(UID_ANNOTATION):
+            return SecretsFrom(base, self.cluster_secret)
+        return base
+
     @cached_property
     def resolved(self) -> Resolved:
-        return resolve(self.migration, BundleInventory(self.index.objects))
+        return resolve(self.migration, self.inventory_for(self.migration, BundleInventory(self.index.objects)))
 
     def spec_files(self) -> list[str]:
         """The store files this migration's resolution reads (relative to the store), for the plan."""
         inventory = TracingInventory(self.index.objects)
-        resolve(self.migration, inventory)
+        resolve(self.migration, self.inventory_for(self.migration, inventory))
         paths = {self.index.migrations[f"{self.namespace}/{self.name}"].path}
         paths |= {self.index.origins[k] for k in inventory.used if k in self.index.origins}
         return sorted(str(p.relative_to(self.store.root)) for p in paths)
@@ -260,10 +283,16 @@ class MigrationContext:
         return DiskRecord.from_dict(self.store.disk_record(self.namespace, self.name, disk))
 
     def update_status(self, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
-        """Status writes never fail a phase: a failed write is logged and the work goes on."""
+        """Status writes never fail a phase: a failed write is logged and the work goes on. The one exception:
+        the cluster says the VMMigration was deleted (MigrationDeleted), which stops the run (it then rolls back
+        what it created), but never cleanup nor the failure record."""
         try:
             assert self.sink is not None
             return self.sink.update(self.namespace, self.name, mutate)
+        except MigrationDeleted:
+            if self.stop_when_deleted and not self.cleaning:
+                raise
+            return None
         except Exception:  # noqa: BLE001 - a status write must never fail a disk copy
             self.logger.warning("could not write the status of %s/%s", self.namespace, self.name, exc_info=True)
             return None

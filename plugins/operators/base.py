@@ -28,7 +28,7 @@ def pipeline_context(namespace: str, name: str, *, store_path: str | None, logge
     store = SpecStore(store_path) if store_path else SpecStore()
     return MigrationContext(namespace=namespace, name=name, store=store, sink=status_sink(store, logger) or
                             FileStatusSink(store), driver_factory=driver_from_hook, storage_factory=storage_from_hook,
-                            logger=logger)
+                            logger=logger, cluster_secret=cluster_secret_reader())
 
 
 #: names the Airflow connection (type kubernetes) of the cluster whose VMMigrations' status is written back
@@ -49,6 +49,28 @@ def status_sink(store: Any, logger: Any) -> Any:
     from include.kube_status import ClusterStatus, MirroredSink
 
     return MirroredSink(store, ClusterStatus(lambda: KubernetesHook(conn_id=conn_id).get_conn(), logger=logger))
+
+
+def cluster_secret_reader() -> Any:
+    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: reads a Secret from that cluster (for VMMigrations mirrored
+    from it, whose Secrets are never written to disk), as the engine's own identity; None otherwise."""
+    import os
+
+    conn_id = os.environ.get(KUBERNETES_CONN_ENV)
+    if not conn_id:
+        return None
+    from include.kube_sync import read_secret
+
+    clients: list[Any] = []
+
+    def read(namespace: str, name: str) -> dict[str, Any] | None:
+        if not clients:
+            from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+            clients.append(KubernetesHook(conn_id=conn_id).get_conn())
+        return read_secret(clients[0], namespace, name)
+
+    return read
 
 
 class MigrationPhaseOperator(BaseOperator):

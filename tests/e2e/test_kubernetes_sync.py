@@ -43,6 +43,8 @@ def test_a_vmmigration_in_the_cluster_is_mirrored_and_runs_to_ready(airflow_db, 
     name = f"sync-{uuid.uuid4().hex[:6]}"
     create_source_vm(world)
     docs = store_documents(world, name=name)
+    marker = uuid.uuid4().hex
+    next(d for d in docs if d["kind"] == "Secret")["stringData"]["note"] = marker
     _apply_all(kube_api, docs)
     (store / "mine.yaml").write_text("# a file of the operator's own: never touched\n")
     squatter = mirror_path(store, "default", f"other-{name}")
@@ -54,7 +56,8 @@ def test_a_vmmigration_in_the_cluster_is_mirrored_and_runs_to_ready(airflow_db, 
     assert read_header(path) == mine and stat.S_IMODE(path.stat().st_mode) == 0o600
     mirrored = list(yaml.safe_load_all(path.read_text()))
     kinds = sorted(d["kind"] for d in mirrored)
-    assert kinds == ["Provider", "Provider", "Secret", "VMMigration", "VirtualMachine"], kinds
+    assert kinds == ["Provider", "Provider", "VMMigration", "VirtualMachine"], kinds
+    assert marker not in path.read_text(), "Secrets are never mirrored: each task reads them from the cluster"
     migration = mirrored[0]
     assert migration["metadata"]["annotations"]["vmmigration.virtrigaud.io/cluster-uid"] == mine.uid
     assert mine.run_id == run_id_for(mine.uid, 1) and mine.generation == 1
@@ -71,8 +74,8 @@ def test_a_vmmigration_in_the_cluster_is_mirrored_and_runs_to_ready(airflow_db, 
                      headers={"Content-Type": "application/merge-patch+json"})
     with kube_api.client(engine) as api:
         edited = sync(ClusterInventory(api), store)
-    new = next(m for m in edited.changed if m.name == name)
-    assert new.generation == 2 and new.run_id != mine.run_id and read_header(path) == new
+    assert [m.generation for m in edited.complete if m.name == name] == [2] and read_header(path) == mine, \
+        "a migration that ended Ready is not run again for an edit"
     kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
     with kube_api.client(engine) as api:
         gone = sync(ClusterInventory(api), store)
@@ -166,6 +169,43 @@ def test_the_watcher_dag_starts_one_run_per_generation(airflow_db, store, world,
     assert runs == [run_id_for(first.uid, 2)], runs
     assert read_header(mirror_path(store, "default", name)).generation == 2
     kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+
+
+def test_an_edit_waits_for_the_run_under_way_and_runs_after_a_failure(kube_api, engine, store):
+    """A new generation while the mirrored one's run is in Transferring is deferred (the mirror stays, the sensor
+    does not wake for it); once that run has Failed, it is mirrored and wants its run."""
+    from include.store import SpecStore
+    from sensors.vmmigration_sensor import VMMigrationSensor
+
+    name = f"defer-{uuid.uuid4().hex[:6]}"
+    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                         "metadata": {"name": name, "namespace": "default"},
+                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
+                                  "storage": {"type": "nfs", "path": "/share"}}})
+    with kube_api.client(engine) as api:
+        first = next(m for m in sync(ClusterInventory(api), store).changed if m.name == name)
+    specs = SpecStore(store)
+    status_path = specs.status_path("default", name)
+    status_path.parent.mkdir(parents=True, exist_ok=True)
+    specs.write_json(status_path, {"phase": "Transferring"})
+    kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}",
+                     body={"spec": {"targetName": "t2"}}, headers={"Content-Type": "application/merge-patch+json"})
+    with kube_api.client(engine) as api:
+        during = sync(ClusterInventory(api), store)
+    path = mirror_path(store, "default", name)
+    assert [m.generation for m in during.deferred if m.name == name] == [2] and read_header(path) == first
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        _connect(monkeypatch, kube_api, engine)
+        sensor = VMMigrationSensor(task_id="w", kubernetes_conn_id="vmmigration_k8s", store_path=str(store))
+        assert f"default/{name}" not in sensor.unmirrored()[0], "a deferred edit does not wake the sensor"
+        specs.write_json(status_path, {"phase": "Failed"})
+        assert f"default/{name}" in sensor.unmirrored()[0]
+    finally:
+        monkeypatch.undo()
+    with kube_api.client(engine) as api:
+        after = sync(ClusterInventory(api), store)
+    assert [m.generation for m in after.changed if m.name == name] == [2] and read_header(path).generation == 2
 
 
 def test_a_deleted_vmmigrations_mirror_stays_while_its_run_goes_on(kube_api, engine, store):

@@ -10,7 +10,7 @@ from include import errors as e
 
 ALL = [e.MigrationFailure, e.InvalidMigration, e.NotFound, e.Conflict, e.UnsupportedDiskFormat, e.HypervisorError,
        e.StorageError, e.StorageAuthError, e.ChecksumError, e.ConversionError, e.TargetCreationError,
-       e.TargetValidationError, e.ConfigurationError, e.PlanChanged]
+       e.TargetValidationError, e.ConfigurationError, e.PlanChanged, e.MigrationDeleted]
 
 
 def test_every_error_is_a_migration_failure_with_a_reason():

@@ -37,7 +37,8 @@ What runs (in the fixture's tmp folder, every port a free one on 127.0.0.1, noth
 - Logs: ``apiserver_log`` and ``etcd_log`` (appended to on a restart, with a ``=== HH:MM:SS starting`` line).
 - The processes are in their own process group and get SIGKILL if the thread that started them exits (Linux
   ``PR_SET_PDEATHSIG``), so a killed pytest leaves nothing behind. Start, restart and ``add_user`` from the main
-  thread.
+  thread. ``start_kube_api(..., detached=True)`` (the demo's) leaves that out: the servers outlive the process
+  that started them, and ``pids`` says whom to stop.
 - HTTP clients here never use proxies or CA bundles from the environment (``REQUESTS_CA_BUNDLE`` is set on this
   machine): ``configuration()`` sets ``ssl_ca_cert`` and clears ``proxy``/``no_proxy``, which the client's
   ``Configuration()`` would otherwise read from ``HTTPS_PROXY`` and friends. The server processes get no proxy
@@ -53,6 +54,7 @@ namespace (and RBAC names); a restart (``restart_apiserver``, ``add_user``) is s
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import ctypes
 import hashlib
 import os
@@ -191,6 +193,14 @@ def make_pki(folder: Path, secret_folder: Path) -> dict[str, Path]:
 
 
 _prctl: Any = None
+_LAUNCHER: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _launcher() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread, kept for the life of the process, that starts server processes for other threads."""
+    if not _LAUNCHER:
+        _LAUNCHER.append(concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kube-launcher"))
+    return _LAUNCHER[0]
 
 
 def _die_with_parent() -> None:
@@ -227,6 +237,7 @@ class _Process:
     command: list[str]
     log_file: Path
     env: dict[str, str]
+    detached: bool = False  # True: outlives the thread (and process) that started it
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -240,17 +251,25 @@ class _Process:
                 _prctl = ctypes.CDLL(None, use_errno=True).prctl
             except (OSError, AttributeError):
                 _prctl = False  # not Linux: the fixture's teardown still stops the process
+        if self.detached or threading.current_thread() is threading.main_thread():
+            self.process = self._popen()
+        else:
+            # PR_SET_PDEATHSIG fires when the starting *thread* ends: a restart asked for from a short-lived
+            # thread (a test acting mid-run) is started from a thread that lives as long as the process
+            self.process = _launcher().submit(self._popen).result()
+
+    def _popen(self) -> subprocess.Popen[bytes]:
         with open(self.log_file, "ab") as log:
             log.write(f"\n=== {time.strftime('%H:%M:%S')} starting {self.name}\n".encode())
             log.flush()
-            self.process = subprocess.Popen(
+            return subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=None if self.detached else _die_with_parent,
             )
 
     def exited(self) -> str | None:
@@ -294,6 +313,7 @@ class KubeApiServer:
     etcd_port: int
     etcd_peer_port: int
     pki: dict[str, Path]
+    detached: bool = False  # the servers outlive this process (see the module docstring)
     identities: dict[str, Identity] = field(default_factory=dict, repr=False)
     startup_seconds: float | None = None
     last_restart_seconds: float | None = None
@@ -334,6 +354,12 @@ class KubeApiServer:
     @property
     def running(self) -> bool:
         return bool(self._apiserver and self._apiserver.running and self._etcd and self._etcd.running)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The process (and process group) id of each running server, by name (``etcd``, ``kube-apiserver``)."""
+        return {proc.name: proc.process.pid for proc in (self._etcd, self._apiserver)
+                if proc is not None and proc.process is not None and proc.running}
 
     # -- identities -------------------------------------------------------------------------------------------
     def token(self, identity: str = "admin") -> str:
@@ -625,7 +651,7 @@ class KubeApiServer:
             "--unsafe-no-fsync",  # a test server: speed over durability across power loss
             "--log-level", "warn",
         ]  # fmt: skip
-        return _Process("etcd", command, self.etcd_log, _server_env(self.workdir))
+        return _Process("etcd", command, self.etcd_log, _server_env(self.workdir), self.detached)
 
     def _apiserver_process(self) -> _Process:
         command = [
@@ -643,7 +669,7 @@ class KubeApiServer:
             "--endpoint-reconciler-type=none",  # 127.0.0.1 is no valid Endpoints address; nothing needs it
             "--profiling=false",
         ]  # fmt: skip
-        return _Process("kube-apiserver", command, self.apiserver_log, _server_env(self.workdir))
+        return _Process("kube-apiserver", command, self.apiserver_log, _server_env(self.workdir), self.detached)
 
     def _start_apiserver(self) -> None:
         self._apiserver = self._apiserver_process()
@@ -710,10 +736,11 @@ class KubeApiServer:
         self.stop()
 
 
-def start_kube_api(workdir: Path, *, port: int | None = None) -> KubeApiServer:
+def start_kube_api(workdir: Path, *, port: int | None = None, detached: bool = False) -> KubeApiServer:
     """Start etcd and kube-apiserver on free 127.0.0.1 ports (the API server on ``port`` if given) with a CA made
     for them, the static identities ``admin``/``engine``/``viewer`` and the CRDs of deploy/crds applied; everything
-    under ``workdir``. Call ``.stop()``. ServerStartError (with the log's tail) if it does not come up."""
+    under ``workdir``. Call ``.stop()``. ServerStartError (with the log's tail) if it does not come up.
+    ``detached``: the servers keep running after this process exits (stop them by ``pids``)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     apiserver, etcd = find_binaries()
@@ -730,6 +757,7 @@ def start_kube_api(workdir: Path, *, port: int | None = None) -> KubeApiServer:
         etcd_port=etcd_port,
         etcd_peer_port=etcd_peer_port,
         pki=make_pki(workdir / "pki", secret_dir),
+        detached=detached,
     )
     for name, (user, groups) in STATIC_IDENTITIES.items():
         server._remember(Identity(name, user, groups, secrets.token_urlsafe(32)))
