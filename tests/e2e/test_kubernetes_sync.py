@@ -233,3 +233,42 @@ def test_a_deleted_vmmigrations_mirror_stays_while_its_run_goes_on(kube_api, eng
     with kube_api.client(engine) as api:
         after = sync(ClusterInventory(api), store)
     assert path.name in after.removed and not path.exists()
+
+
+def _etcd(kube_api, path: str, body: dict) -> dict:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"{kube_api.etcd_url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with opener.open(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def test_a_watch_from_a_version_etcd_compacted_away_relists(kube_api, engine, monkeypatch, store):
+    """410 Gone for real: etcd compacted past the watch's resourceVersion (etcd's own compaction API) and the API
+    server restarted (its watch cache then starts after it). The trigger says relist; the next round's list and
+    watch go on from a current version, and a mirror made from that list is right."""
+    from triggers.vmmigration_watch import VMMigrationWatchTrigger
+
+    _connect(monkeypatch, kube_api, engine)
+    with kube_api.client(engine) as api:
+        _items, old = ClusterInventory(api).migrations()
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                         "metadata": {"name": name, "namespace": "default"},
+                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
+                                  "storage": {"type": "nfs", "path": "/share"}}})
+    revision = int(_etcd(kube_api, "/v3/kv/range", {"key": "AA=="})["header"]["revision"])
+    assert revision > int(old)
+    _etcd(kube_api, "/v3/kv/compaction", {"revision": str(revision), "physical": True})
+    kube_api.restart_apiserver()
+    event = VMMigrationWatchTrigger("vmmigration_k8s", old, timeout=5).watch_once()
+    assert event.get("relist") is True and event.get("changed") is True, event
+    with kube_api.client(engine) as api:
+        result = sync(ClusterInventory(api), store)
+    assert name in [m.name for m in result.changed]
+    assert int(result.resource_version) >= revision
+    fresh = VMMigrationWatchTrigger("vmmigration_k8s", result.resource_version, timeout=1).watch_once()
+    assert fresh.get("changed") is False and not fresh.get("relist"), fresh
+    kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
