@@ -62,7 +62,8 @@ class SyncResult:
     resource_version: str
     #: mirrors written for a VMMigration or a generation not seen before (each wants its run)
     changed: tuple[Mirrored, ...]
-    #: every VMMigration in the cluster, as mirrored now
+    #: every VMMigration in the cluster as its mirror holds it now (the generation whose run is wanted; a
+    #: deferred or completed edit is not in it, nor a name whose file this module did not write)
     current: tuple[Mirrored, ...]
     #: mirror files removed: their VMMigration is gone from the cluster
     removed: tuple[str, ...]
@@ -293,7 +294,9 @@ def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
     changed, current, keep, deferred, complete = [], [], set(), [], []
     for item in items:
         mine, header, action = decide(store, item)
-        current.append(mine)
+        if action != FOREIGN:
+            # what the mirror holds now, whose run start_runs asks for: a deferred or completed edit is not it
+            current.append(header if action in (DEFERRED, COMPLETE) and header is not None else mine)
         path = mirror_path(store, mine.namespace, mine.name)
         keep.add(path.name)
         if action == WRITE:

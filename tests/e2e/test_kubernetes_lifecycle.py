@@ -142,6 +142,8 @@ def test_a_spec_edited_mid_run_leaves_the_run_on_its_plan_and_is_reported(airflo
     during = when.check()["result"]
     assert str(dagrun.state) == "success", task_states(dagrun)
     assert [m.generation for m in during.deferred if m.name == name] == [2] and not during.changed, during
+    assert [m.run_id for m in during.current if m.name == name] == [first.run_id], \
+        "the run start_runs asks for is still the validated generation's"
     assert read_header(mirror) == first, "the mirror (and so the DAG) stayed on the validated generation"
     assert_target_matches_source(world)  # moved where generation 1 said, not to somewhere-else
     assert not target_state(world, "somewhere-else")["vm"]

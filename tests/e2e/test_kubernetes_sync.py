@@ -272,3 +272,41 @@ def test_a_watch_from_a_version_etcd_compacted_away_relists(kube_api, engine, mo
     fresh = VMMigrationWatchTrigger("vmmigration_k8s", result.resource_version, timeout=1).watch_once()
     assert fresh.get("changed") is False and not fresh.get("relist"), fresh
     kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
+
+
+def test_two_watchers_syncing_at_once_agree_on_one_run_per_generation(kube_api, engine, store):
+    """Two watchers' mirror tasks at the same moment, on one store: each mirror file is whole (written by rename),
+    and both ask for the same run ids (uid and generation), so Airflow, which refuses a second run of an id,
+    starts one run per generation however many watchers there are."""
+    import threading
+
+    names = [f"two-{uuid.uuid4().hex[:6]}" for _ in range(4)]
+    for name in names:
+        kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                             "metadata": {"name": name, "namespace": "default"},
+                             "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": name,
+                                      "storage": {"type": "nfs", "path": "/share"}}})
+    results: list = []
+    start = threading.Barrier(2)
+
+    def watcher() -> None:
+        with kube_api.client(engine) as api:
+            inventory = ClusterInventory(api)
+            start.wait()
+            results.append(sync(inventory, store))
+
+    threads = [threading.Thread(target=watcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2
+    wanted = [sorted(m.run_id for m in r.current if m.name in names) for r in results]
+    assert wanted[0] == wanted[1] and len(wanted[0]) == 4, wanted
+    for name in names:
+        path = mirror_path(store, "default", name)
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert read_header(path).run_id in wanted[0] and docs[0]["metadata"]["name"] == name
+    assert not list(store.glob(".k8s-*.tmp")), "no temporary file left"
+    for name in names:
+        kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
