@@ -18,7 +18,7 @@ from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
 from include import registry
 from include.inventory import BundleInventory, provider_types
 from include.spec import RetryPolicy
-from include.store import DAG_ID_PREFIX, SpecStore, dag_entries, dag_id_for, retry_settings
+from include.store import DAG_ID_PREFIX, SpecEntry, SpecStore, dag_entries, dag_id_for, retry_settings
 from operators.cleanup import FinalizeMigrationOperator
 from operators.convert import ConvertDiskOperator
 from operators.create import CreateVMOperator
@@ -112,6 +112,17 @@ def _index_for(dag_id: str | None):
     return STORE.index()
 
 
+def _shape_only(dag_id: str | None):
+    """For a worker asked to run a task of ``dag_id`` that its own store does not hold (a run the Kubernetes
+    watcher started, on a worker that shares no disk with the dag-processor: its spec comes from the cluster
+    and the run state, see include.phases.context): the pipeline's shape, the same tasks, from the id alone.
+    None when the id is not a migration's (or is a shortened one, which does not name its migration)."""
+    ns, _, name = (dag_id or "").removeprefix(DAG_ID_PREFIX).partition("__")
+    if not (dag_id and dag_id.startswith(DAG_ID_PREFIX) and name and dag_id_for(ns, name) == dag_id):
+        return None
+    return SpecEntry(namespace=ns, name=name, path=STORE.root / f"{dag_id}.yaml", doc={})
+
+
 _index = _index_for(_wanted)
 _entries, _problems = dag_entries(_index)  # the problems are vmmigration_store_check.py's import error
 _inventory = BundleInventory(_index.objects)
@@ -121,3 +132,5 @@ for _entry in _entries:
             globals()[_entry.dag_id] = build_dag(_entry, _inventory)
         except Exception:  # noqa: BLE001 - dag_entries checks what a spec can break; this is the last guard
             log.exception("VMMigration %s from %s: its DAG could not be built", _entry.key, _entry.path)
+if _wanted is not None and _wanted not in globals() and (_shape := _shape_only(_wanted)) is not None:
+    globals()[_wanted] = build_dag(_shape)

@@ -23,7 +23,7 @@ from include.plan import build_plan, describe
 from include.providers import driver_for
 from include.spec import SpecValidationError
 from include.storage import backend_for
-from include.store import SpecFileError, SpecStore, index_documents, load_documents
+from include.store import FileStatusSink, SpecFileError, SpecStore, index_documents, load_documents
 
 
 def _documents(paths: list[Path]) -> list[tuple[Path, list[dict]]]:
@@ -131,13 +131,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = SpecStore(args.store) if args.store else SpecStore()
     namespace, _, name = args.name.rpartition("/")
     try:
-        path = store.status_path(namespace or "default", name)
+        store.status_path(namespace or "default", name)
     except ValueError as err:
         raise _InputError(f"{args.name}: not NAMESPACE/NAME: {err}") from None
     try:
-        status = store.read_json(path)
+        status = FileStatusSink(store).get(namespace or "default", name)
     except (OSError, ValueError) as err:
-        raise _InputError(f"{path}: not readable: {err}") from None
+        raise _InputError(f"the status of {namespace or 'default'}/{name} is not readable: {err}") from None
     if status is None:
         print(f"no status for {namespace or 'default'}/{name} in {store.root}", file=sys.stderr)
         return 1

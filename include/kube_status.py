@@ -3,8 +3,9 @@ progress, conditions, times, message, per-disk progress) and Events for phase ch
 that ``kubectl get vmmigration -w`` and ``kubectl describe vmmigration`` tell the story.
 
 The status document itself is made by the engine exactly as for a folder (``include.status``); ``MirroredSink``
-keeps it in the run's own status file (the local copy, under its lock) and publishes each change to the
-cluster under that same lock, so that two tasks' writes reach the cluster in the order they were made.
+keeps it in the run state (``status``: a file beside the spec, or a row of the SQL run state) and publishes
+each change to the cluster under that document's lock, so that two tasks' writes reach the cluster in the order
+they were made.
 
 Rules:
 
@@ -215,6 +216,7 @@ def _write(memo: Path | None, data: dict[str, Any]) -> None:
     if memo is None:
         return
     try:
+        memo.parent.mkdir(parents=True, exist_ok=True)  # with the SQL run state, nothing else makes the folder
         memo.write_text(json.dumps(data))
     except OSError:
         pass
@@ -228,9 +230,16 @@ class MirroredSink:
     def __init__(self, store: Any, cluster: ClusterStatus) -> None:
         self.store = store
         self.cluster = cluster
+        self._expected: dict[tuple[str, str], str] = {}
+
+    def expect(self, namespace: str, name: str, uid: str) -> None:
+        """The run is of the cluster VMMigration ``uid`` (its conf says; no mirror file needed)."""
+        self._expected[(namespace, name)] = uid
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.store.read_json(self.store.status_path(namespace, name))
+        from include.runstate import STATUS
+
+        return self.store.state.read(namespace, name, STATUS)
 
     def cluster_uid(self, namespace: str, name: str) -> str | None:
         """The uid of the cluster VMMigration this migration's mirror (and so its run) is of; None for a
@@ -241,19 +250,27 @@ class MirroredSink:
         return mirrored.uid if mirrored is not None else None
 
     def update(self, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """The uid the run is of: as ``expect`` was told, else the mirror file's."""
         from include.errors import MigrationDeleted
+        from include.runstate import STATUS
         from include.status import new_status
-        from include.store import locked
 
-        uid = self.cluster_uid(namespace, name)
-        path = self.store.status_path(namespace, name)
-        with locked(path):
-            before = self.store.read_json(path)
-            status = copy.deepcopy(before) if before else new_status()
-            mutate(status)
-            self.store.write_json(path, status)
-            self.cluster.publish(namespace, name, before, status, memo=path.with_name(path.name + ".cluster"),
-                                 uid=uid)
+        uid = self._expected.get((namespace, name)) or self.cluster_uid(namespace, name)
+        try:
+            memo: Path | None = self.store.status_path(namespace, name).with_name("status.json.cluster")
+        except ValueError:
+            memo = None
+
+        def apply(doc: dict[str, Any]) -> dict[str, Any]:
+            before = copy.deepcopy(doc) if doc else None
+            if not doc:
+                doc.update(new_status())
+            mutate(doc)
+            # published under the status document's lock: two tasks' writes reach the cluster in their order
+            self.cluster.publish(namespace, name, before, doc, memo=memo, uid=uid)
+            return copy.deepcopy(doc)
+
+        status = self.store.state.update(namespace, name, STATUS, apply)
         if uid and self.cluster.gone(namespace, name) == uid:
             raise MigrationDeleted(f"the VMMigration {namespace}/{name} (uid {uid}) was deleted from the cluster "
                                    f"while its run was under way: the run stops here and rolls back what it "

@@ -189,6 +189,38 @@ class ClusterInventory:
         return docs
 
 
+def fetch_run_documents(inventory: ClusterInventory, namespace: str, name: str, uid: str,
+                        generation: int) -> list[dict[str, Any]]:
+    """The documents of the run of ``uid``'s ``generation`` (the VMMigration and the inventory it names, as
+    ``ClusterInventory.documents`` mirrors them), read from the cluster now, for the run's Validating: a worker
+    needs no mirror file, and what an Airflow run's conf carries is never taken as a spec.
+
+    :raises MigrationDeleted: the VMMigration is gone, or the name belongs to another one now
+    :raises PlanChanged: the VMMigration is at another generation than the run's (the run is not started for
+        an edit: that generation gets its own run)
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    from include.errors import MigrationDeleted, PlanChanged
+
+    try:
+        item = inventory.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "vmmigrations", name)
+    except ApiException as err:
+        if err.status == 404:
+            raise MigrationDeleted(f"the VMMigration {namespace}/{name} (uid {uid}) is not in the cluster any more",
+                                   field="metadata.uid") from None
+        raise
+    meta = item.get("metadata") or {}
+    if str(meta.get("uid")) != uid:
+        raise MigrationDeleted(f"the VMMigration {namespace}/{name} of this run (uid {uid}) was deleted; the name "
+                               f"now belongs to another VMMigration (uid {meta.get('uid')}), which has its own run",
+                               field="metadata.uid")
+    if int(meta.get("generation") or 1) != int(generation):
+        raise PlanChanged(f"this run is of generation {generation}, and the VMMigration is at generation "
+                          f"{meta.get('generation')} now: that generation has its own run", field="metadata.generation")
+    return inventory.documents(item)
+
+
 def read_secret(api_client: Any, namespace: str, name: str, *, wait: float = 60.0) -> dict[str, Any] | None:
     """A Secret of the cluster as a store document (None when there is none), read as each task needs it. An API
     server that is away for a moment (a restart, an upgrade, a throttle) is waited for up to ``wait`` seconds."""
@@ -326,10 +358,10 @@ def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
 def _phase(store: Path, mirrored: Mirrored, item: dict[str, Any] | None) -> str | None:
     """The phase of the mirror's migration: its run's status file, else (no file here) the cluster's status of
     that same VMMigration."""
+    from include.runstate import STATUS
     from include.store import SpecStore
 
-    specs = SpecStore(store)
-    status = specs.read_json(specs.status_path(mirrored.namespace, mirrored.name))
+    status = SpecStore(store).state.read(mirrored.namespace, mirrored.name, STATUS)
     if status is None and item is not None and str((item.get("metadata") or {}).get("uid")) == mirrored.uid:
         status = item.get("status") or {}
     return (status or {}).get("phase")

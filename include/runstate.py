@@ -2,8 +2,9 @@
 
 Per migration: the plan Validating writes (``plan``), each disk's record (``disks/<disk>``), the run
 record (``run``: the run token's outcome, the VM Creating committed, a final failure) and the ownership
-ledger (``ledger``). Across migrations: the target name claims. Status is not here: it is a projection
-written through a ``StatusSink`` and never read back to decide anything.
+ledger (``ledger``). Across migrations: the target name claims. The status is kept here too (``status``,
+written through a ``StatusSink``), so that workers that share no disk see one status; it is a projection,
+never read back to decide a phase.
 
 ``RunState`` is the interface the engine uses; nothing above it knows where the documents live.
 
@@ -31,6 +32,8 @@ T = TypeVar("T")
 
 #: the per-migration documents, by name (``disks/<disk>`` for each disk)
 PLAN, RUN, LEDGER = "plan", "run", "ledger"
+#: the status document (include.store.FileStatusSink): a projection, never read back to decide a phase
+STATUS = "status"
 
 
 def disk_doc(disk: str) -> str:

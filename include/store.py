@@ -28,6 +28,7 @@ that ``dags/vmmigration_store_check.py`` reports as its import error.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from include.runstate import PLAN, RUN, RunState, disk_doc, run_state_for
+from include.runstate import PLAN, RUN, STATUS, RunState, disk_doc, run_state_for
 from include.spec import (
     KIND,
     RetryPolicy,
@@ -610,20 +611,23 @@ class StatusSink(Protocol):
 
 
 class FileStatusSink:
-    """Writes the status as JSON beside the spec, under a lock so that parallel disks don't clash."""
+    """Keeps the status as the run state's ``status`` document (``status.json`` beside the spec with the
+    file run state; a row of the SQL run state, so workers sharing no disk see one status), updated under
+    its lock so that parallel disks don't clash."""
 
     def __init__(self, store: SpecStore) -> None:
         self.store = store
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.store.read_json(self.store.status_path(namespace, name))
+        return self.store.state.read(namespace, name, STATUS)
 
     def update(self, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         from include.status import new_status
 
-        path = self.store.status_path(namespace, name)
-        with locked(path):
-            status = self.store.read_json(path) or new_status()
-            mutate(status)
-            self.store.write_json(path, status)
-        return status
+        def apply(doc: dict[str, Any]) -> dict[str, Any]:
+            if not doc:
+                doc.update(new_status())
+            mutate(doc)
+            return copy.deepcopy(doc)
+
+        return self.store.state.update(namespace, name, STATUS, apply)

@@ -40,6 +40,8 @@ from include.storage.base import StorageBackend
 from include.store import FileStatusSink, SpecStore, StatusSink, StoreIndex
 
 log = logging.getLogger("include.phases")
+#: the run state document holding a cluster run's VMMigration and inventory (``MigrationContext.cluster_run``)
+SPEC = "spec"
 
 #: read size for local files: one S3 part (8 MiB), so that a part can go out without being copied
 READ_CHUNK = 8 * 1024 * 1024
@@ -78,6 +80,11 @@ class MigrationContext:
     #: reads a Secret (namespace, name) from the cluster, for a VMMigration mirrored from it (its Secrets are
     #: never copied to disk); None: Secrets come from the spec store
     cluster_secret: Callable[[str, str], dict[str, Any] | None] | None = None
+    #: (uid, generation) of the cluster VMMigration this run is of (a run the Kubernetes watcher started): its
+    #: Validating reads the VMMigration and its inventory from the cluster (``cluster_fetch``) and keeps them in
+    #: the run state (``spec``), where every later task of the run reads them: no worker needs a mirror file
+    cluster_run: tuple[str, int] | None = None
+    cluster_fetch: Callable[[str, str, str, int], list[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if self.sink is None:
@@ -98,6 +105,12 @@ class MigrationContext:
         """The spec store as this task needs it. Validating reads every file; later phases read only the
         files the validated run was resolved from (recorded in the plan), so a task's cost does not grow
         with the store. When one of those no longer holds what it held, the whole store is read."""
+        if self.cluster_run is not None:
+            from include.kube_sync import mirror_path
+            from include.store import index_documents
+
+            return index_documents([(mirror_path(self.store.root, self.namespace, self.name),
+                                     self._cluster_documents())])
         index = None if self.validating else self.store.own_index(self.namespace, self.name)
         if index is not None:
             try:
@@ -107,6 +120,26 @@ class MigrationContext:
             except (KeyError, SpecValidationError, MigrationFailure):
                 self.logger.info("the spec files of the validated run changed; reading the whole store")
         return self.store.index()
+
+    def _cluster_documents(self) -> list[dict[str, Any]]:
+        """The run's documents: read from the cluster by Validating (or by a task that finds none saved, as in
+        ``tasks test``) and saved in the run state; every later task reads the saved ones (the plan is pinned:
+        an edit in the cluster is a new generation with its own run)."""
+        from include.errors import ConfigurationError
+
+        assert self.cluster_run is not None
+        uid, generation = self.cluster_run
+        saved = self.store.state.read(self.namespace, self.name, SPEC) or {}
+        if not self.validating and saved.get("uid") == uid and saved.get("generation") == generation:
+            return list(saved.get("documents") or [])
+        if self.cluster_fetch is None:
+            raise ConfigurationError(f"this run is of the cluster's VMMigration {self.namespace}/{self.name} (uid "
+                                     f"{uid}, generation {generation}, its conf says), and this worker has no "
+                                     f"cluster connection: set $VMMIGRATION_KUBERNETES_CONN_ID")
+        documents = self.cluster_fetch(self.namespace, self.name, uid, generation)
+        self.store.state.write(self.namespace, self.name, SPEC, {"uid": uid, "generation": generation,
+                                                                 "documents": documents})
+        return documents
 
     def _migration_in(self, index: StoreIndex) -> VMMigration:
         entry = self.store.entry(self.namespace, self.name, index)
@@ -288,6 +321,8 @@ class MigrationContext:
         what it created), but never cleanup nor the failure record."""
         try:
             assert self.sink is not None
+            if self.cluster_run is not None and hasattr(self.sink, "expect"):
+                self.sink.expect(self.namespace, self.name, self.cluster_run[0])
             return self.sink.update(self.namespace, self.name, mutate)
         except MigrationDeleted:
             if self.stop_when_deleted and not self.cleaning:

@@ -56,7 +56,7 @@ class MigrationStatusNotifier(BaseNotifier):
                 state = getattr(ti, "state", None)
                 retrying = str(getattr(state, "value", state) or "").lower().endswith("up_for_retry")
             ctx = pipeline_context(self.namespace, self.migration_name, store_path=self.store_path,
-                                   logger=self.log)
+                                   logger=self.log, airflow_context=context)
             ctx.stop_when_deleted = False  # the failure is recorded (locally) even for a deleted VMMigration
             max_tries = getattr(ti, "max_tries", None)
             record_failure(ctx, Phase(self.phase), cause, final=not retrying,

@@ -17,10 +17,13 @@ if TYPE_CHECKING:
     from include.phases import MigrationContext
 
 
-def pipeline_context(namespace: str, name: str, *, store_path: str | None, logger: Any) -> MigrationContext:
+def pipeline_context(namespace: str, name: str, *, store_path: str | None, logger: Any,
+                     airflow_context: Any = None) -> MigrationContext:
     """The one place the pipeline builds a migration's context: its spec store and run state, its status
     sink, and drivers and backends through the Airflow hooks. Every operator, finalize and the status
-    notifier use it; a Kubernetes status sink is chosen here, not in each of them."""
+    notifier use it; a Kubernetes status sink is chosen here, not in each of them. A run the Kubernetes
+    watcher started (its conf names the VMMigration's uid and generation) reads its spec from the cluster
+    at Validating and from the run state after, never from a file (``MigrationContext.cluster_run``)."""
     from hooks.factories import driver_from_hook, storage_from_hook
     from include.phases import MigrationContext
     from include.store import FileStatusSink, SpecStore
@@ -28,7 +31,47 @@ def pipeline_context(namespace: str, name: str, *, store_path: str | None, logge
     store = SpecStore(store_path) if store_path else SpecStore()
     return MigrationContext(namespace=namespace, name=name, store=store, sink=status_sink(store, logger) or
                             FileStatusSink(store), driver_factory=driver_from_hook, storage_factory=storage_from_hook,
-                            logger=logger, cluster_secret=cluster_secret_reader())
+                            logger=logger, cluster_secret=cluster_secret_reader(),
+                            cluster_run=cluster_run_of(airflow_context), cluster_fetch=cluster_fetcher())
+
+
+def cluster_run_of(airflow_context: Any) -> tuple[str, int] | None:
+    """(uid, generation) of the VMMigration a watcher-started run is of (its conf, see
+    dags/vmmigration_kubernetes.py), None for any other run. Only identifies: the spec is read from the
+    cluster."""
+    if not airflow_context:
+        return None
+    try:
+        conf = getattr(airflow_context.get("dag_run"), "conf", None) or {}
+    except Exception:  # noqa: BLE001 - a context without a run (a bare callback): not a watcher run
+        return None
+    uid, generation = conf.get("uid"), conf.get("generation")
+    if not isinstance(uid, str) or not uid or isinstance(generation, bool):
+        return None
+    try:
+        return uid, int(generation)
+    except (TypeError, ValueError):
+        return None
+
+
+def cluster_fetcher() -> Any:
+    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: reads a run's documents from that cluster
+    (include.kube_sync.fetch_run_documents); None otherwise."""
+    import os
+
+    conn_id = os.environ.get(KUBERNETES_CONN_ENV)
+    if not conn_id:
+        return None
+
+    def fetch(namespace: str, name: str, uid: str, generation: int) -> list[dict[str, Any]]:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from include.kube_sync import ClusterInventory, fetch_run_documents
+
+        inventory = ClusterInventory(KubernetesHook(conn_id=conn_id).get_conn())
+        return fetch_run_documents(inventory, namespace, name, uid, generation)
+
+    return fetch
 
 
 #: names the Airflow connection (type kubernetes) of the cluster whose VMMigrations' status is written back
@@ -100,13 +143,14 @@ class MigrationPhaseOperator(BaseOperator):
         self.store_path = store_path
         self._migration_ctx: MigrationContext | None = None
 
-    def _context(self) -> MigrationContext:
-        return pipeline_context(self.namespace, self.migration_name, store_path=self.store_path, logger=self.log)
+    def _context(self, context: Any = None) -> MigrationContext:
+        return pipeline_context(self.namespace, self.migration_name, store_path=self.store_path, logger=self.log,
+                                airflow_context=context)
 
     def execute(self, context: Context) -> Any:
         from include.phases import failure_message, is_permanent
 
-        ctx = self._migration_ctx = self._context()
+        ctx = self._migration_ctx = self._context(context)
         try:
             return self.run_phase(ctx, context)
         except Exception as err:

@@ -41,7 +41,8 @@ class FinalizeMigrationOperator(BaseOperator):
         from include.phases import finalize
         from operators.base import pipeline_context
 
-        ctx = pipeline_context(self.namespace, self.migration_name, store_path=self.store_path, logger=self.log)
+        ctx = pipeline_context(self.namespace, self.migration_name, store_path=self.store_path, logger=self.log,
+                               airflow_context=context)
         try:
             succeeded, failure = self._outcome(context, ctx)
             result = finalize(ctx, succeeded=succeeded, failure=None if succeeded else failure)

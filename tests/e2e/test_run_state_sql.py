@@ -1,7 +1,7 @@
 """A whole migration (``dag.test()`` on a real libvirtd) with its run state in an SQL database instead of
 files beside the spec: the plan, the disk records, the run record, the ledger and the name claim live in
-the ``vmmigration_run_state`` table, nothing of them is written to the store folder, and the phases are
-the same code. (SQLite here; the same store takes a PostgreSQL URL, the database of a scale-out Airflow.)"""
+the ``vmmigration_run_state`` table (the status too), nothing of them is written to the store folder, and the
+phases are the same code. (SQLite here; the same store takes a PostgreSQL URL, the database of a scale-out Airflow.)"""
 
 from __future__ import annotations
 
@@ -31,17 +31,18 @@ def test_a_migration_keeps_its_run_state_in_sql(airflow_db, store, world, tmp_pa
     assert status["phase"] == "Ready"
     assert_target_matches_source(world, fmt="qcow2")
 
-    # the status is the file sink's; every run-state document is in the table, none in the folder
+    # every run-state document, the status too, is in the table; none in the folder
     state_dir = store / "status" / "default" / "sqlstate"
     files = {p.relative_to(state_dir).as_posix() for p in state_dir.rglob("*") if p.is_file()}
-    assert {f for f in files if not f.startswith(".")} == {"status.json"}, files
+    assert {f for f in files if not f.startswith(".")} == set(), files
     assert not (store / "claims").exists()
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         rows = {(r.scope, r.doc): json.loads(r.data)
                 for r in conn.execute(sa.text(f"SELECT scope, doc, data FROM {SqlRunState.TABLE}"))}
     mine = {doc for scope, doc in rows if scope == "default/sqlstate"}
-    assert {"plan", "run", "ledger", "disks/vda", "disks/vdb"} <= mine
+    assert {"plan", "run", "ledger", "disks/vda", "disks/vdb", "status"} <= mine
+    assert rows[("default/sqlstate", "status")] == status
     plan = rows[("default/sqlstate", "plan")]
     assert [d["name"] for d in plan["disks"]] == ["vda", "vdb"]
     run = rows[("default/sqlstate", "run")]
