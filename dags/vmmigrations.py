@@ -35,14 +35,15 @@ TASKS_TEST = sys.argv[1:3] == ["tasks", "test"]
 MAX_PARALLEL_DISKS = 4
 
 
-def _default_args(policy: RetryPolicy) -> dict:
+def _default_args(policy: RetryPolicy, shaped_for: tuple[str, str] | None = None) -> dict:
     # retryPolicy -> Airflow retries; MigrationRetryPolicy (below) makes the delays exact.
     from operators.retry import MigrationRetryPolicy
 
     return {
         **retry_settings(policy),
         "retry_exponential_backoff": 2.0,
-        "retry_policy": MigrationRetryPolicy(policy.backoff_seconds, policy.max_backoff_seconds),
+        "retry_policy": MigrationRetryPolicy(policy.backoff_seconds, policy.max_backoff_seconds,
+                                             from_run_state=shaped_for),
         "execution_timeout": timedelta(hours=12),
     }
 
@@ -61,7 +62,7 @@ def build_dag(entry, inventory=None) -> DAG:
         schedule=None,
         catchup=False,
         max_active_runs=1,
-        default_args=_default_args(policy),
+        default_args=_default_args(policy, None if entry.migration else (ns, name)),
         tags=["vmmigration", f"namespace:{ns}"],
         doc_md=f"Migration **{ns}/{name}** from `{entry.path.name}`. Status: "
                f"`python -m include status {ns}/{name}`.",

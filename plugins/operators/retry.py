@@ -19,9 +19,29 @@ class MigrationRetryPolicy(RetryPolicy):
     :param max_backoff_seconds: the spec's retryPolicy.maxBackoffDuration, in seconds
     """
 
-    def __init__(self, backoff_seconds: float, max_backoff_seconds: float) -> None:
+    def __init__(self, backoff_seconds: float, max_backoff_seconds: float, *,
+                 from_run_state: tuple[str, str] | None = None) -> None:
         self.backoff_seconds = float(backoff_seconds)
         self.max_backoff_seconds = float(max_backoff_seconds)
+        #: (namespace, name): the DAG was shaped from its id alone (a worker whose store does not hold the
+        #: migration): the delays are the retryPolicy of the spec the run keeps in its run state, when it has one
+        self.from_run_state = from_run_state
+
+    def _delays(self) -> tuple[float, float]:
+        if self.from_run_state is None:
+            return self.backoff_seconds, self.max_backoff_seconds
+        try:
+            from include.phases.context import SPEC
+            from include.spec import parse_vmmigration
+            from include.store import SpecStore
+
+            ns, name = self.from_run_state
+            saved = SpecStore().state.read(ns, name, SPEC) or {}
+            doc = next(d for d in saved.get("documents") or () if d.get("kind") == "VMMigration")
+            policy = parse_vmmigration(doc).spec.retryPolicy
+            return policy.backoff_seconds, policy.max_backoff_seconds
+        except Exception:  # noqa: BLE001 - no saved spec (or an unreadable one): the guide's defaults
+            return self.backoff_seconds, self.max_backoff_seconds
 
     def evaluate(self, exception: BaseException, try_number: int, max_tries: int,
                  context: Context | None = None) -> RetryDecision:
@@ -30,7 +50,8 @@ class MigrationRetryPolicy(RetryPolicy):
 
         if is_permanent(exception) or is_permanent(exception.__cause__ or exception):
             return RetryDecision.fail(reason=f"permanent: {failure_message(exception)}")
-        delay = backoff_delay(self.backoff_seconds, self.max_backoff_seconds, max(try_number, 1))
+        backoff, max_backoff = self._delays()
+        delay = backoff_delay(backoff, max_backoff, max(try_number, 1))
         return RetryDecision.retry(delay=timedelta(seconds=delay), reason=f"retryPolicy backoff {delay:.0f}s")
 
     def serialize(self) -> dict[str, Any]:

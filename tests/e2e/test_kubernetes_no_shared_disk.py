@@ -84,6 +84,8 @@ def test_a_watcher_run_needs_no_disk_shared_with_the_dag_processor(airflow_db, s
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", dag_id)
     shaped = DagBag(dag_folder=str(dag.fileloc)).dags[dag_id]
     assert sorted(shaped.task_ids) == sorted(dag.task_ids)
+    policy = shaped.default_args["retry_policy"]
+    assert policy._delays() == (5.0, 10.0), "its retry delays are the run's spec's (retryPolicy 5s/10s)"
     monkeypatch.delenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID")
 
 
