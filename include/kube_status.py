@@ -17,8 +17,10 @@ Rules:
   status file, so it holds across the tasks of a run); a phase, a condition, a failure or Ready at once.
 - A VMMigration that is not in the cluster (a folder-only migration) is skipped quietly after the first 404,
   logged once.
-- A VMMigration mirrored from the cluster (``include.kube_sync``) is patched with its uid as a precondition, so
-  that a VMMigration deleted and made again under the same name never receives the old run's status. When the
+- The status is replaced whole (a JSON patch), so keys the run removed go from the cluster too. A VMMigration
+  mirrored from the cluster (``include.kube_sync``) is patched only when its uid is the run's (a JSON patch
+  ``test`` of ``/metadata/uid``), so that a VMMigration deleted and made again under the same name never
+  receives the old run's status. When the
   cluster answers that it is gone (404, or the uid no longer matching), the run is told (``MigrationDeleted``
   from ``MirroredSink.update``): it stops and rolls back what it created, per its validated cleanupPolicy.
 
@@ -148,14 +150,17 @@ class ClusterStatus:
                                 or now - float(state.get("failedAt", 0)) < BACKOFF):
             return False
         objects, core = self._api()
-        body: dict[str, Any] = {"status": copy.deepcopy(after)}
+        # a JSON patch replacing the whole status (keys the run removed go from the cluster too), with the run's
+        # uid tested first: the status subresource ignores metadata in a merge patch, a "test" op it does not
+        body: list[dict[str, Any]] = [{"op": "add", "path": "/status", "value": copy.deepcopy(after)}]
         if uid:
-            body["metadata"] = {"uid": uid}  # a precondition: another object of the same name is refused
+            body.insert(0, {"op": "test", "path": "/metadata/uid", "value": uid})
         try:
             answer = self._call(lambda: objects.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=TIMEOUT))
+                GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=TIMEOUT,
+                _content_type="application/json-patch+json"))
         except ApiException as err:
-            if uid and (err.status == 404 or (err.status == 409 and "uid" in str(err.body or "").lower())):
+            if uid and (err.status == 404 or (err.status == 422 and self._other_uid(objects, namespace, name, uid))):
                 self._gone[key] = uid
                 self.logger.warning("VMMigration %s/%s (uid %s) was deleted from the cluster", namespace, name, uid)
                 _write(memo, dict(state, gone=uid))
@@ -164,8 +169,8 @@ class ClusterStatus:
                 self._absent.add(key)
                 self.logger.info("VMMigration %s/%s is not in the cluster: its status stays local", namespace, name)
                 return False
-            self.logger.warning("could not write the status of %s/%s to the cluster: HTTP %s %s", namespace, name,
-                                err.status, err.reason)
+            self.logger.warning("could not write the status of %s/%s to the cluster: HTTP %s %s: %s", namespace, name,
+                                err.status, err.reason, _api_message(err))
             _write(memo, dict(state, failedAt=now))
             return False
         except Exception as err:  # noqa: BLE001 - a status write never fails a phase
@@ -179,6 +184,20 @@ class ClusterStatus:
             self._event(core, namespace, name, uid, etype, reason, message)
         return True
 
+    def _other_uid(self, objects: Any, namespace: str, name: str, uid: str) -> bool:
+        """Whether ``namespace/name`` is gone or now another VMMigration than ``uid`` (a 422 may also be a status
+        the schema refuses: only the object itself says which)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj = self._call(lambda: objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                                          _request_timeout=TIMEOUT))
+        except ApiException as err:
+            return err.status == 404
+        except Exception:  # noqa: BLE001 - not known: not gone
+            return False
+        return str((obj or {}).get("metadata", {}).get("uid")) != uid
+
     def _event(self, core: Any, namespace: str, name: str, uid: str | None, etype: str, reason: str,
                message: str) -> None:
         body = event_body(namespace, name, uid, etype, reason, message)
@@ -187,6 +206,14 @@ class ClusterStatus:
         except Exception as err:  # noqa: BLE001 - an event is a courtesy; the status carries the facts
             self.logger.warning("could not create the %s event of %s/%s: %s", reason, namespace, name,
                                 getattr(err, "reason", None) or err)
+
+
+def _api_message(err: Any) -> str:
+    """The API server's own message of a refusal (its Status object), cut short."""
+    try:
+        return str(json.loads(err.body or "{}").get("message") or "")[:300]
+    except (ValueError, AttributeError, TypeError):
+        return ""
 
 
 def event_body(namespace: str, name: str, uid: str | None, etype: str, reason: str, message: str) -> dict[str, Any]:

@@ -130,9 +130,9 @@ class ClusterInventory:
         try:
             return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         except ApiException as err:
-            if err.status in (403, 404):
+            if err.status == 404:
                 return None
-            raise
+            raise  # 403 too: an API server whose RBAC is not loaded yet says so after a restart; a retry helps
 
     def _grants(self, namespace: str) -> list[dict[str, Any]]:
         from kubernetes.client.exceptions import ApiException
@@ -140,7 +140,7 @@ class ClusterInventory:
         try:
             answer = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "referencegrants")
         except ApiException as err:
-            if err.status in (403, 404):
+            if err.status == 404:
                 return []
             raise
         return list(answer.get("items") or [])
@@ -221,6 +221,27 @@ def fetch_run_documents(inventory: ClusterInventory, namespace: str, name: str, 
     return inventory.documents(item)
 
 
+def present(inventory: ClusterInventory, namespace: str, name: str, uid: str) -> bool:
+    """Whether the cluster holds the VMMigration ``namespace/name`` of ``uid``; True when it cannot tell (the API
+    server not answering: the run goes on as it would have)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        item = inventory.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "vmmigrations", name,
+                                                             _request_timeout=(3, 10))
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        log.warning("could not tell whether VMMigration %s/%s is still in the cluster: HTTP %s", namespace, name,
+                    err.status)
+        return True
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("could not tell whether VMMigration %s/%s is still in the cluster: %s", namespace, name,
+                    type(err).__name__)
+        return True
+    return str((item.get("metadata") or {}).get("uid")) == uid
+
+
 def read_secret(api_client: Any, namespace: str, name: str, *, wait: float = 60.0) -> dict[str, Any] | None:
     """A Secret of the cluster as a store document (None when there is none), read as each task needs it. An API
     server that is away for a moment (a restart, an upgrade, a throttle) is waited for up to ``wait`` seconds."""
@@ -240,11 +261,12 @@ def read_secret(api_client: Any, namespace: str, name: str, *, wait: float = 60.
         except ApiException as err:
             if err.status == 404:
                 return None
-            if err.status in (401, 403):
+            if err.status in (401, 403) and time.monotonic() + pause > deadline:
+                # after a restart an API server refuses for a few seconds, until its RBAC is loaded
                 raise ConfigurationError(f"Secret {namespace}/{name}: the engine's identity may not read it (HTTP "
                                          f"{err.status}); the engine reads Secrets only in the namespaces it serves "
                                          f"(a Role each, deploy/rbac/engine.yaml)") from None
-            if err.status != 429 and err.status < 500 or time.monotonic() + pause > deadline:
+            if err.status not in (401, 403, 429) and err.status < 500 or time.monotonic() + pause > deadline:
                 raise
         except (urllib3.exceptions.HTTPError, OSError) as err:
             if time.monotonic() + pause > deadline:
@@ -311,7 +333,7 @@ def decide(store: Path, item: dict[str, Any]) -> tuple[Mirrored, Mirrored | None
     if header is None:
         return mine, None, FOREIGN if path.exists() else WRITE
     phase = _phase(store, header, item)
-    if phase not in (None, "", "Pending", "Ready", "Failed"):
+    if phase not in (None, "", "Pending", "Ready", "Failed") or _under_way(store, header):
         return mine, header, DEFERRED
     if phase == "Ready" and header.uid == mine.uid:
         return mine, header, COMPLETE
@@ -343,9 +365,9 @@ def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
         mirrored = read_header(path)
         if path.name in keep or mirrored is None:
             continue
-        if _phase(store, mirrored, None) not in (None, "", "Pending", "Ready", "Failed"):
+        if _under_way(store, mirrored):
             # its DAG must stay while its run goes on (a DAG that vanishes mid-run leaves its cleanup undone);
-            # the mirror goes once the run has ended, Ready or Failed
+            # the mirror goes once the run has ended, finalize_migration done
             held.append(path.name)
             continue
         path.unlink()
@@ -365,6 +387,20 @@ def _phase(store: Path, mirrored: Mirrored, item: dict[str, Any] | None) -> str 
     if status is None and item is not None and str((item.get("metadata") or {}).get("uid")) == mirrored.uid:
         status = item.get("status") or {}
     return (status or {}).get("phase")
+
+
+def _under_way(store: Path, mirrored: Mirrored) -> bool:
+    """Whether the mirror's run has started and not ended: its phase is not final, or it is and the run's
+    finalize_migration has not finished (the failure is recorded before finalize rolls back)."""
+    from include.store import SpecStore
+
+    phase = _phase(store, mirrored, None)
+    if phase in (None, "", "Pending"):
+        return False
+    if phase not in ("Ready", "Failed"):
+        return True
+    record = SpecStore(store).run_record(mirrored.namespace, mirrored.name)
+    return bool(record.get("run")) and "finalized" in record and record["finalized"] is None
 
 
 def _memo(store: Path, mirrored: Mirrored) -> Path:

@@ -132,7 +132,19 @@ def _logged(ctx: MigrationContext, what: str) -> Iterator[None]:
 
 
 def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
-    """Ready or Failed, with cleanup."""
+    """Ready or Failed, with cleanup. A run of a cluster VMMigration that is gone by now (deleted after the
+    target validated) is not handed over: it rolls back as on a failure, and deleteSource never runs."""
+    if succeeded and ctx.cluster_run is not None and ctx.cluster_present is not None:
+        uid = ctx.cluster_run[0]
+        if not ctx.cluster_present(ctx.namespace, ctx.name, uid):
+            err = MigrationDeleted(f"the VMMigration {ctx.namespace}/{ctx.name} (uid {uid}) was deleted from the "
+                                   f"cluster before the run ended: nothing is handed over, what the run created is "
+                                   f"rolled back, and the source is not touched", field="metadata.uid")
+            ctx.store.update_run_record(ctx.namespace, ctx.name, failure={
+                "phase": Phase.VALIDATING_TARGET.value, "reason": err.reason, "message": str(err)})
+            succeeded, failure, reason = False, str(err), err.reason
+    else:
+        reason = "MigrationFailed"
     result = cleanup(ctx, succeeded=succeeded, failure=failure)
     if succeeded:
         tgt = ctx.plan.target
@@ -141,7 +153,11 @@ def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = No
         def mark(s: dict[str, Any]) -> None:
             if s.get("phase") != Phase.FAILED.value:
                 phase = Phase(s["phase"]) if s.get("phase") in st.DONE_CONDITION else Phase.VALIDATING
-                st.fail(s, phase, "MigrationFailed", failure or "a phase failed; see its task log")
+                st.fail(s, phase, reason, failure or "a phase failed; see its task log")
 
         ctx.update_status(mark)
+    # the run has ended: only now may the watcher remove a deleted VMMigration's mirror (and so its DAG)
+    ctx.store.update_run_record(ctx.namespace, ctx.name, finalized=True)
+    result["succeeded"] = succeeded
+    result.setdefault("failure", failure)
     return result

@@ -84,7 +84,12 @@ class MigrationContext:
     #: Validating reads the VMMigration and its inventory from the cluster (``cluster_fetch``) and keeps them in
     #: the run state (``spec``), where every later task of the run reads them: no worker needs a mirror file
     cluster_run: tuple[str, int] | None = None
+    #: True when ``cluster_run`` is the run's own (its conf); False when read from the mirror file's first line
+    #: (a run started by hand on a mirror's DAG), where later tasks take the uid and generation Validating saved
+    cluster_run_pinned: bool = True
     cluster_fetch: Callable[[str, str, str, int], list[dict[str, Any]]] | None = None
+    #: whether the cluster still holds the VMMigration of that uid (asked before a run is handed over)
+    cluster_present: Callable[[str, str, str], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.sink is None:
@@ -130,12 +135,17 @@ class MigrationContext:
         assert self.cluster_run is not None
         uid, generation = self.cluster_run
         saved = self.store.state.read(self.namespace, self.name, SPEC) or {}
-        if not self.validating and saved.get("uid") == uid and saved.get("generation") == generation:
-            return list(saved.get("documents") or [])
+        if not self.validating and saved.get("documents") is not None:
+            if (saved.get("uid"), saved.get("generation")) == (uid, generation) or not self.cluster_run_pinned:
+                self.cluster_run = (str(saved.get("uid")), int(saved.get("generation") or generation))
+                return list(saved["documents"])
+            raise PlanChanged(f"this run is of generation {generation} (uid {uid}); the run state holds the spec "
+                              f"of generation {saved.get('generation')} (uid {saved.get('uid')}), which another "
+                              f"run validated: this run does not act on it", field="metadata.generation")
         if self.cluster_fetch is None:
             raise ConfigurationError(f"this run is of the cluster's VMMigration {self.namespace}/{self.name} (uid "
-                                     f"{uid}, generation {generation}, its conf says), and this worker has no "
-                                     f"cluster connection: set $VMMIGRATION_KUBERNETES_CONN_ID")
+                                     f"{uid}, generation {generation}), and this worker has no cluster "
+                                     f"connection: set $VMMIGRATION_KUBERNETES_CONN_ID")
         documents = self.cluster_fetch(self.namespace, self.name, uid, generation)
         self.store.state.write(self.namespace, self.name, SPEC, {"uid": uid, "generation": generation,
                                                                  "documents": documents})
@@ -156,7 +166,9 @@ class MigrationContext:
         """``base``, with the Secrets read from the cluster for a VMMigration mirrored from it."""
         from include.kube_sync import UID_ANNOTATION
 
-        if self.cluster_secret is not None and migration.annotations.get(UID_ANNOTATION):
+        # only for a run whose documents come from the cluster (never for a file that carries the annotation)
+        if (self.cluster_secret is not None and self.cluster_run is not None
+                and migration.annotations.get(UID_ANNOTATION) == self.cluster_run[0]):
             return SecretsFrom(base, self.cluster_secret)
         return base
 
@@ -322,7 +334,10 @@ class MigrationContext:
         try:
             assert self.sink is not None
             if self.cluster_run is not None and hasattr(self.sink, "expect"):
-                self.sink.expect(self.namespace, self.name, self.cluster_run[0])
+                uid = self.cluster_run[0]
+                if not self.cluster_run_pinned and not self.validating:  # the uid Validating saved, if it did
+                    uid = str((self.store.state.read(self.namespace, self.name, SPEC) or {}).get("uid") or uid)
+                self.sink.expect(self.namespace, self.name, uid)
             return self.sink.update(self.namespace, self.name, mutate)
         except MigrationDeleted:
             if self.stop_when_deleted and not self.cleaning:

@@ -21,7 +21,8 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
     # the run's outcome is run state, not status: finalize decides from it, whatever sink shows the status;
     # reset first, so that no outcome of an earlier run outlives a Validating that fails early
-    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, targetVm=None, failure=None)
+    ctx.store.update_run_record(ctx.namespace, ctx.name, targetValidated=None, targetVm=None, failure=None,
+                                finalized=None)
     ctx.store.clear_disk_records(ctx.namespace, ctx.name)
     ctx.store.delete_plan(ctx.namespace, ctx.name)  # a stale plan must not outlive its run
     migration = ctx.migration  # raises SpecValidationError naming every bad field

@@ -29,10 +29,23 @@ def pipeline_context(namespace: str, name: str, *, store_path: str | None, logge
     from include.store import FileStatusSink, SpecStore
 
     store = SpecStore(store_path) if store_path else SpecStore()
+    run, pinned = cluster_run_of(airflow_context), True
+    if run is None and cluster_fetcher() is not None:
+        # a run of a mirror's DAG started otherwise (by hand, an older watcher): still a cluster run, of the
+        # VMMigration the mirror is of, its spec read from the cluster (never from the file)
+        from include.kube_sync import mirror_path, read_header
+
+        try:
+            mirrored = read_header(mirror_path(store.root, namespace, name))
+        except ValueError:
+            mirrored = None
+        if mirrored is not None:
+            run, pinned = (mirrored.uid, mirrored.generation), False
     return MigrationContext(namespace=namespace, name=name, store=store, sink=status_sink(store, logger) or
                             FileStatusSink(store), driver_factory=driver_from_hook, storage_factory=storage_from_hook,
-                            logger=logger, cluster_secret=cluster_secret_reader(),
-                            cluster_run=cluster_run_of(airflow_context), cluster_fetch=cluster_fetcher())
+                            logger=logger, cluster_secret=cluster_secret_reader(), cluster_run=run,
+                            cluster_run_pinned=pinned, cluster_fetch=cluster_fetcher(),
+                            cluster_present=cluster_presence())
 
 
 def cluster_run_of(airflow_context: Any) -> tuple[str, int] | None:
@@ -52,6 +65,26 @@ def cluster_run_of(airflow_context: Any) -> tuple[str, int] | None:
         return uid, int(generation)
     except (TypeError, ValueError):
         return None
+
+
+def cluster_presence() -> Any:
+    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: whether that cluster still holds a VMMigration of a uid
+    (include.kube_sync.present); None otherwise."""
+    import os
+
+    conn_id = os.environ.get(KUBERNETES_CONN_ENV)
+    if not conn_id:
+        return None
+
+    def present(namespace: str, name: str, uid: str) -> bool:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from include.kube_sync import ClusterInventory
+        from include.kube_sync import present as in_cluster
+
+        return in_cluster(ClusterInventory(KubernetesHook(conn_id=conn_id).get_conn()), namespace, name, uid)
+
+    return present
 
 
 def cluster_fetcher() -> Any:

@@ -46,6 +46,8 @@ class FinalizeMigrationOperator(BaseOperator):
         try:
             succeeded, failure = self._outcome(context, ctx)
             result = finalize(ctx, succeeded=succeeded, failure=None if succeeded else failure)
+            # finalize may find the run lost after all (its VMMigration deleted from the cluster meanwhile)
+            succeeded, failure = bool(result.pop("succeeded", succeeded)), result.pop("failure", None) or failure
         finally:
             ctx.close()
         if not succeeded:
