@@ -69,6 +69,9 @@ class SyncResult:
     removed: tuple[str, ...]
     #: mirror files of deleted VMMigrations kept while their run goes on (removed once it has ended)
     held: tuple[str, ...] = ()
+    #: of ``current``, those whose generation's run has not ended (ended: never asked for again, even when
+    #: its Airflow run was removed from the database)
+    wanted: tuple[Mirrored, ...] = ()
     #: new generations waiting for the run under way to end (its plan is pinned; reported by an Event)
     deferred: tuple[Mirrored, ...] = ()
     #: new generations of migrations that ended Ready: not run (reported by an Event)
@@ -374,7 +377,8 @@ def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
         _memo(store, mirrored).unlink(missing_ok=True)
         removed.append(path.name)
     return SyncResult(resource_version=version, changed=tuple(changed), current=tuple(current),
-                      removed=tuple(removed), held=tuple(held), deferred=tuple(deferred), complete=tuple(complete))
+                      removed=tuple(removed), held=tuple(held), deferred=tuple(deferred), complete=tuple(complete),
+                      wanted=tuple(m for m in current if not ended(store, m)))
 
 
 def _phase(store: Path, mirrored: Mirrored, item: dict[str, Any] | None) -> str | None:
@@ -387,6 +391,19 @@ def _phase(store: Path, mirrored: Mirrored, item: dict[str, Any] | None) -> str 
     if status is None and item is not None and str((item.get("metadata") or {}).get("uid")) == mirrored.uid:
         status = item.get("status") or {}
     return (status or {}).get("phase")
+
+
+def ended(store: Path, mirrored: Mirrored) -> bool:
+    """Whether the run of the mirror's uid and generation has ended (its finalize_migration done): it is never
+    started again, whatever Airflow's database still holds."""
+    from include.phases.context import SPEC
+    from include.store import SpecStore
+
+    specs = SpecStore(store)
+    saved = specs.state.read(mirrored.namespace, mirrored.name, SPEC) or {}
+    if (saved.get("uid"), saved.get("generation")) != (mirrored.uid, mirrored.generation):
+        return False
+    return specs.run_record(mirrored.namespace, mirrored.name).get("finalized") is True
 
 
 def _under_way(store: Path, mirrored: Mirrored) -> bool:

@@ -52,9 +52,7 @@ class AirflowStack:
         subprocess.run([self._airflow(), "pools", "import", str(pools)], env=self.env, check=True,
                        capture_output=True)
         for comp in COMPONENTS:
-            out = open(logs / f"{comp}.log", "wb")  # noqa: SIM115 - kept open for the process's life
-            self.procs[comp] = subprocess.Popen([self._airflow(), *comp.split()], env=self.env, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+            self._spawn(comp)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for comp, proc in self.procs.items():
@@ -70,6 +68,27 @@ class AirflowStack:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"Airflow did not become healthy in {timeout:.0f}s; logs in {logs}")
+
+    def _spawn(self, comp: str) -> None:
+        log = self.home / "component-logs" / f"{comp}.log"
+        out = open(log, "ab")  # noqa: SIM115 - kept open for the process's life
+        self.procs[comp] = subprocess.Popen([self._airflow(), *comp.split()], env=self.env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop_component(self, comp: str, timeout: float = 15.0) -> None:
+        """Stop one component (SIGTERM to its process group, SIGKILL after ``timeout``); ``start_component``
+        starts it again (its log goes on)."""
+        proc = self.procs[comp]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def start_component(self, comp: str) -> None:
+        self._spawn(comp)
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -111,6 +130,25 @@ class AirflowStack:
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         run = self._request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
         return run["dag_run_id"]
+
+    def unpause(self, dag_id: str) -> None:
+        self._request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+
+    def runs(self, dag_id: str, state: str | None = None) -> list[dict]:
+        """The DAG's runs (oldest first), each as the REST API gives it (``dag_run_id``, ``state``, ...); none for
+        a DAG not parsed yet."""
+        query = "?order_by=id&limit=100" + (f"&state={state}" if state else "")
+        try:
+            return self.get(f"/api/v2/dags/{dag_id}/dagRuns{query}")["dag_runs"]
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return []
+            raise
+
+    def set_run_state(self, dag_id: str, run_id: str, state: str) -> None:
+        """Mark a run ``failed`` or ``success`` (as the UI does; its running tasks are stopped)."""
+        quoted = urllib.parse.quote(run_id, safe="")
+        self._request("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}", {"state": state})
 
     def run_state(self, dag_id: str, run_id: str) -> str:
         quoted = urllib.parse.quote(run_id, safe="")

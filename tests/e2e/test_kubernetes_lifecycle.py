@@ -181,6 +181,7 @@ def test_a_spec_edited_mid_run_leaves_the_run_on_its_plan_and_is_reported(airflo
     # after Ready the edit is not run: a migration moves its VM once
     after = _sync(kube_api, engine, store)
     assert [m.generation for m in after.complete if m.name == name] == [2] and not after.changed
+    assert name not in [m.name for m in after.wanted], "an ended run is never asked for again"
     assert read_header(mirror) == first and _sync(kube_api, engine, store).changed == ()
     reasons = [(e["reason"], e["type"]) for e in _events(kube_api, "default", name)]
     assert reasons.count(("SpecChangedDuringRun", "Warning")) == 1, reasons

@@ -124,6 +124,10 @@ def test_the_watcher_dag_parses_only_with_a_connection_and_its_sensor_sees_what_
     bag = DagBag(dag_folder=path)
     assert not bag.import_errors and sorted(bag.dags["vmmigration_kubernetes"].task_ids) == [
         "mirror_vmmigrations", "start_runs", "wait_for_vmmigrations"]
+    monkeypatch.setenv("VMMIGRATION_KUBERNETES_WATCHER_QUEUE", "beside-dag-processor")
+    queued = DagBag(dag_folder=path).dags["vmmigration_kubernetes"]
+    assert {t.queue for t in queued.tasks} == {"beside-dag-processor"}, "the watcher runs where the mirror is read"
+    monkeypatch.delenv("VMMIGRATION_KUBERNETES_WATCHER_QUEUE")
     name = f"sense-{uuid.uuid4().hex[:6]}"
     kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
                          "metadata": {"name": name, "namespace": "default"},
