@@ -67,44 +67,37 @@ def cluster_run_of(airflow_context: Any) -> tuple[str, int] | None:
         return None
 
 
-def cluster_presence() -> Any:
-    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: whether that cluster still holds a VMMigration of a uid
-    (include.kube_sync.present); None otherwise."""
+def _on_cluster(fn: Any) -> Any:
+    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: ``fn(inventory, *args)`` bound to that cluster (an
+    ``include.kube_sync.ClusterInventory`` through the KubernetesHook, made at each call); None otherwise."""
     import os
 
     conn_id = os.environ.get(KUBERNETES_CONN_ENV)
     if not conn_id:
         return None
 
-    def present(namespace: str, name: str, uid: str) -> bool:
+    def call(*args: Any) -> Any:
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
         from include.kube_sync import ClusterInventory
-        from include.kube_sync import present as in_cluster
 
-        return in_cluster(ClusterInventory(KubernetesHook(conn_id=conn_id).get_conn()), namespace, name, uid)
+        return fn(ClusterInventory(KubernetesHook(conn_id=conn_id).get_conn()), *args)
 
-    return present
+    return call
+
+
+def cluster_presence() -> Any:
+    """Whether the cluster still holds a VMMigration of a uid (include.kube_sync.present); None without one."""
+    from include.kube_sync import present
+
+    return _on_cluster(present)
 
 
 def cluster_fetcher() -> Any:
-    """With ``$VMMIGRATION_KUBERNETES_CONN_ID`` set: reads a run's documents from that cluster
-    (include.kube_sync.fetch_run_documents); None otherwise."""
-    import os
+    """Reads a run's documents from the cluster (include.kube_sync.fetch_run_documents); None without one."""
+    from include.kube_sync import fetch_run_documents
 
-    conn_id = os.environ.get(KUBERNETES_CONN_ENV)
-    if not conn_id:
-        return None
-
-    def fetch(namespace: str, name: str, uid: str, generation: int) -> list[dict[str, Any]]:
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-        from include.kube_sync import ClusterInventory, fetch_run_documents
-
-        inventory = ClusterInventory(KubernetesHook(conn_id=conn_id).get_conn())
-        return fetch_run_documents(inventory, namespace, name, uid, generation)
-
-    return fetch
+    return _on_cluster(fetch_run_documents)
 
 
 #: names the Airflow connection (type kubernetes) of the cluster whose VMMigrations' status is written back

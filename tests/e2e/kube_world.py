@@ -3,6 +3,7 @@ on the session's API server, an Airflow kubernetes connection for it, and readin
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -33,6 +34,28 @@ def _in_cluster(kube_api, docs: list[dict]) -> None:
     migration = json.loads(json.dumps(docs[0]))
     migration.pop("status", None)
     kube_api.apply_yaml(migration)
+
+
+def apply_all(kube_api, docs: list[dict]) -> None:
+    """The VMMigration and its inventory applied to the cluster; a VirtualMachine's status (its id, as a provider
+    would have set it) patched in through its status subresource."""
+    for doc in docs:
+        doc = copy.deepcopy(doc)
+        if doc["kind"] != "VirtualMachine":
+            doc.pop("status", None)
+        assert kube_api.apply_yaml(doc)
+        if doc["kind"] == "VirtualMachine" and "status" in doc:
+            kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{doc['metadata']['namespace']}/"
+                             f"virtualmachines/{doc['metadata']['name']}/status", body={"status": doc["status"]},
+                             headers={"Content-Type": "application/merge-patch+json"})
+
+
+def apply_bare(kube_api, name: str, namespace: str = "default", target: str = "t") -> None:
+    """A VMMigration that names nothing that exists (for the watcher's own tests: it is never run)."""
+    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
+                         "metadata": {"name": name, "namespace": namespace},
+                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": target,
+                                  "storage": {"type": "nfs", "path": "/share"}}})
 
 
 def _get(kube_api, namespace: str, name: str) -> dict:

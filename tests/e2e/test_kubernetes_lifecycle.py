@@ -23,22 +23,12 @@ from include.ledger import Ledger
 from include.store import FileStatusSink, SpecStore
 from tests.e2e.fault_tools import assert_source_intact, source_fingerprint, target_state, wait_status
 from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
-from tests.e2e.kube_world import GROUP, VERSION, _connect, _events, _get
+from tests.e2e.kube_world import GROUP, VERSION, _connect, _events, _get, apply_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_cluster")]
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
-def _apply_all(kube_api, docs: list[dict]) -> None:
-    for doc in docs:
-        doc = copy.deepcopy(doc)
-        if doc["kind"] != "VirtualMachine":
-            doc.pop("status", None)
-        kube_api.apply_yaml(doc)
-        if doc["kind"] == "VirtualMachine" and "status" in doc:  # its id, as a provider would have set it
-            kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{doc['metadata']['namespace']}/"
-                             f"virtualmachines/{doc['metadata']['name']}/status", body={"status": doc["status"]},
-                             headers=MERGE)
 
 
 def _path(name: str) -> str:
@@ -88,7 +78,7 @@ def _snapshots(world) -> list[str]:
 def _mirrored_world(world, kube_api, engine, store, name: str, **kw: Any) -> list[dict]:
     create_source_vm(world)
     docs = store_documents(world, name=name, **kw)
-    _apply_all(kube_api, docs)
+    apply_all(kube_api, docs)
     assert name in [m.name for m in _sync(kube_api, engine, store).changed]
     return docs
 
@@ -227,7 +217,7 @@ def test_bad_input_found_in_the_cluster_ends_failed_naming_it(airflow_db, store,
                                                              monkeypatch, case, named):
     name = f"bad-{uuid.uuid4().hex[:6]}"
     docs = _bad(world, name, case)
-    _apply_all(kube_api, docs)
+    apply_all(kube_api, docs)
     _sync(kube_api, engine, store)
     mirrored = list(yaml.safe_load_all(mirror_path(store, "default", name).read_text()))
     assert "Secret" not in [d["kind"] for d in mirrored], "Secrets are read from the cluster, never mirrored"

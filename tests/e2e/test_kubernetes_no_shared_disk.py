@@ -8,7 +8,6 @@ shape from the DAG id."""
 
 from __future__ import annotations
 
-import copy
 import uuid
 
 import pytest
@@ -18,21 +17,11 @@ from include.kube_sync import ClusterInventory, sync
 from include.runstate import RUN_STATE_ENV
 from include.store import STORE_ENV, FileStatusSink, SpecStore
 from tests.e2e.helpers import assert_target_matches_source, load_dag, task_states
-from tests.e2e.kube_world import GROUP, VERSION, _connect, _get
+from tests.e2e.kube_world import GROUP, VERSION, _connect, _get, apply_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_cluster")]
 
 
-def _apply_all(kube_api, docs: list[dict]) -> None:
-    for doc in docs:
-        doc = copy.deepcopy(doc)
-        if doc["kind"] != "VirtualMachine":
-            doc.pop("status", None)
-        kube_api.apply_yaml(doc)
-        if doc["kind"] == "VirtualMachine" and "status" in doc:
-            kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{doc['metadata']['namespace']}/"
-                             f"virtualmachines/{doc['metadata']['name']}/status", body={"status": doc["status"]},
-                             headers={"Content-Type": "application/merge-patch+json"})
 
 
 def test_a_watcher_run_needs_no_disk_shared_with_the_dag_processor(airflow_db, store, world, kube_api, engine,
@@ -41,7 +30,7 @@ def test_a_watcher_run_needs_no_disk_shared_with_the_dag_processor(airflow_db, s
 
     name = f"nsd-{uuid.uuid4().hex[:6]}"
     create_source_vm(world)
-    _apply_all(kube_api, store_documents(world, name=name))
+    apply_all(kube_api, store_documents(world, name=name))
     with kube_api.client(engine) as api:
         mine = next(m for m in sync(ClusterInventory(api), store).changed if m.name == name)
     dag_id = f"vmmigration__default__{name}"
@@ -95,7 +84,7 @@ def test_a_run_of_a_generation_the_cluster_has_left_does_not_start(airflow_db, s
     (PlanChanged, naming metadata.generation) before touching anything: generation 2 has its own run."""
     name = f"old-{uuid.uuid4().hex[:6]}"
     create_source_vm(world)
-    _apply_all(kube_api, store_documents(world, name=name))
+    apply_all(kube_api, store_documents(world, name=name))
     with kube_api.client(engine) as api:
         mine = next(m for m in sync(ClusterInventory(api), store).changed if m.name == name)
     kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}",

@@ -7,7 +7,6 @@ never touched."""
 
 from __future__ import annotations
 
-import copy
 import json
 import stat
 import uuid
@@ -19,23 +18,12 @@ import yaml
 from include.demo import create_source_vm, store_documents
 from include.kube_sync import ClusterInventory, mirror_path, read_header, run_id_for, sync
 from tests.e2e.helpers import run_migration, task_states
-from tests.e2e.kube_world import GROUP, VERSION, _connect, _get
+from tests.e2e.kube_world import GROUP, VERSION, _connect, _get, apply_all, apply_bare
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_cluster")]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _apply_all(kube_api, docs: list[dict]) -> None:
-    for doc in docs:
-        doc = copy.deepcopy(doc)
-        if doc["kind"] != "VirtualMachine":
-            doc.pop("status", None)
-        applied = kube_api.apply_yaml(doc)
-        if doc["kind"] == "VirtualMachine" and "status" in doc:  # its id, as a provider would have set it
-            kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{doc['metadata']['namespace']}/"
-                             f"virtualmachines/{doc['metadata']['name']}/status", body={"status": doc["status"]},
-                             headers={"Content-Type": "application/merge-patch+json"})
-        assert applied
 
 
 def test_a_vmmigration_in_the_cluster_is_mirrored_and_runs_to_ready(airflow_db, store, world, kube_api, engine,
@@ -45,7 +33,7 @@ def test_a_vmmigration_in_the_cluster_is_mirrored_and_runs_to_ready(airflow_db, 
     docs = store_documents(world, name=name)
     marker = uuid.uuid4().hex
     next(d for d in docs if d["kind"] == "Secret")["stringData"]["note"] = marker
-    _apply_all(kube_api, docs)
+    apply_all(kube_api, docs)
     (store / "mine.yaml").write_text("# a file of the operator's own: never touched\n")
     squatter = mirror_path(store, "default", f"other-{name}")
     squatter.write_text("# not a mirror, whatever its name says\n")
@@ -100,10 +88,7 @@ def test_the_watch_trigger_fires_on_a_change_and_times_out_without_one(kube_api,
     waiter = threading.Thread(target=lambda: got.update(
         VMMigrationWatchTrigger("vmmigration_k8s", version, timeout=30).watch_once()))
     waiter.start()
-    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
-                         "metadata": {"name": name, "namespace": "default"},
-                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
-                                  "storage": {"type": "nfs", "path": "/share"}}})
+    apply_bare(kube_api, name)
     waiter.join(40)
     assert got.get("changed") and got.get("name") == f"default/{name}" and got.get("type") == "ADDED", got
     kube_api.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")
@@ -129,10 +114,7 @@ def test_the_watcher_dag_parses_only_with_a_connection_and_its_sensor_sees_what_
     assert {t.queue for t in queued.tasks} == {"beside-dag-processor"}, "the watcher runs where the mirror is read"
     monkeypatch.delenv("VMMIGRATION_KUBERNETES_WATCHER_QUEUE")
     name = f"sense-{uuid.uuid4().hex[:6]}"
-    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
-                         "metadata": {"name": name, "namespace": "default"},
-                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
-                                  "storage": {"type": "nfs", "path": "/share"}}})
+    apply_bare(kube_api, name)
     sensor = VMMigrationSensor(task_id="w", kubernetes_conn_id="vmmigration_k8s", store_path=str(store))
     assert f"default/{name}" in sensor.unmirrored()[0]
     with kube_api.client(engine) as api:
@@ -153,7 +135,7 @@ def test_the_watcher_dag_starts_one_run_per_generation(airflow_db, store, world,
 
     name = f"wd-{uuid.uuid4().hex[:6]}"
     create_source_vm(world)
-    _apply_all(kube_api, store_documents(world, name=name))
+    apply_all(kube_api, store_documents(world, name=name))
     with kube_api.client(engine) as api:
         first = next(m for m in sync(ClusterInventory(api), store).changed if m.name == name)
     kube_api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}",
@@ -182,10 +164,7 @@ def test_an_edit_waits_for_the_run_under_way_and_runs_after_a_failure(kube_api, 
     from sensors.vmmigration_sensor import VMMigrationSensor
 
     name = f"defer-{uuid.uuid4().hex[:6]}"
-    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
-                         "metadata": {"name": name, "namespace": "default"},
-                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
-                                  "storage": {"type": "nfs", "path": "/share"}}})
+    apply_bare(kube_api, name)
     with kube_api.client(engine) as api:
         first = next(m for m in sync(ClusterInventory(api), store).changed if m.name == name)
     specs = SpecStore(store)
@@ -218,10 +197,7 @@ def test_a_deleted_vmmigrations_mirror_stays_while_its_run_goes_on(kube_api, eng
     from include.store import SpecStore
 
     name = f"held-{uuid.uuid4().hex[:6]}"
-    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
-                         "metadata": {"name": name, "namespace": "default"},
-                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
-                                  "storage": {"type": "nfs", "path": "/share"}}})
+    apply_bare(kube_api, name)
     with kube_api.client(engine) as api:
         sync(ClusterInventory(api), store)
     specs = SpecStore(store)
@@ -259,10 +235,7 @@ def test_a_watch_from_a_version_etcd_compacted_away_relists(kube_api, engine, mo
     with kube_api.client(engine) as api:
         _items, old = ClusterInventory(api).migrations()
     name = f"gone-{uuid.uuid4().hex[:6]}"
-    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
-                         "metadata": {"name": name, "namespace": "default"},
-                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
-                                  "storage": {"type": "nfs", "path": "/share"}}})
+    apply_bare(kube_api, name)
     revision = int(_etcd(kube_api, "/v3/kv/range", {"key": "AA=="})["header"]["revision"])
     assert revision > int(old)
     _etcd(kube_api, "/v3/kv/compaction", {"revision": str(revision), "physical": True})

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from include.kube_sync import ClusterInventory
-from tests.e2e.kube_world import GROUP, VERSION, _connect
+from tests.e2e.kube_world import GROUP, VERSION, _connect, apply_bare
 from triggers.vmmigration_watch import VMMigrationWatchTrigger, watched, watched_key
 
 pytestmark = pytest.mark.usefixtures("clean_cluster")
@@ -23,10 +23,7 @@ def _status(kube_api, name: str, status: dict) -> None:
 def test_a_running_migrations_status_does_not_wake_the_watcher_and_its_end_does(kube_api, engine, monkeypatch):
     _connect(monkeypatch, kube_api, engine)
     name = f"wake-{uuid.uuid4().hex[:6]}"
-    kube_api.apply_yaml({"apiVersion": f"{GROUP}/{VERSION}", "kind": "VMMigration",
-                         "metadata": {"name": name, "namespace": "default"},
-                         "spec": {"sourceName": "vm", "targetProviderRef": {"name": "p"}, "targetName": "t",
-                                  "storage": {"type": "nfs", "path": "/share"}}})
+    apply_bare(kube_api, name)
     with kube_api.client(engine) as api:
         items, version = ClusterInventory(api).migrations()
     known = {watched_key(item): watched(item) for item in items}
