@@ -336,7 +336,7 @@ def decide(store: Path, item: dict[str, Any]) -> tuple[Mirrored, Mirrored | None
     if header is None:
         return mine, None, FOREIGN if path.exists() else WRITE
     phase = _phase(store, header, item)
-    if phase not in (None, "", "Pending", "Ready", "Failed") or _under_way(store, header):
+    if _under_way(store, header, phase):
         return mine, header, DEFERRED
     if phase == "Ready" and header.uid == mine.uid:
         return mine, header, COMPLETE
@@ -368,7 +368,7 @@ def sync(inventory: ClusterInventory, store: Path) -> SyncResult:
         mirrored = read_header(path)
         if path.name in keep or mirrored is None:
             continue
-        if _under_way(store, mirrored):
+        if _under_way(store, mirrored, _phase(store, mirrored, None)):
             # its DAG must stay while its run goes on (a DAG that vanishes mid-run leaves its cleanup undone);
             # the mirror goes once the run has ended, finalize_migration done
             held.append(path.name)
@@ -406,12 +406,12 @@ def ended(store: Path, mirrored: Mirrored) -> bool:
     return specs.run_record(mirrored.namespace, mirrored.name).get("finalized") is True
 
 
-def _under_way(store: Path, mirrored: Mirrored) -> bool:
-    """Whether the mirror's run has started and not ended: its phase is not final, or it is and the run's
-    finalize_migration has not finished (the failure is recorded before finalize rolls back)."""
+def _under_way(store: Path, mirrored: Mirrored, phase: str | None) -> bool:
+    """Whether the mirror's run (its status at ``phase``) has started and not ended: its phase is not final, or
+    it is and the run's finalize_migration has not finished (the failure is recorded before finalize rolls
+    back)."""
     from include.store import SpecStore
 
-    phase = _phase(store, mirrored, None)
     if phase in (None, "", "Pending"):
         return False
     if phase not in ("Ready", "Failed"):

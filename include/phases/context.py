@@ -132,12 +132,11 @@ class MigrationContext:
         an edit in the cluster is a new generation with its own run)."""
         from include.errors import ConfigurationError
 
+        saved = self._adopt_saved_run()
         assert self.cluster_run is not None
         uid, generation = self.cluster_run
-        saved = self.store.state.read(self.namespace, self.name, SPEC) or {}
         if not self.validating and saved.get("documents") is not None:
-            if (saved.get("uid"), saved.get("generation")) == (uid, generation) or not self.cluster_run_pinned:
-                self.cluster_run = (str(saved.get("uid")), int(saved.get("generation") or generation))
+            if (saved.get("uid"), saved.get("generation")) == (uid, generation):
                 return list(saved["documents"])
             raise PlanChanged(f"this run is of generation {generation} (uid {uid}); the run state holds the spec "
                               f"of generation {saved.get('generation')} (uid {saved.get('uid')}), which another "
@@ -150,6 +149,16 @@ class MigrationContext:
         self.store.state.write(self.namespace, self.name, SPEC, {"uid": uid, "generation": generation,
                                                                  "documents": documents})
         return documents
+
+    def _adopt_saved_run(self) -> dict[str, Any]:
+        """The run state's saved spec (``{}`` when none). A run known from the mirror's first line only
+        (``cluster_run_pinned`` False) is, after Validating, the run Validating saved: read once, then pinned."""
+        saved = self.store.state.read(self.namespace, self.name, SPEC) or {}
+        if self.cluster_run is not None and not self.cluster_run_pinned and not self.validating:
+            if saved.get("uid"):
+                self.cluster_run = (str(saved["uid"]), int(saved.get("generation") or self.cluster_run[1]))
+            self.cluster_run_pinned = True
+        return saved
 
     def _migration_in(self, index: StoreIndex) -> VMMigration:
         entry = self.store.entry(self.namespace, self.name, index)
@@ -334,10 +343,9 @@ class MigrationContext:
         try:
             assert self.sink is not None
             if self.cluster_run is not None and hasattr(self.sink, "expect"):
-                uid = self.cluster_run[0]
-                if not self.cluster_run_pinned and not self.validating:  # the uid Validating saved, if it did
-                    uid = str((self.store.state.read(self.namespace, self.name, SPEC) or {}).get("uid") or uid)
-                self.sink.expect(self.namespace, self.name, uid)
+                if not self.cluster_run_pinned and not self.validating:
+                    self._adopt_saved_run()  # once: it pins the run
+                self.sink.expect(self.namespace, self.name, self.cluster_run[0])
             return self.sink.update(self.namespace, self.name, mutate)
         except MigrationDeleted:
             if self.stop_when_deleted and not self.cleaning:
