@@ -7,9 +7,11 @@ cache="${VMMIG_CACHE:-$HOME/.cache/vmmigration}"
 mkdir -p "$cache"
 
 # 1. Debian packages: libvirt daemon + client, qemu-img, build deps of libvirt-python, and the
-#    servers the tests start (nginx, sshd, etcd are used by later suites).
+#    servers the tests start (nginx, sshd, etcd are used by later suites), Chromium for the UI tests,
+#    PostgreSQL and Redis for the Celery scale-out test.
 pkgs=(libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-utils
-      qemu-system-x86 libvirt-dev pkg-config python3-venv python3-dev gcc)
+      qemu-system-x86 libvirt-dev pkg-config python3-venv python3-dev gcc
+      chromium postgresql redis-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,209 @@
+"""A VMMigration submitted from Airflow (the trigger form, a wave plan) becomes an ordinary VMMigration: checked as
+Validating would check it, then written into the spec store as a file of its own, or created in the cluster, so
+that the DAG factory makes its DAG as for any other and the same per-migration pipeline runs it. There is no
+second pipeline: what is submitted here is only ever run by its own ``vmmigration__<namespace>__<name>`` DAG.
+
+A submission never overwrites what it did not write. The store file is ``<store>/submitted--<ns>--<name>.yaml``,
+whose first line says it was submitted (``HEADER``); a VMMigration of that name defined anywhere else (a file of
+the operator's, a mirror of the cluster) refuses the submission. Submitting the same spec again is a no-op (a
+re-run of a wave); a different spec replaces the file only when the migration is not under way and has not ended
+Ready (a migration moves its VM once).
+
+No Airflow here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from include.inventory import BundleInventory, resolve
+from include.spec import KIND, FieldError, SpecValidationError, parse_vmmigration
+from include.store import SpecStore, dag_id_for, locked
+
+API_VERSION = "infra.virtrigaud.io/v1beta1"
+PREFIX = "submitted--"
+HEADER = "# submitted through Airflow ({via}) to the VM migration engine: VMMigration {ns}/{name}"
+#: phases a migration is in while a run of it is moving (a new spec must wait for the run to end)
+_ENDED = ("Ready", "Failed", "Pending", None)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """Where a submitted VMMigration went and how its DAG run is started."""
+
+    namespace: str
+    name: str
+    #: "store" or "cluster"
+    where: str
+    #: False when the same spec was there already (nothing was written)
+    written: bool
+    #: the run id to trigger (a cluster VMMigration's run id is its generation's, include.kube_sync.run_id_for)
+    run_id: str | None = None
+    conf: dict[str, Any] = field(default_factory=dict)
+    #: the phase of the migration's status when it was submitted (Ready: nothing left to do)
+    phase: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def dag_id(self) -> str:
+        return dag_id_for(self.namespace, self.name)
+
+
+def submitted_path(store: SpecStore, namespace: str, name: str) -> Path:
+    return store.root / f"{PREFIX}{namespace}--{name}.yaml"
+
+
+def normalized(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document as it is written: apiVersion and kind set, the namespace explicit, no status."""
+    out = copy.deepcopy(doc)
+    out["apiVersion"] = API_VERSION
+    out["kind"] = KIND
+    meta = out.setdefault("metadata", {})
+    if not isinstance(meta, dict):
+        raise SpecValidationError([FieldError("metadata", "must be a mapping")])
+    meta.setdefault("namespace", "default")
+    out.pop("status", None)
+    return out
+
+
+def check(doc: dict[str, Any], inventory: BundleInventory | None) -> list[FieldError]:
+    """Every problem of ``doc`` (a VMMigration document), each naming its field: the spec's own rules, then
+    (when an inventory is given) every reference followed as Validating follows it. An empty list: valid."""
+    try:
+        migration = parse_vmmigration(doc)
+    except SpecValidationError as err:
+        return list(err.errors)
+    if inventory is None:
+        return []
+    try:
+        resolve(migration, inventory)
+    except SpecValidationError as err:
+        return list(err.errors)
+    return []
+
+
+def _owner(store: SpecStore, namespace: str, name: str) -> Path | None:
+    """The spec file that defines VMMigration namespace/name, if any."""
+    entry = store.index().migrations.get(f"{namespace}/{name}")
+    return entry.path if entry is not None else None
+
+
+def submit_to_store(store: SpecStore, doc: dict[str, Any], *, via: str, check_inventory: bool = True) -> Submitted:
+    """Check ``doc`` and write it into the store as its own file; see the module doc for what is refused.
+
+    :raises SpecValidationError: the problems, each naming its field (nothing was written)
+    """
+    doc = normalized(doc)
+    index = store.index()
+    errors = check(doc, BundleInventory(index.objects) if check_inventory else None)
+    if errors:
+        raise SpecValidationError(errors)
+    ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
+    path = submitted_path(store, ns, name)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with locked(store.root / f".{path.name}.lock"):
+        owner = _owner(store, ns, name)
+        if owner is not None and owner != path:
+            raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} is already defined in "
+                                                                   f"{owner.name}; choose another name")])
+        status = _status(store, ns, name)
+        phase = status.get("phase") if status else None
+        if owner == path:
+            current = _read(path)
+            if current is not None and _same(current, doc):
+                return Submitted(ns, name, "store", False, phase=phase)
+            if phase == "Ready":
+                raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} has moved its VM "
+                                                                       f"already (Ready); choose another name")])
+            if phase not in _ENDED:
+                raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} is being migrated "
+                                                                       f"({phase}); its spec cannot change now")])
+        _write(path, HEADER.format(via=via, ns=ns, name=name), doc)
+    return Submitted(ns, name, "store", True, phase=phase)
+
+
+def _status(store: SpecStore, namespace: str, name: str) -> dict[str, Any] | None:
+    from include.store import FileStatusSink
+
+    try:
+        return FileStatusSink(store).get(namespace, name)
+    except Exception:  # noqa: BLE001 - no status yet (or none readable) is a migration that never ran
+        return None
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    except (OSError, yaml.YAMLError):
+        return None
+    return docs[0] if len(docs) == 1 else None
+
+
+def _write(path: Path, header: str, doc: dict[str, Any]) -> None:
+    text = f"{header}\n" + yaml.safe_dump(doc, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Submitted:
+    """Create ``doc`` in the cluster (checked for the spec's own rules first; references are followed by
+    Validating from the cluster, as for any VMMigration applied with kubectl). An existing VMMigration of that
+    name is never replaced: the submission is refused naming metadata.name.
+
+    :raises SpecValidationError: the problems, each naming its field (nothing was created)
+    """
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    from include.kube_sync import GROUP, VERSION, run_id_for
+
+    doc = normalized(doc)
+    errors = check(doc, None)
+    if errors:
+        raise SpecValidationError(errors)
+    ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
+    doc["metadata"].setdefault("annotations", {})["vmmigration.virtrigaud.io/submitted-via"] = via
+    try:
+        made = CustomObjectsApi(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", doc)
+    except ApiException as err:
+        if err.status == 409:
+            raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} exists in the cluster "
+                                                                   f"already; choose another name")]) from None
+        if err.status == 422:
+            raise SpecValidationError([FieldError("spec", f"refused by the cluster: {_reason(err)}")]) from None
+        raise
+    meta = made["metadata"]
+    uid, generation = meta["uid"], int(meta.get("generation") or 1)
+    return Submitted(ns, name, "cluster", True, run_id=run_id_for(uid, generation),
+                     conf={"uid": uid, "generation": generation})
+
+
+def _reason(err: Any) -> str:
+    try:
+        return str(json.loads(err.body).get("message"))[:500]
+    except Exception:  # noqa: BLE001 - no JSON body: the status line says enough
+        return str(err.reason)
