@@ -40,12 +40,20 @@ class Segment:
 
 class ProgressTracker:
     """Bytes done / total with rate and ETA; reports through ``callback`` at most every ``percent_step``
-    percent or ``interval`` seconds (whichever comes first), plus once at the end."""
+    percent or ``interval`` seconds (whichever comes first), plus once at the end.
+
+    What is counted is the data that really moves: a disk's holes cost nothing to skip, so counting them would
+    make the rate climb and the ETA lie. ``total`` is the data expected (a disk's allocated bytes, an estimate
+    that grows if more data comes); ``virtual`` is the disk's virtual size, shown beside it; ``position`` is how
+    far into the virtual size the stream has got (holes included). :meth:`add_segment` counts a segment."""
 
     def __init__(self, total: int, callback: Callable[[int, int, float, float | None], None] | None = None,
-                 *, interval: float = 10.0, percent_step: float = 5.0, clock: Callable[[], float] = time.monotonic):
+                 *, interval: float = 10.0, percent_step: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 virtual: int | None = None):
         self.total = max(int(total), 0)
+        self.virtual = max(int(virtual), 0) if virtual is not None else None
         self.done = 0
+        self.position = 0
         self.callback = callback
         self.interval = interval
         self.percent_step = percent_step
@@ -67,13 +75,25 @@ class ProgressTracker:
         return max(self.total - self.done, 0) / rate
 
     def add(self, n: int) -> None:
+        """``n`` more bytes of data moved."""
         self.done += n
+        self.position += n
+        self.total = max(self.total, self.done)  # an estimate that was low grows; done never passes total
         now = self.clock()
         step = self.total * self.percent_step / 100.0 if self.total else 0
         if (now - self._last_time >= self.interval) or (step and self.done - self._last_done >= step):
             self._emit(now)
 
+    def add_segment(self, seg: Segment) -> None:
+        """Count one segment of a disk stream: its data moved, a hole only advances the position."""
+        if seg.data is None:
+            self.position += seg.length
+            return
+        self.add(seg.length)
+
     def finish(self) -> None:
+        """The end of the stream: the data counted is all there was."""
+        self.total = self.done
         self._emit(self.clock())
 
     def _emit(self, now: float) -> None:
@@ -83,10 +103,12 @@ class ProgressTracker:
             self.callback(self.done, self.total, self.rate, self.eta)
 
 
-def format_progress(done: int, total: int, rate: float, eta: float | None) -> str:
+def format_progress(done: int, total: int, rate: float, eta: float | None, *, virtual: int | None = None) -> str:
+    """``45.0% 450/1,000 MiB of data (10,240 MiB virtual) at 95.1 MiB/s, ETA 6s``."""
     percent = done * 100.0 / total if total else 100.0
     eta_text = f"{eta:.0f}s" if eta is not None else "?"
-    return (f"{percent:5.1f}% {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB "
+    beside = f" ({virtual / 2**20:,.0f} MiB virtual)" if virtual is not None else ""
+    return (f"{percent:5.1f}% {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB of data{beside} "
             f"at {rate / 2**20:,.1f} MiB/s, ETA {eta_text}")
 
 
@@ -181,7 +203,7 @@ def write_segments(segments: Iterable[Segment], fh: BinaryIO, progress: Progress
             fh.write(seg.data)
         total += seg.length
         if progress is not None:
-            progress.add(seg.length)
+            progress.add_segment(seg)
     fh.truncate(total)
     return total
 

@@ -26,7 +26,8 @@ from include.store import dag_id_for
 
 STAGING_ENV = "VMMIGRATION_STAGING"
 LIVE_ENV = "VMMIGRATION_LIVE_DIR"
-GB = 1000**3
+#: targetResourceHints.disk is in GiB (the guide writes GB; one unit system, IEC, across the engine)
+GIB = 1024**3
 
 
 def staging_root() -> Path:
@@ -143,10 +144,10 @@ def build_plan(resolved: Resolved, vm: VMInfo, *, target_storage: str) -> Plan:
             transit, conversion = choose_formats(disk.format, target_format)
         capacity = disk.capacity
         if index == 0 and hints.disk is not None:
-            wanted = hints.disk * GB
+            wanted = hints.disk * GIB
             if wanted < capacity:
                 raise InvalidMigration(
-                    f"{hints.disk} GB is smaller than disk {disk.name} ({human_bytes(capacity)}); disks are "
+                    f"{hints.disk} GiB is smaller than disk {disk.name} ({human_bytes(capacity)}); disks are "
                     f"never shrunk", field="spec.targetResourceHints.disk")
             capacity = wanted
         disks.append(DiskPlan(

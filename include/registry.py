@@ -42,6 +42,8 @@ class ProviderType:
     aliases: tuple[str, ...] = ()
     #: the Airflow pool throttling work on hypervisors of this type (snapshots, exports, imports, VMs)
     pool_slots: int = 4
+    #: ``module:function(endpoint, vm_name, vm_id) -> url`` of a VM on the hypervisor's web UI (None: it has none)
+    vm_url: str | None = None
 
     @property
     def pool(self) -> str:
@@ -91,10 +93,10 @@ PROVIDERS: tuple[ProviderType, ...] = (
                  aliases=("qemu",)),
     ProviderType("vsphere", driver="include.providers.vsphere_driver:VSphereDriver",
                  hook="hooks.vsphere_hook:VSphereHook", connection_type="vsphere", native_format="vmdk",
-                 pool_slots=4),
+                 pool_slots=4, vm_url="include.links:vsphere_vm_url"),
     ProviderType("proxmox", driver="include.providers.proxmox_driver:ProxmoxDriver",
                  hook="hooks.proxmox_hook:ProxmoxHook", connection_type="proxmox", native_format="qcow2",
-                 pool_slots=4),
+                 pool_slots=4, vm_url="include.links:proxmox_vm_url"),
 )
 
 STORAGES: tuple[StorageType, ...] = (
@@ -141,6 +143,17 @@ def storage(type_name: str) -> StorageType:
         raise InvalidMigration(f"storage type {type_name!r} is not supported (supported: "
                                f"{', '.join(supported_storage_types())})", field="spec.storage.type")
     return entry
+
+
+def has_web_ui(type_name: str | None) -> bool:
+    entry = _find_provider(type_name)
+    return bool(entry and entry.vm_url)
+
+
+def vm_ui_url(type_name: str | None, endpoint: str, vm_name: str, vm_id: str | None = None) -> str | None:
+    """The URL of a VM on its hypervisor's web UI, None for a type without one (libvirt)."""
+    entry = _find_provider(type_name)
+    return _load(entry.vm_url)(endpoint, vm_name, vm_id) if entry and entry.vm_url else None
 
 
 def native_format(type_name: str) -> str:

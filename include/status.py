@@ -73,19 +73,20 @@ def now_iso() -> str:
 
 
 def human_bytes(n: float) -> str:
-    """Decimal units, as the guide writes them (``4.5GB/10GB``)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if round(abs(n), 1) < 1000 or unit == "TB":
+    """IEC units, one decimal (``4.5GiB/10GiB``): one unit system across the plan, the logs and the status (the
+    guide's own example writes decimal units; the engine never mixes them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if round(abs(n), 1) < 1024 or unit == "TiB":
             if unit == "B":
                 return f"{int(n)}B"
             text = f"{n:.1f}".rstrip("0").rstrip(".")
             return f"{text}{unit}"
-        n /= 1000.0
+        n /= 1024.0
     raise AssertionError("unreachable")
 
 
 def progress_message(phase: Phase, done: int, total: int, *, disk: str | None = None) -> str:
-    """``Uploading disk (45% complete, 4.5GB/10GB)``; the disk name is added when known."""
+    """``Uploading disk (45% complete, 4.5GiB/10GiB)``; the disk name is added when known."""
     percent = int(done * 100 / total) if total else 100
     verb = PHASE_VERB.get(phase, phase.value)
     if disk:
@@ -149,6 +150,15 @@ def disk_entry(status: dict[str, Any], name: str) -> dict[str, Any]:
     return disk
 
 
+#: ``disks[].checksum``: the disk's sha256 is computed on its way out (Transferring) and checked when it is read
+#: back (Converting, Importing)
+CHECKSUM_PENDING, CHECKSUM_VERIFIED, CHECKSUM_FAILED = "pending", "verified", "failed"
+
+
+def set_checksum(status: dict[str, Any], disk: str, state: str) -> None:
+    disk_entry(status, disk)["checksum"] = state
+
+
 def enter_phase(status: dict[str, Any], phase: Phase, *, message: str | None = None,
                 disk: str | None = None) -> None:
     """Mark ``phase`` as in progress (for one disk, or the whole migration)."""
@@ -161,6 +171,9 @@ def enter_phase(status: dict[str, Any], phase: Phase, *, message: str | None = N
     if disk is not None:
         entry = disk_entry(status, disk)
         entry["phase"] = phase.value
+        entry.setdefault("startTime", now_iso())
+        if phase is Phase.TRANSFERRING and entry.get("checksum") != CHECKSUM_VERIFIED:
+            entry["checksum"] = CHECKSUM_PENDING
     _advance(status, phase, message or f"{phase.value}")
     set_condition(status, phase.value, "True", reason="InProgress", message=message)
 
@@ -176,6 +189,8 @@ def complete_phase(status: dict[str, Any], phase: Phase, *, message: str | None 
         done = entry.setdefault("completed", [])
         if phase.value not in done:
             done.append(phase.value)
+        if phase is Phase.IMPORTING:
+            entry["completionTime"] = now_iso()
     if not all_disks_done:
         return
     remove_condition(status, phase.value)
@@ -184,14 +199,17 @@ def complete_phase(status: dict[str, Any], phase: Phase, *, message: str | None 
 
 
 def report_bytes(status: dict[str, Any], phase: Phase, disk: str, done: int, total: int,
-                 *, rate: float | None = None, eta: float | None = None) -> None:
-    """Record per-disk byte progress and recompute the overall progress and message."""
+                 *, rate: float | None = None, eta: float | None = None, virtual: int | None = None) -> None:
+    """Record per-disk byte progress (``done`` of ``total`` bytes of data: what really moves, holes are not
+    counted) and recompute the overall progress and message; ``virtual`` is the disk's virtual size."""
     if status.get("phase") in (Phase.READY.value, Phase.FAILED.value):
         return  # a late report from a disk still copying must not revive a finished migration
     entry = disk_entry(status, disk)
     entry["phase"] = phase.value
     entry["bytesDone"] = int(done)
     entry["bytesTotal"] = int(total)
+    if virtual is not None:
+        entry["virtualBytes"] = int(virtual)
     if rate is not None:
         entry["rateBytesPerSecond"] = int(rate)
     if eta is not None:
@@ -259,3 +277,52 @@ def _advance(status: dict[str, Any], phase: Phase, message: str, *, fraction: fl
     status["message"] = message
     if status["phase"] == phase.value:
         status["progress"] = max(status.get("progress", 0), phase_progress(phase, fraction))
+
+
+def _seconds(start: Any, end: Any) -> float | None:
+    try:
+        a = dt.datetime.strptime(str(start), "%Y-%m-%dT%H:%M:%SZ")
+        b = dt.datetime.strptime(str(end), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return max((b - a).total_seconds(), 0.0)
+
+
+def run_summary(status: dict[str, Any], disks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The end of a run in numbers, for ``status.summary``, the log, and the asset event's extra: per disk its
+    virtual size, allocated bytes, bytes moved, checksum state, time and rate; and the totals. ``disks`` gives
+    per disk ``name``, ``virtualBytes``, ``allocatedBytes``, ``bytesMoved`` (from the plan and the run state)."""
+    entries = {d.get("name"): d for d in status.get("disks", [])}
+    out: list[dict[str, Any]] = []
+    for disk in disks:
+        entry = entries.get(disk["name"], {})
+        seconds = _seconds(entry.get("startTime"), entry.get("completionTime") or status.get("completionTime"))
+        moved = int(disk.get("bytesMoved") or 0)
+        out.append({"name": disk["name"], "virtualBytes": int(disk.get("virtualBytes") or 0),
+                    "allocatedBytes": int(disk.get("allocatedBytes") or 0), "bytesMoved": moved,
+                    "checksum": entry.get("checksum") or CHECKSUM_PENDING,
+                    "seconds": seconds, "rateBytesPerSecond": int(moved / seconds) if seconds and moved else None})
+    seconds = _seconds(status.get("startTime"), status.get("completionTime"))
+    moved = sum(d["bytesMoved"] for d in out)
+    return {"phase": status.get("phase"), "seconds": seconds, "bytesMoved": moved,
+            "virtualBytes": sum(d["virtualBytes"] for d in out),
+            "rateBytesPerSecond": int(moved / seconds) if seconds else None, "disks": out}
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary as the lines of a table (the task log)."""
+    def secs(v: Any) -> str:
+        return f"{v:.0f}s" if isinstance(v, (int, float)) else "-"
+
+    def rate(v: Any) -> str:
+        return f"{human_bytes(v)}/s" if v else "-"
+
+    lines = [f"{'disk':<12} {'virtual':>10} {'allocated':>10} {'moved':>10} {'checksum':>9} {'time':>7} {'rate':>12}"]
+    for d in summary.get("disks", []):
+        lines.append(f"{d['name']:<12} {human_bytes(d['virtualBytes']):>10} {human_bytes(d['allocatedBytes']):>10} "
+                     f"{human_bytes(d['bytesMoved']):>10} {d['checksum']:>9} {secs(d['seconds']):>7} "
+                     f"{rate(d['rateBytesPerSecond']):>12}")
+    lines.append(f"{'total':<12} {human_bytes(summary.get('virtualBytes') or 0):>10} {'':>10} "
+                 f"{human_bytes(summary.get('bytesMoved') or 0):>10} {'':>9} {secs(summary.get('seconds')):>7} "
+                 f"{rate(summary.get('rateBytesPerSecond')):>12}")
+    return lines

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from include import status as st
-from include.errors import MigrationFailure
+from include.errors import ChecksumError, MigrationFailure
 from include.phases.context import MigrationContext, failure_message
 from include.spec import SpecValidationError
 from include.status import Phase
@@ -40,12 +40,14 @@ def finish(ctx: MigrationContext, phase: Phase, message: str, *, disk: str | Non
 
 
 def record_failure(ctx: MigrationContext, phase: Phase, err: BaseException, *, final: bool,
-                   attempt: int | None = None, max_attempts: int | None = None) -> None:
+                   attempt: int | None = None, max_attempts: int | None = None, disk: str | None = None) -> None:
     """Record a failure: in the run state and as Failed in the status when final, as a retry note on the
-    phase's condition otherwise."""
+    phase's condition otherwise. A checksum mismatch marks the disk's checksum failed."""
     reason = getattr(err, "reason", None) or ("ValidationFailed" if isinstance(err, SpecValidationError)
                                               else "PhaseFailed")
     message = failure_message(err)
+    if disk and isinstance(err, ChecksumError):
+        ctx.update_status(lambda s: st.set_checksum(s, disk, st.CHECKSUM_FAILED))
     if final:
         try:
             ctx.store.update_run_record(ctx.namespace, ctx.name, failure={"phase": phase.value, "reason": reason,

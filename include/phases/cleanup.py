@@ -131,6 +131,20 @@ def _logged(ctx: MigrationContext, what: str) -> Iterator[None]:
         ctx.logger.warning("cleanup: %s failed", what, exc_info=True)
 
 
+def _summary_disks(ctx: MigrationContext) -> list[dict[str, Any]]:
+    """Per planned disk: its sizes from the plan and the bytes that went to the intermediate storage."""
+    try:
+        planned = ctx.plan.disks
+    except Exception:  # noqa: BLE001 - no plan (Validating failed): nothing moved
+        return []
+    out = []
+    for d in planned:
+        rec = ctx.disk_record(d.name)
+        out.append({"name": d.name, "virtualBytes": d.size_bytes, "allocatedBytes": d.allocated_bytes,
+                    "bytesMoved": rec.sent_bytes or 0})
+    return out
+
+
 def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
     """Ready or Failed, with cleanup. A run of a cluster VMMigration that is gone by now (deleted after the
     target validated) is not handed over: it rolls back as on a failure, and deleteSource never runs."""
@@ -146,16 +160,32 @@ def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = No
     else:
         reason = "MigrationFailed"
     result = cleanup(ctx, succeeded=succeeded, failure=failure)
+    disks = _summary_disks(ctx)
+
+    def summarize(s: dict[str, Any]) -> None:
+        s["summary"] = st.run_summary(s, disks)
+
     if succeeded:
         tgt = ctx.plan.target
-        ctx.update_status(lambda s: st.mark_ready(s, f"VM {tgt.vm} is ready on {tgt.provider}"))
+
+        def ready(s: dict[str, Any]) -> None:
+            st.mark_ready(s, f"VM {tgt.vm} is ready on {tgt.provider}")
+            summarize(s)
+
+        written = ctx.update_status(ready)
     else:
         def mark(s: dict[str, Any]) -> None:
             if s.get("phase") != Phase.FAILED.value:
                 phase = Phase(s["phase"]) if s.get("phase") in st.DONE_CONDITION else Phase.VALIDATING
                 st.fail(s, phase, reason, failure or "a phase failed; see its task log")
+            summarize(s)
 
-        ctx.update_status(mark)
+        written = ctx.update_status(mark)
+    summary = (written or {}).get("summary")
+    if summary:
+        ctx.logger.info("run summary of %s/%s (%s):\n%s", ctx.namespace, ctx.name, summary.get("phase"),
+                        "\n".join(st.summary_lines(summary)))
+        result["summary"] = summary
     # the run has ended: only now may the watcher remove a deleted VMMigration's mirror (and so its DAG)
     ctx.store.update_run_record(ctx.namespace, ctx.name, finalized=True)
     result["succeeded"] = succeeded

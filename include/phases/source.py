@@ -19,7 +19,6 @@ from include.phases.checks import (
     ensure_source_stable,
     local_source_path,
     point_in_time,
-    source_file_size,
     source_stream,
 )
 from include.phases.context import MigrationContext, host_scope
@@ -214,7 +213,7 @@ def export_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     try:
         if local is None:  # remote provider: fetch the disk once (sparse), then convert here
             fetched = staging / f"{disk}.export.src.{d.source_format}"
-            tracker = ctx.progress(Phase.EXPORTING, disk, source_file_size(ctx, d), "exporting")
+            tracker = ctx.progress(Phase.EXPORTING, disk, None, "exporting")
             with space_errors(disk, fetched), safefs.create_private(fetched) as fh:
                 diskio.write_segments(source_stream(ctx, d), fh, tracker)
             tracker.finish()

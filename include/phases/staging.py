@@ -55,8 +55,9 @@ def convert(ctx: MigrationContext, phase: Phase, disk: str, src: Path, src_fmt: 
             *, into_existing: bool = False) -> None:
     """qemu-img convert with progress in the log and the status; a failed conversion removes its output
     (unless it wrote into an existing target volume, which rollback owns)."""
-    total = ctx.disk_plan(disk).size_bytes
-    tracker = ctx.progress(phase, disk, total, f"converting {src_fmt}->{dst_fmt}")
+    # qemu-img reports a percentage of the virtual size; it is shown as that share of the disk's data
+    tracker = ctx.progress(phase, disk, None, f"converting {src_fmt}->{dst_fmt}")
+    total = tracker.total
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         diskio.convert(src, src_fmt, dst, dst_fmt, into_existing=into_existing,

@@ -40,7 +40,7 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     into: str | None = None
     out: Path | None = None
     try:
-        tracker = ctx.progress(Phase.CONVERTING, disk, manifest.size, "verifying")
+        tracker = ctx.progress(Phase.CONVERTING, disk, None, "verifying")
         if local is None:  # object storage: fetch it once, verifying on the way
             fetched = staging / f"{disk}.download.{d.transit_format}"
             with space_errors(disk, fetched), safefs.create_private(fetched) as fh:
@@ -48,7 +48,7 @@ def convert_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             local = fetched
         else:
             for seg in verified_segments(ctx, disk, manifest):
-                tracker.add(seg.length)
+                tracker.add_segment(seg)
         tracker.finish()
         # into the target volume when its file is here and writable, else into staging for Importing
         into = ctx.target_session.prepare_disk(d) if ctx.target_session.writes_in_place(d) else None
@@ -82,8 +82,8 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         # Converting already wrote the volume in place from bytes verified against the manifest; reading
         # it back to hash it again would only repeat that work.
         length = Path(rec.converted_into).stat().st_size
-        tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
-        tracker.add(length)
+        tracker = ctx.progress(Phase.IMPORTING, disk, None, "importing")
+        tracker.add(tracker.total)
     else:
         if rec.converted_path:
             path = Path(rec.converted_path)
@@ -97,14 +97,14 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             manifest = stored_manifest(ctx, disk)
             length, expected = manifest.size, manifest.sha256
             segments = verified_segments(ctx, disk, manifest)
-        tracker = ctx.progress(Phase.IMPORTING, disk, length, "importing")
+        tracker = ctx.progress(Phase.IMPORTING, disk, None, "importing")
 
         def counted() -> Iterator[Segment]:
             # reading and verifying run in the prefetch thread, writing to the target here; a stream
             # verified against its manifest is not hashed a second time
             stream = diskio.prefetched(segments)
             for seg in (stream if expected else hash_segments(stream, hasher)):
-                tracker.add(seg.length)
+                tracker.add_segment(seg)
                 yield seg
             # checked before the stream ends, so that a target writing through a lease or a transaction
             # aborts it rather than committing a corrupt disk
@@ -130,6 +130,9 @@ def import_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
         entry["targetVolume"] = f"{pool}/{volume}"
         if target_sha:
             entry["targetSha256"] = target_sha
+        # every way in was checked: against the manifest on the way (here, or at Converting for a volume
+        # converted in place), or against the sha256 Converting sealed its output with
+        entry["checksum"] = st.CHECKSUM_VERIFIED
 
     ctx.update_status(mutate)
     check = "sha256 verified" if expected else ("converted in place" if rec.converted_into

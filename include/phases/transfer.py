@@ -61,7 +61,8 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
     held = ensure_source_stable(ctx)
     source, total, watched = _export_stream(ctx, disk, rec, held)
     key = d.object_key
-    tracker = ctx.progress(Phase.TRANSFERRING, disk, total, "uploading")
+    # the data that moves: what Exporting counted (the guest data read in place, the staged file), else the plan's
+    tracker = ctx.progress(Phase.TRANSFERRING, disk, rec.export_bytes or None, "uploading")
     before = stat_key(watched)
     ensure_object_key_free(ctx, key, ctx.scope_storage)
     # recorded before the first byte goes out: a half-written upload (a part file, a multipart upload)
@@ -74,7 +75,6 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
             # reading (prefetch thread), hashing (here) and uploading (the backend's part threads) overlap
             for seg in encoder.encode(_counted(diskio.prefetched(source), tracker)):
                 writer.write(seg)
-            tracker.total = encoder.logical
             # the disk must not have changed while it was read: still shut off and its file untouched, or
             # its point in time still held
             ensure_source_stable(ctx)
@@ -126,7 +126,7 @@ def transfer_disk(ctx: MigrationContext, disk: str) -> dict[str, Any]:
 def _counted(segments: Iterator[Segment], tracker: diskio.ProgressTracker) -> Iterator[Segment]:
     for seg in segments:
         yield seg
-        tracker.add(seg.length)
+        tracker.add_segment(seg)
 
 
 def stored_manifest(ctx: MigrationContext, disk: str) -> Manifest:

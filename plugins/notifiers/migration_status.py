@@ -59,8 +59,9 @@ class MigrationStatusNotifier(BaseNotifier):
                                    logger=self.log, airflow_context=context)
             ctx.stop_when_deleted = False  # the failure is recorded (locally) even for a deleted VMMigration
             max_tries = getattr(ti, "max_tries", None)
+            disk = getattr(getattr(ti, "task", None), "disk_name", None)
             record_failure(ctx, Phase(self.phase), cause, final=not retrying,
-                           attempt=getattr(ti, "try_number", None),
+                           attempt=getattr(ti, "try_number", None), disk=disk,
                            max_attempts=(max_tries + 1) if isinstance(max_tries, int) else None)
         except Exception:  # noqa: BLE001 - a status write must never fail or hide the task's own error
             self.log.warning("could not record the failure of %s/%s in its status", self.namespace,

@@ -155,6 +155,8 @@ class MigrationPhaseOperator(BaseOperator):
     #: the phase's body: the name of its function in ``include.phases`` (called with the context, and the
     #: disk for a per-disk phase); a subclass only names it
     body: ClassVar[str]
+    #: "source" or "target": the VM this phase works on, linked from the task on its hypervisor's web UI
+    links_vm: ClassVar[str | None] = None
 
     def __init__(self, *, namespace: str, migration_name: str, store_path: str | None = None, **kwargs: Any) -> None:
         from notifiers.migration_status import MigrationStatusNotifier
@@ -178,7 +180,10 @@ class MigrationPhaseOperator(BaseOperator):
 
         ctx = self._migration_ctx = self._context(context)
         try:
-            return self.run_phase(ctx, context)
+            result = self.run_phase(ctx, context)
+            if self.links_vm:
+                self._push_vm_url(ctx, context)
+            return result
         except Exception as err:
             if is_permanent(err):
                 # Retrying cannot fix bad input or a missing VM: fail now, the status says why.
@@ -187,6 +192,29 @@ class MigrationPhaseOperator(BaseOperator):
         finally:
             ctx.close()
             self._migration_ctx = None
+
+    def _push_vm_url(self, ctx: MigrationContext, context: Context) -> None:
+        """The URL of the VM this task worked on, on its hypervisor's web UI, for the task's link."""
+        from include import registry
+        from operators.links import ATTRIBUTE
+
+        try:
+            side = ctx.plan.source if self.links_vm == "source" else ctx.plan.target
+            if not registry.has_web_ui(side.type):
+                return
+            if self.links_vm == "source":
+                vm_id = ctx.plan.source.vm_id
+            else:
+                try:
+                    vm_id = ctx.target.get_vm(side.vm).id
+                except Exception:  # noqa: BLE001 - without its id the link opens the hypervisor's UI at its start
+                    vm_id = None
+            url = registry.vm_ui_url(side.type, side.endpoint, side.vm, vm_id)
+            if url:
+                setattr(self, ATTRIBUTE, url)
+                self.log.info("the %s VM on its hypervisor's web UI: %s", self.links_vm, url)
+        except Exception:  # noqa: BLE001 - a link is a convenience: it never fails the phase
+            self.log.warning("no link to the %s VM", self.links_vm, exc_info=True)
 
     def run_phase(self, ctx: MigrationContext, context: Context) -> Any:
         from include import phases

@@ -54,6 +54,15 @@ class FinalizeMigrationOperator(BaseOperator):
             raise AirflowFailException(f"migration {self.namespace}/{self.migration_name} failed: "
                                        f"{failure or 'see the failed task'}; cleaned up: {result['removed']}")
         self.log.info("migration %s/%s is Ready", self.namespace, self.migration_name)
+        summary = result.get("summary")
+        if summary:
+            # the run summary travels with the asset event this task emits (visible on the asset's page)
+            for outlet in self.outlets or ():
+                try:
+                    context["outlet_events"][outlet].extra = {
+                        "migration": f"{self.namespace}/{self.migration_name}", **summary}
+                except Exception:  # noqa: BLE001 - an outlet that takes no extra still gets its event
+                    self.log.warning("could not attach the run summary to %s", outlet, exc_info=True)
         return result
 
     def _outcome(self, context: Context, ctx: Any) -> tuple[bool, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from include.status import Phase
 from operators.base import MigrationPhaseOperator
+from operators.links import TargetVMLink
 
 
 class CreateVMOperator(MigrationPhaseOperator):
@@ -12,3 +13,5 @@ class CreateVMOperator(MigrationPhaseOperator):
     phase = Phase.CREATING
     ui_color = "#fde68a"
     body = "create_vm"
+    links_vm = "target"
+    operator_extra_links = (TargetVMLink(),)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from include.status import Phase
 from operators.base import MigrationPhaseOperator
+from operators.links import SourceVMLink
 
 
 class SnapshotVMOperator(MigrationPhaseOperator):
@@ -12,3 +13,5 @@ class SnapshotVMOperator(MigrationPhaseOperator):
     phase = Phase.SNAPSHOTTING
     ui_color = "#e0e7ff"
     body = "snapshot"
+    links_vm = "source"
+    operator_extra_links = (SourceVMLink(),)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from include.status import Phase
 from operators.base import MigrationPhaseOperator
+from operators.links import TargetVMLink
 
 
 class ValidateTargetOperator(MigrationPhaseOperator):
@@ -12,3 +13,5 @@ class ValidateTargetOperator(MigrationPhaseOperator):
     phase = Phase.VALIDATING_TARGET
     ui_color = "#bbf7d0"
     body = "validate_target"
+    links_vm = "target"
+    operator_extra_links = (TargetVMLink(),)

@@ -142,11 +142,13 @@ def test_write_segments_keeps_the_output_sparse(tmp_path):
     size = 64 * MiB
     content = make_sparse(src, size, [(MiB, os.urandom(BLOCK)), (40 * MiB, os.urandom(2 * BLOCK))])
     dst = tmp_path / "dst.raw"
-    progress = ProgressTracker(size)
+    progress = ProgressTracker(size, virtual=size)
     with open(dst, "wb") as fh:
         written = write_segments(file_segments(src), fh, progress)
     assert written == size
-    assert progress.done == size
+    # the progress counts the data written, not the holes skipped; the position went through all of it
+    assert progress.done == BLOCK + 2 * BLOCK
+    assert progress.position == size
     assert dst.stat().st_size == size
     assert dst.read_bytes() == content
     assert allocated_bytes(dst) == dst.stat().st_blocks * 512
@@ -272,6 +274,25 @@ def test_progress_rate_and_eta_with_an_injected_clock():
     assert calls[-1] == (1000, 1000, 50.0, 0.0)
 
 
+def test_progress_counts_data_not_holes_so_the_rate_does_not_climb_over_them():
+    clock = FakeClock(0.0)
+    calls = []
+    tracker = ProgressTracker(2 * MiB, lambda *args: calls.append(args), interval=1, percent_step=100, clock=clock,
+                              virtual=64 * MiB)
+    clock.now = 1.0
+    tracker.add_segment(Segment(MiB, b"x" * MiB))
+    clock.now = 1.5
+    tracker.add_segment(Segment(60 * MiB))  # a hole: no data moved, only the position
+    assert (tracker.done, tracker.position) == (MiB, 61 * MiB)
+    assert tracker.rate == pytest.approx(MiB / 1.5)
+    clock.now = 2.0
+    tracker.add_segment(Segment(2 * MiB, b"y" * 2 * MiB))  # more data than the estimate: the total grows
+    assert tracker.total == 3 * MiB and tracker.done == 3 * MiB
+    tracker.finish()
+    assert calls[-1][:2] == (3 * MiB, 3 * MiB)
+    assert "of data (64 MiB virtual)" in format_progress(MiB, 3 * MiB, MiB, 2.0, virtual=64 * MiB)
+
+
 def test_progress_with_unknown_total_and_no_callback():
     clock = FakeClock()
     tracker = ProgressTracker(0, None, clock=clock)
@@ -279,14 +300,15 @@ def test_progress_with_unknown_total_and_no_callback():
     tracker.add(100)
     tracker.finish()  # no callback: nothing to call, nothing raised
     assert tracker.done == 100
-    assert tracker.eta is None
+    assert tracker.total == 100  # an estimate that was low (here none) grows to what came
+    assert tracker.eta == 0.0
     assert tracker.rate == pytest.approx(20.0)
     assert ProgressTracker(-5).total == 0
 
 
 def test_format_progress():
-    assert format_progress(MiB, 2 * MiB, MiB, 10.4) == " 50.0% 1/2 MiB at 1.0 MiB/s, ETA 10s"
-    assert format_progress(0, 0, 0.0, None) == "100.0% 0/0 MiB at 0.0 MiB/s, ETA ?"
+    assert format_progress(MiB, 2 * MiB, MiB, 10.4) == " 50.0% 1/2 MiB of data at 1.0 MiB/s, ETA 10s"
+    assert format_progress(0, 0, 0.0, None) == "100.0% 0/0 MiB of data at 0.0 MiB/s, ETA ?"
 
 
 # -- qemu-img ----------------------------------------------------------------------------------------------------

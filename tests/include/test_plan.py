@@ -12,7 +12,8 @@ import pytest
 from include.errors import InvalidMigration
 from include.inventory import BundleInventory, resolve
 from include.model import Plan
-from include.plan import GB, STAGING_ENV, build_plan, choose_formats, describe, snapshot_name, staging_root
+from include.plan import GIB as GB
+from include.plan import STAGING_ENV, build_plan, choose_formats, describe, snapshot_name, staging_root
 from include.providers.base import DiskInfo, NicInfo, VMInfo
 from include.spec import API_VERSION, parse_vmmigration
 from include.store import index_documents
@@ -177,7 +178,7 @@ def test_disk_hint_smaller_than_the_source_disk_is_refused():
         build_plan(resolved_for(targetResourceHints={"disk": 5}), VM, target_storage="pool")
     err = info.value
     assert err.field == "spec.targetResourceHints.disk"
-    assert str(err) == "spec.targetResourceHints.disk: 5 GB is smaller than disk vda (10GB); disks are never shrunk"
+    assert str(err) == "spec.targetResourceHints.disk: 5 GiB is smaller than disk vda (10GiB); disks are never shrunk"
     assert err.permanent is True
     assert err.reason == "ValidationFailed"
 
@@ -233,7 +234,7 @@ def test_describe_mentions_disks_conversions_phases_and_cleanup():
     assert "storage: nfs at nfs.local:/mnt/share" in text
     assert "disks (2):" in text
     vda_line = next(line for line in lines if line.strip().startswith("vda:"))
-    assert "10GB virtual, 3GB allocated, qcow2" in vda_line
+    assert "10GiB virtual, 3GiB allocated, qcow2" in vda_line
     assert "convert qcow2 -> vmdk after download" in vda_line
     assert "travels as qcow2 (apps/move-web/vda.qcow2)" in vda_line
     assert "lands as datastore1/web-new-vda.vmdk" in vda_line

@@ -14,6 +14,7 @@ from include import status as st
 from include.status import Phase
 
 GB = 1000**3
+GIB = 1024**3
 
 
 @pytest.fixture
@@ -75,35 +76,36 @@ def test_new_status_is_pending():
 # -- human_bytes and the progress message ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("n", "text"), [
-    (0, "0B"), (999, "999B"), (1000, "1KB"), (1500, "1.5KB"), (4_500_000_000, "4.5GB"), (10 * GB, "10GB"),
-    (1_040_000, "1MB"),  # one decimal, trailing ".0" dropped
-    (1_060_000, "1.1MB"),
-    (123_456_789_012, "123.5GB"),
-    (1000**4, "1TB"), (2 * 1000**5, "2000TB"),  # TB is the largest unit
+    (0, "0B"), (1023, "1023B"), (1024, "1KiB"), (1536, "1.5KiB"), (4.5 * GIB, "4.5GiB"), (10 * GIB, "10GiB"),
+    (1_050_000, "1MiB"),  # one decimal, trailing ".0" dropped
+    (1_110_000, "1.1MiB"),
+    (123.45 * GIB, "123.5GiB"),
+    (1024**4, "1TiB"), (2 * 1024**5, "2048TiB"),  # TiB is the largest unit
     (512.9, "512B"),  # bytes are truncated to an integer
 ])
-def test_human_bytes_uses_decimal_units_and_one_decimal(n, text):
+def test_human_bytes_uses_iec_units_and_one_decimal(n, text):
     assert st.human_bytes(n) == text
 
 
 @given(hst.integers(0, 10**16))
 def test_human_bytes_is_close_to_the_value(n):
     text = st.human_bytes(n)
-    units = {"TB": 1000**4, "GB": 1000**3, "MB": 1000**2, "KB": 1000, "B": 1}
-    unit = next(u for u in units if text.endswith(u))
+    units = {"TiB": 1024**4, "GiB": 1024**3, "MiB": 1024**2, "KiB": 1024, "B": 1}
+    unit = next(u for u in units if text.endswith(u) and (u != "B" or not text[-2].isalpha()))
     value = float(text[: -len(unit)])
     # rounded to one decimal of its unit
     assert abs(value * units[unit] - n) <= 0.05 * units[unit] + 1e-6 * n
     assert not text[: -len(unit)].endswith(".0")
 
 
-def test_human_bytes_never_shows_1000_of_a_unit():
-    assert st.human_bytes(999_950) == "1MB"
+def test_human_bytes_never_shows_1024_of_a_unit():
+    assert st.human_bytes(1024 * 1024 - 10) == "1MiB"
 
 
 def test_progress_message_matches_the_guide():
-    assert st.progress_message(Phase.TRANSFERRING, 4_500_000_000, 10 * GB) == \
-        "Uploading disk (45% complete, 4.5GB/10GB)"
+    # the guide's example, in the engine's one unit system (IEC)
+    assert st.progress_message(Phase.TRANSFERRING, int(4.5 * GIB), 10 * GIB) == \
+        "Uploading disk (45% complete, 4.5GiB/10GiB)"
 
 
 @pytest.mark.parametrize(("phase", "verb"), [
@@ -111,12 +113,12 @@ def test_progress_message_matches_the_guide():
     (Phase.CONVERTING, "Converting disk"), (Phase.IMPORTING, "Importing disk"), (Phase.CREATING, "Creating"),
 ])
 def test_progress_message_verbs(phase, verb):
-    assert st.progress_message(phase, 1 * GB, 4 * GB) == f"{verb} (25% complete, 1GB/4GB)"
+    assert st.progress_message(phase, 1 * GIB, 4 * GIB) == f"{verb} (25% complete, 1GiB/4GiB)"
 
 
 def test_progress_message_details():
-    assert st.progress_message(Phase.TRANSFERRING, 5 * GB, 10 * GB, disk="vda") == \
-        "Uploading disk vda (50% complete, 5GB/10GB)"
+    assert st.progress_message(Phase.TRANSFERRING, 5 * GIB, 10 * GIB, disk="vda") == \
+        "Uploading disk vda (50% complete, 5GiB/10GiB)"
     # percent is truncated, never rounded up to a completion that has not happened
     assert st.progress_message(Phase.TRANSFERRING, 999, 1000).startswith("Uploading disk (99% complete")
     # an empty disk is complete
@@ -204,7 +206,7 @@ def test_complete_phase_turns_the_in_progress_condition_into_a_done_condition():
 
 
 def test_the_guides_status_example(clock):
-    """Validated, Snapshotted, Exported, then Transferring with the guide's message (two 5 GB disks)."""
+    """Validated, Snapshotted, Exported, then Transferring with the guide's message (two 5 GiB disks)."""
     status = started()
     st.complete_phase(status, Phase.VALIDATING)
     st.enter_phase(status, Phase.SNAPSHOTTING)
@@ -215,13 +217,13 @@ def test_the_guides_status_example(clock):
     assert cond(status, "Exported") is None  # vdb is still exporting
     assert cond(status, "Exporting")["status"] == "True"
     st.complete_phase(status, Phase.EXPORTING, disk="vdb", all_disks_done=True)
-    st.report_bytes(status, Phase.TRANSFERRING, "vda", 2_500_000_000, 5 * GB)
-    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 2_000_000_000, 5 * GB)
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", int(2.5 * GIB), 5 * GIB)
+    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 2 * GIB, 5 * GIB)
     assert status["phase"] == "Transferring"
     assert [c["type"] for c in status["conditions"]] == ["Validated", "Snapshotted", "Exported", "Transferring"]
     assert all(c["status"] == "True" and c["lastTransitionTime"] for c in status["conditions"])
-    assert cond(status, "Transferring")["message"] == "Uploading disk (45% complete, 4.5GB/10GB)"
-    assert status["message"] == "Uploading disk (45% complete, 4.5GB/10GB)"
+    assert cond(status, "Transferring")["message"] == "Uploading disk (45% complete, 4.5GiB/10GiB)"
+    assert status["message"] == "Uploading disk (45% complete, 4.5GiB/10GiB)"
     # the first report only knew vda (50%); progress never goes back, so it stays within the phase's span
     assert st.phase_progress(Phase.TRANSFERRING, 0.45) <= status["progress"] <= st.phase_progress(
         Phase.TRANSFERRING, 0.5)
@@ -230,20 +232,20 @@ def test_the_guides_status_example(clock):
 
 def test_report_bytes_records_the_disk():
     status = started()
-    st.report_bytes(status, Phase.TRANSFERRING, "vda", 5 * GB, 10 * GB, rate=123.9, eta=40.7)
-    assert status["disks"] == [{"name": "vda", "phase": "Transferring", "bytesDone": 5 * GB, "bytesTotal": 10 * GB,
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 5 * GIB, 10 * GIB, rate=123.9, eta=40.7)
+    assert status["disks"] == [{"name": "vda", "phase": "Transferring", "bytesDone": 5 * GIB, "bytesTotal": 10 * GIB,
                                 "rateBytesPerSecond": 123, "etaSeconds": 40}]
     # one disk: its name is in the message
-    assert status["message"] == "Uploading disk vda (50% complete, 5GB/10GB)"
+    assert status["message"] == "Uploading disk vda (50% complete, 5GiB/10GiB)"
     assert status["progress"] == 35
 
 
 def test_report_bytes_counts_disks_that_finished_the_phase():
     status = started()
-    st.report_bytes(status, Phase.TRANSFERRING, "vda", 4 * GB, 4 * GB)
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 4 * GIB, 4 * GIB)
     st.complete_phase(status, Phase.TRANSFERRING, disk="vda", all_disks_done=False)
-    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 1 * GB, 6 * GB)
-    assert status["message"] == "Uploading disk (50% complete, 5GB/10GB)"
+    st.report_bytes(status, Phase.TRANSFERRING, "vdb", 1 * GIB, 6 * GIB)
+    assert status["message"] == "Uploading disk (50% complete, 5GiB/10GiB)"
     assert [d["phase"] for d in status["disks"]] == ["Transferred", "Transferring"]
 
 
@@ -394,3 +396,54 @@ def test_progress_never_decreases(events):
     assert all(0 <= p <= 99 for p in seen)
     st.mark_ready(status, "ok")
     assert status["progress"] == 100
+
+
+# -- per-disk checksum, virtual size, the run summary --------------------------------------------------------
+
+def test_a_disk_records_its_virtual_size_beside_the_data_that_moves():
+    status = started()
+    st.report_bytes(status, Phase.TRANSFERRING, "vda", 1 * GIB, 3 * GIB, virtual=10 * GIB)
+    disk = status["disks"][0]
+    assert (disk["bytesDone"], disk["bytesTotal"], disk["virtualBytes"]) == (GIB, 3 * GIB, 10 * GIB)
+    assert status["message"] == "Uploading disk vda (33% complete, 1GiB/3GiB)"
+
+
+def test_checksum_is_pending_from_transferring_until_verified_and_never_reset_after():
+    status = started()
+    st.enter_phase(status, Phase.EXPORTING, disk="vda")
+    assert "checksum" not in status["disks"][0]
+    st.enter_phase(status, Phase.TRANSFERRING, disk="vda")
+    assert status["disks"][0]["checksum"] == st.CHECKSUM_PENDING
+    st.set_checksum(status, "vda", st.CHECKSUM_VERIFIED)
+    st.enter_phase(status, Phase.TRANSFERRING, disk="vda")  # a retried upload of a verified disk
+    assert status["disks"][0]["checksum"] == st.CHECKSUM_VERIFIED
+
+
+def test_the_run_summary_adds_up_disks_times_and_rates(monkeypatch):
+    status = started()
+    status["startTime"] = "2026-12-04T10:00:00Z"
+    status["disks"] = [{"name": "vda", "startTime": "2026-12-04T10:00:05Z", "completionTime": "2026-12-04T10:00:45Z",
+                        "checksum": "verified"},
+                       {"name": "vdb", "startTime": "2026-12-04T10:00:05Z", "checksum": "failed"}]
+    status["completionTime"] = "2026-12-04T10:01:00Z"
+    summary = st.run_summary(status, [
+        {"name": "vda", "virtualBytes": 10 * GIB, "allocatedBytes": 2 * GIB, "bytesMoved": 2 * GIB},
+        {"name": "vdb", "virtualBytes": GIB, "allocatedBytes": 0, "bytesMoved": 0},
+        {"name": "vdc", "virtualBytes": GIB, "allocatedBytes": 0, "bytesMoved": None}])  # never started
+    vda, vdb, vdc = summary["disks"]
+    assert (vda["seconds"], vda["rateBytesPerSecond"], vda["checksum"]) == (40.0, 2 * GIB // 40, "verified")
+    assert (vdb["seconds"], vdb["rateBytesPerSecond"], vdb["checksum"]) == (55.0, None, "failed")  # to the run's end
+    assert (vdc["seconds"], vdc["bytesMoved"], vdc["checksum"]) == (None, 0, "pending")
+    assert (summary["seconds"], summary["bytesMoved"], summary["virtualBytes"]) == (60.0, 2 * GIB, 12 * GIB)
+    assert summary["rateBytesPerSecond"] == 2 * GIB // 60
+    lines = st.summary_lines(summary)
+    assert lines[0].split() == ["disk", "virtual", "allocated", "moved", "checksum", "time", "rate"]
+    assert lines[1].split() == ["vda", "10GiB", "2GiB", "2GiB", "verified", "40s", "51.2MiB/s"]
+    assert lines[-1].split() == ["total", "12GiB", "2GiB", "60s", "34.1MiB/s"]
+
+
+def test_a_summary_without_times_has_no_rate():
+    summary = st.run_summary({"phase": "Failed"}, [{"name": "vda", "virtualBytes": 1, "allocatedBytes": 1,
+                                                    "bytesMoved": 1}])
+    assert summary["seconds"] is None and summary["rateBytesPerSecond"] is None
+    assert st.summary_lines(summary)[1].split()[-2:] == ["-", "-"]
