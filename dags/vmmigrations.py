@@ -10,6 +10,7 @@ a DAG, and vmmigration_store_check.py reports it (the same call) as its import e
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import timedelta
 
@@ -18,7 +19,15 @@ from airflow.sdk import DAG, Asset, get_parsing_context, task, task_group
 from include import registry
 from include.inventory import BundleInventory, provider_types
 from include.spec import RetryPolicy
-from include.store import DAG_ID_PREFIX, SpecEntry, SpecStore, dag_entries, dag_id_for, retry_settings
+from include.store import (
+    DAG_ID_PREFIX,
+    STORE_QUEUE_ENV,
+    SpecEntry,
+    SpecStore,
+    dag_entries,
+    dag_id_for,
+    retry_settings,
+)
 from operators.cleanup import FinalizeMigrationOperator
 from operators.convert import ConvertDiskOperator
 from operators.create import CreateVMOperator
@@ -33,6 +42,8 @@ log = logging.getLogger(__name__)
 STORE = SpecStore()
 TASKS_TEST = sys.argv[1:3] == ["tasks", "test"]
 MAX_PARALLEL_DISKS = 4
+#: the executor queue of Validating: a worker beside the spec store (the others may have none)
+STORE_QUEUE = os.environ.get(STORE_QUEUE_ENV) or None
 
 
 def _default_args(policy: RetryPolicy, shaped_for: tuple[str, str] | None = None) -> dict:
@@ -57,8 +68,11 @@ def build_dag(entry, inventory=None) -> DAG:
     source_pool, target_pool = registry.provider_pool(source_type), registry.provider_pool(target_type)
     transfer_pool = registry.storage_pool(entry.migration.spec.storage.type if entry.migration else None)
     common = {"namespace": ns, "migration_name": name}
+    display, description = _what_moves(entry, inventory)
     with DAG(
         dag_id=entry.dag_id,
+        dag_display_name=display,
+        description=description,
         schedule=None,
         catchup=False,
         max_active_runs=1,
@@ -67,7 +81,10 @@ def build_dag(entry, inventory=None) -> DAG:
         doc_md=f"Migration **{ns}/{name}** from `{entry.path.name}`. Status: "
                f"`python -m include status {ns}/{name}`.",
     ) as dag:
-        validate = ValidateMigrationOperator(task_id="validate_migration", **common)
+        # with $VMMIGRATION_STORE_QUEUE, Validating runs beside the spec store and keeps what the later tasks need
+        # in the run state: the workers of the other queues need no store (include.phases.context.keep_documents)
+        validate = ValidateMigrationOperator(task_id="validate_migration", **common,
+                                             **({"queue": STORE_QUEUE} if STORE_QUEUE else {}))
         snapshot = SnapshotVMOperator(task_id="snapshot_vm", pool=source_pool, **common)
 
         @task(task_id="list_disks", retries=0)
@@ -97,6 +114,21 @@ def build_dag(entry, inventory=None) -> DAG:
         # finalize waits for every task, so that no disk is still moving when it cleans up or rolls back
         [validate, snapshot, disk_list, disks, create] >> finish
     return dag
+
+
+def _what_moves(entry, inventory) -> tuple[str, str]:
+    """The DAG's display name and description: which VM goes where (``demo-vm → demo-vm-migrated``)."""
+    if entry.migration is None:
+        return entry.dag_id, f"VMMigration {entry.key}"
+    spec = entry.migration.spec
+    vm = (inventory.get("VirtualMachine", spec.sourceNamespace, spec.sourceName) if inventory is not None
+          else None) or {}
+    ref = (vm.get("spec") or {}).get("providerRef") or {} if isinstance(vm.get("spec"), dict) else {}
+    source = ref.get("name") if isinstance(ref, dict) and isinstance(ref.get("name"), str) else "?"
+    return (f"{spec.sourceName} → {spec.targetName}",
+            f"VMMigration {entry.key}: VM {spec.sourceNamespace}/{spec.sourceName} on Provider {source} → "
+            f"{spec.targetName} on Provider {spec.targetProviderRef.namespace}/{spec.targetProviderRef.name}, "
+            f"through {spec.storage.type} storage")
 
 
 _wanted = get_parsing_context().dag_id

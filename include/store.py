@@ -59,6 +59,8 @@ from include.spec import (
 log = logging.getLogger(__name__)
 
 STORE_ENV = "VMMIGRATION_STORE"
+#: the executor queue of Validating, for a worker beside the spec store (the other workers may have none)
+STORE_QUEUE_ENV = "VMMIGRATION_STORE_QUEUE"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 #: Airflow's limits: a dag_id has at most 250 characters of ``[A-Za-z0-9_.-]``, a tag at most 100.

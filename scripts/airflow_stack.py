@@ -70,10 +70,20 @@ class AirflowStack:
         raise RuntimeError(f"Airflow did not become healthy in {timeout:.0f}s; logs in {logs}")
 
     def _spawn(self, comp: str) -> None:
-        log = self.home / "component-logs" / f"{comp}.log"
+        self.spawn(comp, comp.split())
+
+    def spawn(self, name: str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+              ) -> Path:
+        """Start ``airflow <args>`` as the component ``name`` (a Celery worker, say: ``["celery", "worker", ...]``),
+        with ``env`` over the stack's environment and in the folder ``cwd``; its log file. ``stop`` and
+        ``stop_component`` stop it with the others."""
+        log = self.home / "component-logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         out = open(log, "ab")  # noqa: SIM115 - kept open for the process's life
-        self.procs[comp] = subprocess.Popen([self._airflow(), *comp.split()], env=self.env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen([self._airflow(), *args], env={**self.env, **(env or {})}, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            cwd=str(cwd) if cwd else None)
+        return log
 
     def stop_component(self, comp: str, timeout: float = 15.0) -> None:
         """Stop one component (SIGTERM to its process group, SIGKILL after ``timeout``); ``start_component``
@@ -154,10 +164,14 @@ class AirflowStack:
         quoted = urllib.parse.quote(run_id, safe="")
         return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]
 
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        """The run's task instances as the REST API gives them (``task_id``, ``map_index``, ``state``, ``hostname``,
+        ``queue``, ...)."""
         quoted = urllib.parse.quote(run_id, safe="")
-        tis = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100")["task_instances"]
-        return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100")["task_instances"]
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in self.task_instances(dag_id, run_id)}
 
 
 def stack_env(home: Path, port: int, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -46,9 +46,14 @@ CRD_DIR = ROOT / "deploy" / "crds"
 VMMIGRATION_CRD = CRD_DIR / "infra.virtrigaud.io_vmmigrations.yaml"
 EXAMPLES_DIR = ROOT / "examples" / "migration"
 
-AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                    "airflow-triggerer"}
-SERVICES = AIRFLOW_SERVICES | {"postgres"}
+#: the Airflow services and the command each runs (airflow-init's is its script)
+COMMANDS = {"airflow-apiserver": ["api-server"], "airflow-scheduler": ["scheduler"],
+            "airflow-dag-processor": ["dag-processor"], "airflow-triggerer": ["triggerer"],
+            "airflow-worker": ["celery", "worker"], "airflow-worker-store": ["celery", "worker", "-q", "store"]}
+AIRFLOW_SERVICES = {"airflow-init", *COMMANDS}
+WORKERS = {"airflow-worker", "airflow-worker-store"}
+SERVICES = AIRFLOW_SERVICES | {"postgres", "redis", "s3", "s3-init"}
+STORE, STAGING, SHARE, LIBVIRT = "/opt/airflow/store", "/opt/airflow/staging", "/mnt/migrations", "/var/run/libvirt"
 #: Host paths of bind mounts that are created when the stack runs, not checked in (.gitignore has
 #: /logs/ and /var/): the compose engine creates a missing bind-mount source.
 RUNTIME_PATHS = {"./logs", "./var/store", "./var/nfs-share"}
@@ -161,8 +166,52 @@ def compose_config(tmp_path_factory) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def test_compose_has_the_six_services(compose_config):
-    assert set(compose_config["services"]) == SERVICES
+def test_compose_has_every_service_with_its_command(compose_config):
+    services = compose_config["services"]
+    assert set(services) == SERVICES
+    for name, command in COMMANDS.items():
+        assert services[name]["command"] == command, name
+        assert services[name]["image"] == services["airflow-init"]["image"] == "vmmigration-airflow:3.3.2", name
+    assert services["redis"]["image"].startswith("redis:")
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert services["s3"]["image"].startswith("versity/versitygw:")
+
+
+def test_executor_is_celery_on_the_redis_and_postgres_services(compose_config):
+    services = compose_config["services"]
+    db = "postgresql+psycopg2://airflow:airflow@postgres/airflow"
+    pg = services["postgres"]["environment"]
+    assert db == f"postgresql+psycopg2://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres/{pg['POSTGRES_DB']}"
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == db, name
+        # psycopg2 explicitly: a plain db+postgresql:// result backend wants psycopg 3, which the image lacks
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == f"db+{db}", name
+        assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://:@redis:6379/0", name
+        # the engine's run state in the same database: the phase workers share no disk
+        assert env["VMMIGRATION_RUN_STATE"] == db, name
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
+    assert 6379 in {int(p) for p in services["redis"].get("expose", [])}
+
+
+def test_s3_server_and_its_bucket(compose_config):
+    services = compose_config["services"]
+    s3, init = services["s3"], services["s3-init"]
+    assert s3["ports"][0]["host_ip"] == "127.0.0.1" and s3["ports"][0]["target"] == 7070
+    assert "--iam-dir" in s3["command"] and s3["command"][-2:] == ["posix", "/data/objects"]
+    assert {v["target"] for v in s3["volumes"]} == {"/data"}
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
+    assert s3["environment"]["ROOT_ACCESS_KEY_ID"] == init["environment"]["S3_ACCESS_KEY"]
+    assert s3["environment"]["ROOT_SECRET_ACCESS_KEY"] == init["environment"]["S3_SECRET_KEY"]
+    assert init["environment"]["S3_BUCKET"] == "vm-migrations"
+    script = " ".join(init["command"])
+    assert 'endpoint_url="http://s3:7070"' in script and "create_bucket(Bucket=bucket)" in script
+    # the heredoc's body is valid Python
+    body = init["command"][-1].split("<<'PY'\n", 1)[1].rsplit("PY\n", 1)[0]
+    assert "import boto3" in body
+    compile(body, "s3-init", "exec")
 
 
 def test_apiserver_port_is_bound_to_loopback_only(compose_config):
@@ -188,13 +237,11 @@ def test_airflow_service_mounts_code_and_sets_pythonpath(compose_config, service
         assert Path(binds[target]["source"]) == ROOT / folder
     env = svc["environment"]
     assert env["PYTHONPATH"] == "/opt/airflow"
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
-    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg2://airflow:airflow@postgres/airflow"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
     assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "False"
-    assert env["VMMIGRATION_STORE"] == binds["/opt/airflow/store"]["target"]
-    assert env["VMMIGRATION_STAGING"] == binds["/opt/airflow/staging"]["target"]
+    assert (env["VMMIGRATION_STORE"], env["VMMIGRATION_STAGING"]) == (STORE, STAGING)
+    assert Path(binds["/opt/airflow/config"]["source"]) == ROOT / "config"
     # all components must share one generated airflow.cfg (fernet key, JWT secret)
     cfg_dir = str(Path(env["AIRFLOW_CONFIG"]).parent)
     assert binds[cfg_dir]["type"] == "volume"
@@ -202,20 +249,41 @@ def test_airflow_service_mounts_code_and_sets_pythonpath(compose_config, service
 
 
 def test_defaults_apply_without_environment(compose_config):
-    env = compose_config["services"]["airflow-scheduler"]["environment"]
+    env = compose_config["services"]["airflow-worker"]["environment"]
     assert env["LIBVIRT_DEFAULT_URI"] == "qemu:///system"
     assert env["AIRFLOW_UID"] == "50000"
-    binds = _binds(compose_config["services"]["airflow-scheduler"])
-    assert Path(binds["/opt/airflow/store"]["source"]) == ROOT / "var" / "store"
-    assert Path(binds["/mnt/migrations"]["source"]) == ROOT / "var" / "nfs-share"
+    assert compose_config["services"]["airflow-worker"]["group_add"] == ["0"]
+    binds = _binds(compose_config["services"]["airflow-worker-store"])
+    assert Path(binds[STORE]["source"]) == ROOT / "var" / "store"
+    assert Path(binds[SHARE]["source"]) == ROOT / "var" / "nfs-share"
 
 
-def test_scheduler_can_run_migration_tasks(compose_config):
-    """With the LocalExecutor the tasks run in the scheduler container: libvirt, staging, share, store."""
-    binds = _binds(compose_config["services"]["airflow-scheduler"])
-    assert binds["/var/run/libvirt"]["source"] == "/var/run/libvirt"
-    assert binds["/opt/airflow/staging"]["type"] == "volume"
-    assert {"/mnt/migrations", "/opt/airflow/store", "/opt/airflow/logs"} <= set(binds)
+def test_workers_can_run_migration_tasks(compose_config):
+    """Every task runs in a Celery worker: the libvirt socket, the share and a staging volume of its own (an
+    anonymous volume, so that each replica of a scaled worker has its own)."""
+    for name in WORKERS:
+        svc = compose_config["services"][name]
+        binds = _binds(svc)
+        assert binds[LIBVIRT]["source"] == LIBVIRT, name
+        assert Path(binds[SHARE]["source"]) == ROOT / "var" / "nfs-share", name
+        assert binds[STAGING]["type"] == "volume" and not binds[STAGING].get("source"), name
+        assert svc["group_add"], f"{name} cannot open the libvirt socket"
+        assert svc["environment"]["DUMB_INIT_SETSID"] == "0", f"{name}: no warm shutdown"
+        assert svc["depends_on"]["airflow-apiserver"]["condition"] == "service_healthy", name
+
+
+def test_phase_workers_share_no_store_and_validating_runs_beside_it(compose_config):
+    services = compose_config["services"]
+    queue = services["airflow-worker"]["environment"]["VMMIGRATION_STORE_QUEUE"]
+    assert services["airflow-worker-store"]["command"][-2:] == ["-q", queue]
+    assert "-q" not in services["airflow-worker"]["command"], "the phase workers serve the default queue"
+    assert STORE not in _binds(services["airflow-worker"])
+    assert _binds(services["airflow-worker-store"])[STORE]["source"] == _binds(services["airflow-dag-processor"])[
+        STORE]["source"], "Validating reads the store the dag-processor reads"
+    # only what reads the spec store mounts it
+    assert {n for n in AIRFLOW_SERVICES if STORE in _binds(services[n])} == {
+        "airflow-init", "airflow-dag-processor", "airflow-worker-store"}
+    assert {n for n in AIRFLOW_SERVICES if LIBVIRT in _binds(services[n])} == WORKERS
 
 
 def test_triggerer_has_plugins_and_kubeconfig(compose_config):
@@ -238,10 +306,11 @@ def test_init_migrates_the_database_and_imports_pools(compose_config):
         depends = compose_config["services"][name]["depends_on"]
         assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
         assert depends["postgres"]["condition"] == "service_healthy", name
+        assert depends["redis"]["condition"] == "service_healthy", name
 
 
 def test_long_running_services_have_healthchecks(compose_config):
-    for name in SERVICES - {"airflow-init"}:
+    for name in SERVICES - {"airflow-init", "s3-init"}:
         assert compose_config["services"][name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
 
@@ -266,6 +335,55 @@ def test_relative_bind_mount_sources_exist():
             assert (ROOT / source).is_dir(), f"{name}: bind-mount source {source} is missing from the repository"
     assert checked >= RUNTIME_PATHS, "RUNTIME_PATHS lists a path the compose file no longer mounts"
     assert {"./dags", "./plugins", "./include", "./config", "./config/kube"} <= checked
+
+
+def test_every_referenced_file_exists(compose_config):
+    """The build context and its Dockerfile, every env file, and every file the Dockerfile copies."""
+    for name, service in compose_config["services"].items():
+        build = service.get("build")
+        if build:
+            context = Path(build["context"])
+            assert context.is_dir(), name
+            assert (context / build.get("dockerfile", "Dockerfile")).is_file(), name
+        for env_file in service.get("env_file", []):
+            path = env_file["path"] if isinstance(env_file, dict) else env_file
+            assert Path(path).is_file() or (isinstance(env_file, dict) and not env_file.get("required", True)), name
+    copied = re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s+\S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert {"requirements.txt", "dags", "plugins", "include", "config/pools.json"} <= set(copied)
+    for source in copied:
+        assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repository"
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not ignored & {c.split("/")[0] for c in copied}, "the Dockerfile copies what .dockerignore leaves out"
+    assert {"var", ".venv"} <= ignored, "the build context would carry the local state"
+
+
+def test_image_has_what_the_engine_needs():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    apt = re.search(r"apt-get install -y --no-install-recommends((?:\s+\\\n\s+[\w.+-]+)+)", dockerfile)
+    assert apt, "the Dockerfile installs no apt packages"
+    packages = set(re.findall(r"[\w.+-]+", apt.group(1)))
+    # qemu-img (conversions), virsh, and what libvirt-python's sdist builds against
+    assert {"qemu-utils", "libvirt-clients", "libvirt-dev", "pkg-config", "gcc"} <= packages
+    assert "pip install --no-cache-dir -r /opt/airflow/requirements.txt" in dockerfile
+    assert re.search(r"^ENV PYTHONPATH=/opt/airflow$", dockerfile, re.M)
+    assert dockerfile.index("USER root") < dockerfile.index("apt-get") < dockerfile.rindex("USER airflow") \
+        < dockerfile.index("pip install"), "apt as root, pip as airflow (the official image's rule)"
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M))
+    for needed in ("apache-airflow-providers-celery", "celery", "psycopg2-binary", "libvirt-python",
+                   "apache-airflow-providers-amazon", "apache-airflow-providers-cncf-kubernetes"):
+        assert needed in pins, f"requirements.txt does not pin {needed}"
+    assert int(pins["celery"].split(".")[1]) < 7, "celery 5.7 breaks the celery provider 3.26 (ENVIRONMENT.md §14)"
+
+
+def test_every_variable_is_documented_in_the_header():
+    text = COMPOSE_FILE.read_text()
+    lines = text.splitlines()
+    header = "\n".join(lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+    body = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    used = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", body.replace("$$", "")))
+    assert used, "the compose file interpolates no variable"
+    undocumented = sorted(v for v in used if not re.search(rf"^#\s+(?:\S+,\s+)*{v}\b", header, re.M))
+    assert not undocumented, f"not described in the header: {undocumented}"
 
 
 def test_build_inputs_exist_and_agree():

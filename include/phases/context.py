@@ -117,6 +117,10 @@ class MigrationContext:
             return index_documents([(mirror_path(self.store.root, self.namespace, self.name),
                                      self._cluster_documents())])
         index = None if self.validating else self.store.own_index(self.namespace, self.name)
+        if index is None and not self.validating:
+            kept = self._kept_documents()
+            if kept is not None:
+                return kept
         if index is not None:
             try:
                 migration = self._migration_in(index)
@@ -149,6 +153,56 @@ class MigrationContext:
         self.store.state.write(self.namespace, self.name, SPEC, {"uid": uid, "generation": generation,
                                                                  "documents": documents})
         return documents
+
+    def keep_documents(self, plan: Plan) -> None:
+        """With ``$VMMIGRATION_STORE_QUEUE`` set (Validating runs on that queue, beside the spec store): keep the
+        validated VMMigration and the inventory it resolved in the run state (``spec``, as a cluster run keeps
+        its own), so that later tasks on workers without the store read them there. Never a Secret: only which
+        Secrets the run needs, so that such a worker can say it cannot read them. Without the setting, a kept
+        copy of an earlier run is dropped (every worker then reads the store)."""
+        from include.store import STORE_QUEUE_ENV
+
+        if self.cluster_run is not None:
+            return  # a cluster run's documents are kept already (``_cluster_documents``)
+        saved = self.store.state.read(self.namespace, self.name, SPEC)
+        if not os.environ.get(STORE_QUEUE_ENV):
+            if saved is not None and not saved.get("uid"):
+                self.store.state.delete(self.namespace, self.name, SPEC)
+            return
+        inventory = TracingInventory(self.index.objects)
+        resolve(self.migration, self.inventory_for(self.migration, inventory))
+        used = sorted(k for k in inventory.used if k in self.index.objects)
+        entry = self.index.migrations[f"{self.namespace}/{self.name}"]
+        documents = [entry.doc]
+        documents += [self.index.objects[k] for k in used if k[0] != "Secret"]
+        self.store.state.write(self.namespace, self.name, SPEC, {
+            "files": list(plan.spec_files), "file": str(entry.path.relative_to(self.store.root)),
+            "documents": documents,
+            "secrets": [f"{ns}/{name}" for kind, ns, name in used if kind == "Secret"]})
+
+    def _kept_documents(self) -> StoreIndex | None:
+        """The documents Validating kept for this plan (``keep_documents``), as this migration's index, for a
+        worker whose store folder does not hold the validated run's files; None when none were kept for it.
+
+        :raises ConfigurationError: the run needs Secrets, which stay with the store
+        """
+        from include.errors import ConfigurationError
+        from include.store import index_documents
+
+        saved = self.store.state.read(self.namespace, self.name, SPEC) or {}
+        plan = self.store.load_plan(self.namespace, self.name) or {}
+        files = saved.get("files")
+        if saved.get("uid") or not isinstance(saved.get("documents"), list) or not files \
+                or files != plan.get("specFiles"):
+            return None
+        if saved.get("secrets"):
+            raise ConfigurationError(
+                f"this worker's spec store {self.store.root} does not hold {', '.join(files)}, and the run needs "
+                f"the Secrets {', '.join(saved['secrets'])}, which are never kept in the run state: run the "
+                f"migration's tasks on workers that have the spec store")
+        self.logger.info("the spec store here does not hold %s; using the documents Validating kept in the run "
+                         "state", ", ".join(files))
+        return index_documents([(self.store.root / str(saved.get("file") or files[0]), list(saved["documents"]))])
 
     def _adopt_saved_run(self) -> dict[str, Any]:
         """The run state's saved spec (``{}`` when none). A run known from the mirror's first line only
@@ -355,14 +409,20 @@ class MigrationContext:
             self.logger.warning("could not write the status of %s/%s", self.namespace, self.name, exc_info=True)
             return None
 
-    def progress(self, phase: Phase, disk: str, total: int, verb: str) -> ProgressTracker:
-        """A tracker that logs and writes status at least every 5% or ``status_interval`` seconds."""
+    def progress(self, phase: Phase, disk: str, total: int | None, verb: str) -> ProgressTracker:
+        """A tracker that logs and writes status at least every 5% or ``status_interval`` seconds. It counts the
+        data that moves: ``total`` is the data expected (default: the disk's allocated bytes, from the plan); the
+        disk's virtual size is shown beside it."""
+        plan = self.disk_plan(disk)
+        virtual = plan.size_bytes
+        expected = max(int(plan.allocated_bytes if total is None else total), 1)
 
         def report(done: int, total_: int, rate: float, eta: float | None) -> None:
-            self.logger.info("%s %s: %s", verb, disk, format_progress(done, total_, rate, eta))
-            self.update_status(lambda s: st.report_bytes(s, phase, disk, done, total_, rate=rate, eta=eta))
+            self.logger.info("%s %s: %s", verb, disk, format_progress(done, total_, rate, eta, virtual=virtual))
+            self.update_status(lambda s: st.report_bytes(s, phase, disk, done, total_, rate=rate, eta=eta,
+                                                         virtual=virtual))
 
-        return ProgressTracker(total, report, interval=self.status_interval, percent_step=5.0)
+        return ProgressTracker(expected, report, interval=self.status_interval, percent_step=5.0, virtual=virtual)
 
     def close(self) -> None:
         for attr in ("source", "target", "storage"):

@@ -70,6 +70,7 @@ def validate(ctx: MigrationContext) -> dict[str, Any]:
     for d in plan.disks:
         ensure_object_key_free(ctx, d.object_key, plan.storage.scope)
     ctx.save_plan(plan)
+    ctx.keep_documents(plan)  # for workers without the spec store ($VMMIGRATION_STORE_QUEUE)
     ctx.logger.info("plan:\n%s", describe(plan, ctx.storage.location(plan.storage.prefix)))
 
     def record_disks(s: dict[str, Any]) -> None:
