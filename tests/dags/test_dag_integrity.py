@@ -38,6 +38,8 @@ def test_no_import_errors_and_policy(store):
     for dag_id, dag in bag.dags.items():
         assert dag.tags and "vmmigration" in dag.tags, dag_id
         assert dag.schedule is None or str(dag.timetable.summary) == "None"
+        if not dag_id.startswith("vmmigration__"):  # the form DAG (tests/dags/test_request_dag.py)
+            continue
         ids = {t.task_id for t in dag.tasks}
         assert {"validate_migration", "snapshot_vm", "disk.export_disk", "disk.transfer_disk", "disk.convert_disk",
                 "disk.import_disk", "create_vm", "validate_target", "finalize_migration"} <= ids, dag_id
@@ -73,7 +75,7 @@ def test_retry_policy_becomes_airflow_retries(store):
 def test_many_specs_each_get_their_dag(store):
     # how fast that is, is measured by bench/parse_bench.py (no wall-clock check in a unit test)
     _write_specs(store, 200)
-    assert len(_bag().dags) == 200
+    assert len([d for d in _bag().dags if d.startswith("vmmigration__")]) == 200
 
 
 def test_store_problems_are_reported_as_an_import_error(store):
