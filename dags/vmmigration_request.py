@@ -25,6 +25,8 @@ from operators.launch import RunMigrationOperator
 log = logging.getLogger(__name__)
 DAG_ID = "vmmigration_request"
 CONN_ID = os.environ.get("VMMIGRATION_KUBERNETES_CONN_ID")
+#: submit writes the spec store the dag-processor reads: with $VMMIGRATION_STORE_QUEUE it runs beside it
+STORE_QUEUE = os.environ.get("VMMIGRATION_STORE_QUEUE") or None
 VIA = "the trigger form of vmmigration_request"
 
 
@@ -50,7 +52,7 @@ with DAG(
 ) as dag:
 
     @task(task_id="submit_migration", multiple_outputs=True, retries=2, retry_delay=timedelta(seconds=10),
-          execution_timeout=timedelta(minutes=5))
+          execution_timeout=timedelta(minutes=5), **({"queue": STORE_QUEUE} if STORE_QUEUE and not CONN_ID else {}))
     def submit_migration(params: dict | None = None) -> dict:
         """The form as a VMMigration, checked, then written to the store (or created in the cluster)."""
         from airflow.sdk.exceptions import AirflowFailException

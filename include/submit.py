@@ -112,7 +112,7 @@ def submit_to_store(store: SpecStore, doc: dict[str, Any], *, via: str, check_in
     ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
     path = submitted_path(store, ns, name)
     store.root.mkdir(parents=True, exist_ok=True)
-    with locked(store.root / f".{path.name}.lock"):
+    with locked(path):  # .submitted--<ns>--<name>.yaml.lock beside it
         owner = _owner(store, ns, name)
         if owner is not None and owner != path:
             raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} is already defined in "

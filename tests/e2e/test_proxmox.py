@@ -458,7 +458,7 @@ def test_cdrom_cloudinit_efi_and_tpm_are_named_in_the_plan_as_not_migrated(store
 
 
 def test_libvirt_to_proxmox_grows_the_first_disk_to_the_resource_hint(airflow_db, store, world, proxmox):
-    """targetResourceHints.disk (GB) grows the first disk after Creating (PVE's resize, a task); the data stays."""
+    """targetResourceHints.disk (GiB) grows the first disk after Creating (PVE's resize, a task); the data stays."""
     create_source_vm(world)
     docs = kvm_to_pve_docs(world, proxmox, "k2p")
     docs[0]["spec"].setdefault("targetResourceHints", {})["disk"] = 1
@@ -467,7 +467,7 @@ def test_libvirt_to_proxmox_grows_the_first_disk_to_the_resource_hint(airflow_db
     assert str(dagrun.state) == "success", task_states(dagrun)
     config, disks = _migrated_disks(proxmox, f"{world.vm_name}-migrated")
     grown = proxmox.volume_path(disks["virtio0"])
-    assert grown.stat().st_size == 10 ** 9 and "size=1000000000" in config["virtio0"], config["virtio0"]
+    assert grown.stat().st_size == 2 ** 30 and "size=1G" in config["virtio0"], config["virtio0"]
     src = world.root / "pools" / "src" / f"{world.vm_name}-vda.qcow2"
     raw = subprocess.run(["qemu-img", "info", "--output=json", str(src)], capture_output=True, text=True, check=True)
     size = json.loads(raw.stdout)["virtual-size"]
