@@ -4,7 +4,7 @@ VMMigration and runs it through its own DAG, ``vmmigration__<namespace>__<name>`
 ``submit_migration`` (include.request_form.submit) builds the VMMigration from the form, checks it as Validating
 would against the store's inventory (every error named, nothing written; with a cluster, the spec's own rules, its
 references being followed by Validating from the cluster), then writes it into the spec store
-(``<store>/submitted--<ns>--<name>.yaml``) or, with ``$VMMIGRATION_KUBERNETES_CONN_ID``, creates it in the cluster.
+(``<store>/submitted--<ns>.<name>.yaml``) or, with ``$VMMIGRATION_KUBERNETES_CONN_ID``, creates it in the cluster.
 ``run_migration`` starts that migration's run and waits for it.
 
 Parsing reads the store's local files for the form's proposals (no network). A worker running one of this DAG's
@@ -53,7 +53,7 @@ with DAG(
 
     @task(task_id="submit_migration", multiple_outputs=True, retries=2, retry_delay=timedelta(seconds=10),
           execution_timeout=timedelta(minutes=5), **({"queue": STORE_QUEUE} if STORE_QUEUE and not CONN_ID else {}))
-    def submit_migration(params: dict | None = None) -> dict:
+    def submit_migration(params: dict | None = None, dag_run=None) -> dict:
         """The form as a VMMigration, checked, then written to the store (or created in the cluster)."""
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -68,7 +68,9 @@ with DAG(
                 done = request_form.submit(values, SpecStore(), via=VIA,
                                            api_client=KubernetesHook(conn_id=CONN_ID).get_conn())
             else:
-                done = request_form.submit(values, SpecStore(), via=VIA)
+                # the submitter is this form run: only its own retry may replace the spec before the run starts
+                by = f"{DAG_ID}/{getattr(dag_run, 'run_id', '?')}"
+                done = request_form.submit(values, SpecStore(), via=VIA, by=by)
         except SpecValidationError as err:  # FormError too
             raise AirflowFailException(request_form.refusal(values, err)) from None
         if not done.written and done.phase == "Ready":

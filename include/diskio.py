@@ -44,8 +44,9 @@ class ProgressTracker:
 
     What is counted is the data that really moves: a disk's holes cost nothing to skip, so counting them would
     make the rate climb and the ETA lie. ``total`` is the data expected (a disk's allocated bytes, an estimate
-    that grows if more data comes); ``virtual`` is the disk's virtual size, shown beside it; ``position`` is how
-    far into the virtual size the stream has got (holes included). :meth:`add_segment` counts a segment."""
+    that grows, up to the rest of the virtual size, if more data comes); ``virtual`` is the disk's virtual size,
+    shown beside it; ``position`` is how far into the virtual size the stream has got (holes included).
+    :meth:`add_segment` counts a segment."""
 
     def __init__(self, total: int, callback: Callable[[int, int, float, float | None], None] | None = None,
                  *, interval: float = 10.0, percent_step: float = 5.0, clock: Callable[[], float] = time.monotonic,
@@ -78,7 +79,11 @@ class ProgressTracker:
         """``n`` more bytes of data moved."""
         self.done += n
         self.position += n
-        self.total = max(self.total, self.done)  # an estimate that was low grows; done never passes total
+        if self.done > self.total:
+            # the estimate was low (a qcow2 overlay whose backing file's data comes along too): what is left is at
+            # most the rest of the virtual size, so the disk does not sit at "100%, ETA 0" while data still comes
+            rest = self.virtual - self.position if self.virtual is not None else 0
+            self.total = self.done + max(rest, 0)
         now = self.clock()
         step = self.total * self.percent_step / 100.0 if self.total else 0
         if (now - self._last_time >= self.interval) or (step and self.done - self._last_done >= step):

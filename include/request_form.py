@@ -421,7 +421,7 @@ def describe(errors: list[FieldError]) -> list[str]:
 # -- submitting ---------------------------------------------------------------------------------------------------
 
 
-def submit(values: Mapping[str, Any], store: Any, *, via: str, api_client: Any = None) -> Any:
+def submit(values: Mapping[str, Any], store: Any, *, via: str, by: str = "?", api_client: Any = None) -> Any:
     """The form as a VMMigration, checked, then written into ``store`` (an ``include.store.SpecStore``) or, with
     ``api_client`` (a ``kubernetes.client.ApiClient``), created in the cluster; returns the
     ``include.submit.Submitted``. In the store, the check follows every reference through the store's inventory,
@@ -440,7 +440,7 @@ def submit(values: Mapping[str, Any], store: Any, *, via: str, api_client: Any =
         raise SpecValidationError(errors)
     if api_client is not None:
         return submit_to_cluster(api_client, doc, via=via)
-    return submit_to_store(store, doc, via=via)
+    return submit_to_store(store, doc, via=via, by=by)
 
 
 def refusal(values: Mapping[str, Any], err: SpecValidationError) -> str:

@@ -3,11 +3,14 @@ Validating would check it, then written into the spec store as a file of its own
 that the DAG factory makes its DAG as for any other and the same per-migration pipeline runs it. There is no
 second pipeline: what is submitted here is only ever run by its own ``vmmigration__<namespace>__<name>`` DAG.
 
-A submission never overwrites what it did not write. The store file is ``<store>/submitted--<ns>--<name>.yaml``,
-whose first line says it was submitted (``HEADER``); a VMMigration of that name defined anywhere else (a file of
-the operator's, a mirror of the cluster) refuses the submission. Submitting the same spec again is a no-op (a
-re-run of a wave); a different spec replaces the file only when the migration is not under way and has not ended
-Ready (a migration moves its VM once).
+A submission never overwrites what it did not write. The store file is ``<store>/submitted--<ns>.<name>.yaml``
+(a namespace holds no ``.``, so two migrations never share a file), whose first line says it was submitted and by
+whom (``HEADER``: the form's run, the wave plan); a VMMigration of that name defined anywhere else (a file of the
+operator's, a mirror of the cluster) refuses the submission. Submitting the same spec again is a no-op (a re-run
+of a wave). A different spec replaces the file only after the migration Failed, or, before its first run has
+started (no status yet, or Pending), only for the same submitter (a retry of the same form run, the same plan):
+a second person's form never replaces the first one's migration while it waits for its run. A migration that
+ended Ready, or is under way, is never replaced (a migration moves its VM once).
 
 No Airflow here.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +34,10 @@ from include.store import SpecStore, dag_id_for, locked
 
 API_VERSION = "infra.virtrigaud.io/v1beta1"
 PREFIX = "submitted--"
-HEADER = "# submitted through Airflow ({via}) to the VM migration engine: VMMigration {ns}/{name}"
-#: phases a migration is in while a run of it is moving (a new spec must wait for the run to end)
-_ENDED = ("Ready", "Failed", "Pending", None)
+HEADER = "# submitted through Airflow ({via}) by {by} to the VM migration engine: VMMigration {ns}/{name}"
+_BY = re.compile(r"^# submitted through Airflow \(.*\) by (\S+) to the VM migration engine: ")
+#: the phases of a migration whose first run has not started
+_NOT_STARTED = ("Pending", None)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class Submitted:
 
 
 def submitted_path(store: SpecStore, namespace: str, name: str) -> Path:
-    return store.root / f"{PREFIX}{namespace}--{name}.yaml"
+    """``submitted--<ns>.<name>.yaml``: unambiguous, since a namespace (a DNS label) has no ``.``."""
+    return store.root / f"{PREFIX}{namespace}.{name}.yaml"
 
 
 def normalized(doc: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +90,12 @@ def check(doc: dict[str, Any], inventory: BundleInventory | None) -> list[FieldE
         migration = parse_vmmigration(doc)
     except SpecValidationError as err:
         return list(err.errors)
+    from include.storage.http import refuse_userinfo
+
+    try:  # credentials come from Secrets only: never written into a spec file or a run's conf
+        refuse_userinfo(migration.spec.storage.endpoint)
+    except Exception as err:  # noqa: BLE001 - its message names the field and hides the userinfo
+        return [FieldError("spec.storage.endpoint", str(err).removeprefix("spec.storage.endpoint: "))]
     if inventory is None:
         return []
     try:
@@ -99,8 +111,10 @@ def _owner(store: SpecStore, namespace: str, name: str) -> Path | None:
     return entry.path if entry is not None else None
 
 
-def submit_to_store(store: SpecStore, doc: dict[str, Any], *, via: str, check_inventory: bool = True) -> Submitted:
+def submit_to_store(store: SpecStore, doc: dict[str, Any], *, via: str, by: str,
+                    check_inventory: bool = True) -> Submitted:
     """Check ``doc`` and write it into the store as its own file; see the module doc for what is refused.
+    ``by`` names the submitter (the form's ``dag_id/run_id``, a wave plan's DAG id; no spaces).
 
     :raises SpecValidationError: the problems, each naming its field (nothing was written)
     """
@@ -112,25 +126,32 @@ def submit_to_store(store: SpecStore, doc: dict[str, Any], *, via: str, check_in
     ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
     path = submitted_path(store, ns, name)
     store.root.mkdir(parents=True, exist_ok=True)
-    with locked(path):  # .submitted--<ns>--<name>.yaml.lock beside it
+    by = re.sub(r"\s", "_", by) or "?"
+    with locked(path):  # .submitted--<ns>.<name>.yaml.lock beside it
         owner = _owner(store, ns, name)
         if owner is not None and owner != path:
-            raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} is already defined in "
-                                                                   f"{owner.name}; choose another name")])
+            raise _taken(ns, name, f"is already defined in {owner.name}")
         status = _status(store, ns, name)
         phase = status.get("phase") if status else None
-        if owner == path:
-            current = _read(path)
-            if current is not None and _same(current, doc):
+        if path.exists():
+            current, header = _read(path)
+            meta = current.get("metadata") if isinstance(current, dict) else None
+            if not isinstance(meta, dict) or (meta.get("namespace"), meta.get("name")) != (ns, name):
+                raise _taken(ns, name, f"would replace {path.name}, which holds another document")
+            if _same(current, doc):
                 return Submitted(ns, name, "store", False, phase=phase)
             if phase == "Ready":
-                raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} has moved its VM "
-                                                                       f"already (Ready); choose another name")])
-            if phase not in _ENDED:
-                raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} is being migrated "
-                                                                       f"({phase}); its spec cannot change now")])
-        _write(path, HEADER.format(via=via, ns=ns, name=name), doc)
+                raise _taken(ns, name, "has moved its VM already (Ready)")
+            if phase in _NOT_STARTED and header != by:
+                raise _taken(ns, name, f"was submitted by {header or 'someone else'} and waits for its run")
+            if phase not in _NOT_STARTED and phase != "Failed":
+                raise _taken(ns, name, f"is being migrated ({phase}); its spec cannot change now")
+        _write(path, HEADER.format(via=via, by=by, ns=ns, name=name), doc)
     return Submitted(ns, name, "store", True, phase=phase)
+
+
+def _taken(ns: str, name: str, why: str) -> SpecValidationError:
+    return SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} {why}; choose another name")])
 
 
 def _status(store: SpecStore, namespace: str, name: str) -> dict[str, Any] | None:
@@ -146,12 +167,15 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The submitted document and who submitted it (from the first line)."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
-    except (OSError, yaml.YAMLError):
-        return None
-    return docs[0] if len(docs) == 1 else None
+        text = path.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return None, None
+    match = _BY.match(text.partition("\n")[0])
+    return (docs[0] if len(docs) == 1 else None), (match.group(1) if match else None)
 
 
 def _write(path: Path, header: str, doc: dict[str, Any]) -> None:
@@ -167,6 +191,9 @@ def _write(path: Path, header: str, doc: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_VIA_ANNOTATION = "vmmigration.virtrigaud.io/submitted-via"
 
 
 def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Submitted:
@@ -186,11 +213,20 @@ def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Subm
     if errors:
         raise SpecValidationError(errors)
     ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
-    doc["metadata"].setdefault("annotations", {})["vmmigration.virtrigaud.io/submitted-via"] = via
+    doc["metadata"].setdefault("annotations", {})[_VIA_ANNOTATION] = via
+    api = CustomObjectsApi(api_client)
     try:
-        made = CustomObjectsApi(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", doc)
+        made = api.create_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", doc)
     except ApiException as err:
         if err.status == 409:
+            # a retry whose first create went through (its reply lost): the same submission, not a clash
+            there = api.get_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", name)
+            annotations = (there.get("metadata") or {}).get("annotations") or {}
+            if annotations.get(_VIA_ANNOTATION) == via and _same(there.get("spec"), doc.get("spec")):
+                meta = there["metadata"]
+                uid, generation = meta["uid"], int(meta.get("generation") or 1)
+                return Submitted(ns, name, "cluster", False, run_id=run_id_for(uid, generation),
+                                 conf={"uid": uid, "generation": generation})
             raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} exists in the cluster "
                                                                    f"already; choose another name")]) from None
         if err.status == 422:

@@ -721,7 +721,7 @@ def window_state(wave: Wave, now: datetime) -> dict[str, Any]:
 
 
 def prepare_wave(store: Any, plan: WavePlan, wave: Wave, *, via: str, closes: str | None,
-                 now: datetime | None = None) -> dict[str, Any]:
+                 now: datetime | None = None, by: str | None = None) -> dict[str, Any]:
     """Submit each VM's VMMigration (``include.submit.submit_to_store``) and say what the wave launches.
 
     A VM whose migration is Ready is skipped (a re-run of the wave moves nothing twice); past the window's end
@@ -746,7 +746,8 @@ def prepare_wave(store: Any, plan: WavePlan, wave: Wave, *, via: str, closes: st
                                    "reason": f"the window ended at {end.isoformat()} before it started"})
             continue
         try:
-            done = submit_to_store(store, doc, via=via)
+            # the plan is the submitter: its next runs may replace what its earlier ones submitted
+            done = submit_to_store(store, doc, via=via, by=by or f"plan:{plan.namespace}/{plan.name}")
             resolved = resolve(parse_vmmigration(doc), BundleInventory(store.index().objects))
         except SpecValidationError as err:
             where = f"spec.waves[{wave.index}].vms[{j}]"

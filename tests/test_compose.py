@@ -259,14 +259,14 @@ def test_defaults_apply_without_environment(compose_config):
 
 
 def test_workers_can_run_migration_tasks(compose_config):
-    """Every task runs in a Celery worker: the libvirt socket, the share and a staging volume of its own (an
-    anonymous volume, so that each replica of a scaled worker has its own)."""
+    """Every task runs in a Celery worker: the libvirt socket, the share and a staging volume (the phase workers'
+    replicas share one, see below; the worker beside the store has its own)."""
     for name in WORKERS:
         svc = compose_config["services"][name]
         binds = _binds(svc)
         assert binds[LIBVIRT]["source"] == LIBVIRT, name
         assert Path(binds[SHARE]["source"]) == ROOT / "var" / "nfs-share", name
-        assert binds[STAGING]["type"] == "volume" and not binds[STAGING].get("source"), name
+        assert binds[STAGING]["type"] == "volume", name
         assert svc["group_add"], f"{name} cannot open the libvirt socket"
         assert svc["environment"]["DUMB_INIT_SETSID"] == "0", f"{name}: no warm shutdown"
         assert svc["depends_on"]["airflow-apiserver"]["condition"] == "service_healthy", name
@@ -282,7 +282,12 @@ def test_phase_workers_share_no_store_and_validating_runs_beside_it(compose_conf
         STORE]["source"], "Validating reads the store the dag-processor reads"
     # only what reads the spec store mounts it
     assert {n for n in AIRFLOW_SERVICES if STORE in _binds(services[n])} == {
-        "airflow-init", "airflow-dag-processor", "airflow-worker-store"}
+        "airflow-init", "airflow-dag-processor", "airflow-worker-store", "airflow-apiserver"}
+    # the API server reads it for the Migrations page, and only reads it
+    assert _binds(services["airflow-apiserver"])[STORE].get("read_only") is True
+    # the phase workers' replicas share one staging volume, named as one place in the ledger
+    assert _binds(services["airflow-worker"])["/opt/airflow/staging"]["source"] == "staging"
+    assert services["airflow-worker"]["environment"]["VMMIGRATION_STAGING_SCOPE"]
     assert {n for n in AIRFLOW_SERVICES if LIBVIRT in _binds(services[n])} == WORKERS
 
 

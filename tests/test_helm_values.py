@@ -65,6 +65,7 @@ CHART_SCHEMA: dict[str, Any] = {
             "enabled": {"type": "boolean"}, "args": {"type": "array", "items": {"type": "string"}}}},
         "workers": {"type": "object", "properties": {
             "serviceAccount": _SERVICE_ACCOUNT, "extraVolumes": _VOLUMES, "extraVolumeMounts": _VOLUMES}},
+        "apiServer": {"type": "object", "properties": {"extraVolumes": _VOLUMES, "extraVolumeMounts": _VOLUMES}},
         "dagProcessor": {"type": "object", "properties": {
             "enabled": {"type": ["boolean", "null"]}, "extraVolumes": _VOLUMES, "extraVolumeMounts": _VOLUMES}},
         "triggerer": {"type": "object", "properties": {"serviceAccount": _SERVICE_ACCOUNT}},
@@ -146,7 +147,7 @@ def test_tasks_and_triggerer_run_as_the_engine_service_account(values):
 
 def test_volumes_are_where_the_engine_looks(values):
     env = _env(values)
-    for component in ("workers", "dagProcessor"):
+    for component in ("workers", "dagProcessor", "apiServer"):
         names = {v["name"] for v in values[component]["extraVolumes"]}
         mounts = {m["mountPath"]: m["name"] for m in values[component]["extraVolumeMounts"]}
         assert set(mounts.values()) <= names, component
@@ -154,5 +155,9 @@ def test_volumes_are_where_the_engine_looks(values):
     mounts = {m["mountPath"]: m["name"] for m in values["workers"]["extraVolumeMounts"]}
     assert mounts[env["VMMIGRATION_ALLOWED_ROOTS"]] == "share"
     assert mounts[env["VMMIGRATION_STAGING"]] == "staging"
+    # one staging claim for every task pod, named as one place in the ledger: a disk's tasks run in other pods
     staging = next(v for v in values["workers"]["extraVolumes"] if v["name"] == "staging")
-    assert staging == {"name": "staging", "emptyDir": {}}
+    assert staging == {"name": "staging", "persistentVolumeClaim": {"claimName": "vmmigration-staging"}}
+    assert env["VMMIGRATION_STAGING_SCOPE"]
+    # the API server only reads the store (the Migrations page)
+    assert all(m.get("readOnly") for m in values["apiServer"]["extraVolumeMounts"])

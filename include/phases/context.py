@@ -52,9 +52,15 @@ _PIN_FIELD = {"spec": "spec", "source": "spec.sourceName", "target": "spec.targe
               "storage": "spec.storage"}
 
 
+#: workers that share one staging folder (a volume mounted by every replica) name it as one place
+STAGING_SCOPE_ENV = "VMMIGRATION_STAGING_SCOPE"
+
+
 def host_scope() -> str:
-    """The ledger's scope for files and folders on this worker's own host (staging)."""
-    return f"host:{socket.gethostname()}"
+    """The ledger's scope for files and folders on this worker's own host (staging): the host's name, or the name
+    ``$VMMIGRATION_STAGING_SCOPE`` gives a staging folder that several workers share (then a disk's tasks may run
+    on any of them)."""
+    return f"host:{os.environ.get(STAGING_SCOPE_ENV) or socket.gethostname()}"
 
 
 def failure_message(err: BaseException) -> str:

@@ -65,7 +65,7 @@ class RunMigrationOperator(BaseOperator):
         ti = context["ti"]
         dag_id = dag_id_for(self.namespace, self.migration_name)
         run_id = self.run_id or launched_run_id(ti.dag_id, ti.run_id, getattr(ti, "map_index", None))
-        self._trigger(dag_id, run_id)
+        self._trigger(ti, dag_id, run_id)
         ti.xcom_push(key="trigger_run_id", value=run_id)
         state = self._wait(ti, dag_id, run_id)
         status = self._status() or {}
@@ -78,36 +78,50 @@ class RunMigrationOperator(BaseOperator):
                                        f" {status.get('message') or 'see its DAG run'}")
         return result
 
-    def _trigger(self, dag_id: str, run_id: str) -> None:
+    def _trigger(self, ti: Any, dag_id: str, run_id: str) -> None:
         from airflow.sdk.exceptions import ErrorType
         from airflow.sdk.execution_time.comms import ErrorResponse, TriggerDagRun
         from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS
 
+        if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]):
+            self.log.info("run %s of %s exists already (an earlier try of this task): waiting for it", run_id, dag_id)
+            return
+        # one run of a migration at a time, and a migration moves its VM once: never queue a second run behind a
+        # run under way (started by another form or wave), nor start one after Ready (narrow race: two launchers
+        # looking at once both see none; the migration's max_active_runs=1 then queues the second)
+        if ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]):
+            raise AirflowFailException(f"migration {self.namespace}/{self.migration_name} has a run under way already "
+                                       f"(see the DAG {dag_id}); not starting another")
+        if (self._status() or {}).get("phase") == "Ready":
+            raise AirflowFailException(f"migration {self.namespace}/{self.migration_name} has moved its VM already "
+                                       f"(Ready); not starting it again")
         deadline = time.monotonic() + self.parse_timeout
         said = False
         while True:
             try:
                 reply = SUPERVISOR_COMMS.send(TriggerDagRun(dag_id=dag_id, run_id=run_id, conf=self.conf or {}))
-                error = reply.error if isinstance(reply, ErrorResponse) else None
-            except Exception as err:  # noqa: BLE001 - the API server's 404 (DAG not parsed yet) arrives as an error
-                error = err
+                error = reply if isinstance(reply, ErrorResponse) else None
+            except Exception as err:  # noqa: BLE001 - the API server's refusal arrives as an error; classified below
+                error = getattr(err, "error", None) or err
             if error is None:
                 self.log.info("started run %s of %s", run_id, dag_id)
                 return
-            if error == ErrorType.DAGRUN_ALREADY_EXISTS:
-                self.log.info("run %s of %s exists already (an earlier try of this task): waiting for it", run_id,
-                              dag_id)
+            if getattr(error, "error", None) == ErrorType.DAGRUN_ALREADY_EXISTS:
+                self.log.info("run %s of %s exists already: waiting for it", run_id, dag_id)
                 return
+            code = _status_code(error)
+            if code is not None and code != 404:  # refused for good (import errors, run type, conf): say it now
+                raise AirflowFailException(f"the DAG {dag_id} refused the run (HTTP {code}): {_detail(error)}")
             if time.monotonic() > deadline:
-                raise AirflowFailException(f"the DAG {dag_id} did not appear within {self.parse_timeout:.0f} s: "
-                                           f"see the import errors of dags/vmmigration_store_check.py ({error})")
+                raise AirflowFailException(f"the DAG {dag_id} did not appear within {self.parse_timeout:.0f} s: see "
+                                           f"the import errors of dags/vmmigration_store_check.py ({_detail(error)})")
             if not said:
-                self.log.info("waiting for the dag-processor to parse %s (%s)", dag_id, error)
+                self.log.info("waiting for the dag-processor to parse %s (%s)", dag_id, _detail(error))
                 said = True
             time.sleep(self.poke_interval)
 
     def _wait(self, ti: Any, dag_id: str, run_id: str) -> str:
-        last = None
+        last, since, queued_said = None, time.monotonic(), 0.0
         while True:
             state = ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)
             status = self._status() or {}
@@ -118,6 +132,11 @@ class RunMigrationOperator(BaseOperator):
                 last = seen
             if state in ("success", "failed"):
                 return state
+            waited = time.monotonic() - since
+            if state == "queued" and waited - queued_said >= 300:  # say why nothing moves (a paused DAG, no slot)
+                self.log.warning("run %s of %s is still queued after %.0f min: is the DAG paused, or the scheduler "
+                                 "out of slots?", run_id, dag_id, waited / 60)
+                queued_said = waited
             time.sleep(self.poke_interval)
 
     def _status(self) -> dict[str, Any] | None:
@@ -128,3 +147,22 @@ class RunMigrationOperator(BaseOperator):
                 self.namespace, self.migration_name)
         except Exception:  # noqa: BLE001 - no status to show yet is not a failure of the wait
             return None
+
+
+def _status_code(error: Any) -> int | None:
+    """The HTTP status of an Execution API refusal, None when there is none (a connection error)."""
+    detail = getattr(error, "detail", None)
+    code = detail.get("status_code") if isinstance(detail, dict) else None
+    return int(code) if isinstance(code, int) else None
+
+
+def _detail(error: Any) -> str:
+    detail = getattr(error, "detail", None)
+    if isinstance(detail, dict):
+        inner = detail.get("detail")
+        if isinstance(inner, dict) and isinstance(inner.get("detail"), dict):
+            inner = inner["detail"]
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:300]
+        return str(detail.get("message") or detail)[:300]
+    return str(error)[:300]

@@ -15,7 +15,7 @@ from include import diskio
 from include.demo import create_source_vm, store_documents, write_store
 from include.status import Phase
 from include.store import FileStatusSink, SpecStore
-from tests.e2e.helpers import run_migration, task_states, unknown_status_fields
+from tests.e2e.helpers import load_dag, run_migration, task_states, unknown_status_fields
 
 pytestmark = pytest.mark.e2e
 
@@ -61,6 +61,22 @@ def test_migrates_two_disk_vm_and_converts_to_raw(airflow_db, store, world):
         assert entry["targetVolume"] == f"{world.target_pool}/{target}-{disk}.raw"
         # sparse stays sparse: the raw target holds about what the source allocated, not its full size
         assert diskio.allocated_bytes(dst) < entry["sizeBytes"]
+        # progress counted the data that moved, with the virtual size beside it; the sha256 was checked
+        assert entry["virtualBytes"] == entry["sizeBytes"] and 0 < entry["bytesTotal"] < entry["virtualBytes"]
+        assert entry["bytesDone"] == entry["bytesTotal"] and entry["checksum"] == "verified"
+    # the run summary: per disk what it is and what moved, and the totals
+    summary = status["summary"]
+    assert summary["phase"] == "Ready" and [d["name"] for d in summary["disks"]] == ["vda", "vdb"]
+    for d in summary["disks"]:
+        entry = next(e for e in status["disks"] if e["name"] == d["name"])
+        assert (d["virtualBytes"], d["bytesMoved"], d["checksum"]) == (entry["sizeBytes"], entry["sentBytes"],
+                                                                        "verified")
+        assert 0 < d["allocatedBytes"] < d["virtualBytes"] and d["seconds"] is not None
+    assert summary["bytesMoved"] == sum(d["bytesMoved"] for d in summary["disks"]) > 0
+    # the DAG says what moves where
+    dag = load_dag("vmmigration__default__twodisk")
+    assert dag.dag_display_name == f"{world.vm_name} → {target}"
+    assert "through nfs storage" in dag.description
 
     # The target domain has the requested resources and bridge.
     conn = world.conn()

@@ -95,7 +95,7 @@ class Env:
         assert self.stack.run_state(dag_id, run_id) == "success"
         assert status.get("phase") == "Ready" and status.get("progress") == 100, status
         # the migration is an ordinary VMMigration of the store, written by the form
-        spec_file = self.store / f"submitted--default--{name}.yaml"
+        spec_file = self.store / f"submitted--default.{name}.yaml"
         assert spec_file.read_text().startswith("# submitted through Airflow (the trigger form of vmmigration_request)")
         assert SpecStore(self.store).entry("default", name).migration is not None
 

@@ -98,6 +98,21 @@ def test_scenario1_libvirt_to_vsphere_through_s3(airflow_db, store, world, s3, v
     # deleteIntermediate emptied the bucket; the source VM is kept (deleteSource: false)
     assert s3.client().list_objects_v2(Bucket=S3_BUCKET).get("KeyCount", 0) == 0
     assert world.conn().lookupByName(world.vm_name) is not None
+    # create_vm links to the VM on the vSphere Client; snapshot_vm's source is libvirt, which has no web UI
+    host = vsphere.url.split("//", 1)[1].split("/", 1)[0]
+    assert _link(dagrun, "create_vm", "TargetVMLink") == f"https://{host}/ui/app/search?query={target}"
+    assert _link(dagrun, "snapshot_vm", "SourceVMLink") in (None, "")
+
+
+def _link(dagrun, task_id: str, link: str):
+    """The URL Airflow kept for a task's extra link (computed on the worker at the end of the task)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(dag_id=dagrun.dag_id, run_id=dagrun.run_id, task_id=task_id,
+                                                 key=f"_link_{link}").one_or_none()
+        return XComModel.deserialize_value(row) if row is not None else None
 
 
 def vsphere_source_docs(world, vcsim, name: str, vm: str, *, storage: dict, target_format: str = "qcow2",

@@ -173,7 +173,7 @@ def test_waves_on_a_real_airflow(stack, store, world):
     assert states["second.prepare[-1]"] == "upstream_failed" and states["second.migrate[-1]"] == "upstream_failed"
     later = f"vmmigration__default__stop-{world.prefix}-later"
     assert stack.runs(later) == []  # the second wave's migration never started (not even submitted)
-    assert not (store / f"submitted--default--stop-{world.prefix}-later.yaml").exists()
+    assert not (store / f"submitted--default.stop-{world.prefix}-later.yaml").exists()
     first = _xcom(stack, stop, run_stop, "first.summary")
     assert (first["failed"], first["done"]) == (1, 0) and "no-such-pool" in first["vms"][0]["reason"], first
     second = _xcom(stack, stop, run_stop, "second.summary")

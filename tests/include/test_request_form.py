@@ -262,7 +262,7 @@ def test_submit_writes_the_migration_into_the_store_once(tmp_path):
     assert (done.key, done.where, done.written, done.dag_id) == ("default/from-form", "store", True,
                                                                  "vmmigration__default__from-form")
     entry = store.entry("default", "from-form")
-    assert entry.path.name == "submitted--default--from-form.yaml" and entry.error is None
+    assert entry.path.name == "submitted--default.from-form.yaml" and entry.error is None
     assert entry.migration.spec.sourceName == world.vm_name
     assert request_form.submit(values, store, via="a test").written is False  # the same form again: a no-op
 
