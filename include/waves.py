@@ -122,13 +122,11 @@ class Wave:
     index: int = 0
 
 
-@dataclass(frozen=True)
-class WavePlan:
-    name: str
+class _Named:
+    """A plan's key (``namespace/name``) and its DAG's id."""
+
     namespace: str
-    template: dict[str, Any]
-    waves: tuple[Wave, ...]
-    path: Path | None = None
+    name: str
 
     @property
     def key(self) -> str:
@@ -137,6 +135,15 @@ class WavePlan:
     @property
     def dag_id(self) -> str:
         return plan_dag_id(self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class WavePlan(_Named):
+    name: str
+    namespace: str
+    template: dict[str, Any]
+    waves: tuple[Wave, ...]
+    path: Path | None = None
 
     def wave(self, name: str) -> Wave:
         for wave in self.waves:
@@ -397,7 +404,7 @@ def parse_plan(doc: Any, path: Path | None = None) -> WavePlan:
 
 # -- plans in the store -------------------------------------------------------------------------------------------
 @dataclass
-class PlanEntry:
+class PlanEntry(_Named):
     """One MigrationWavePlan found in the store: parsed, or the errors that keep it from running."""
 
     namespace: str
@@ -405,14 +412,6 @@ class PlanEntry:
     path: Path
     plan: WavePlan | None = None
     errors: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def dag_id(self) -> str:
-        return plan_dag_id(self.namespace, self.name)
 
 
 _DAG_ID_OK = re.compile(r"[A-Za-z0-9_.-]{1,250}")

@@ -1,10 +1,41 @@
-"""Running a generated migration DAG in-process."""
+"""Running a generated migration DAG in-process, or a standalone Airflow for it."""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def running_airflow(home: Path, *, env: dict[str, str] | None = None,
+                    ready: Callable[[Any], None] | None = None) -> Iterator[Any]:
+    """A standalone Airflow (``scripts/airflow_stack.py``: api-server, scheduler, dag-processor, triggerer) on a
+    free loopback port, with ``env`` over this process's environment; stopped after. ``ready(stack)`` runs once it
+    answers (waiting for a DAG, unpausing one). A start that fails fails the test with the reason."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from airflow_stack import AirflowStack, free_port, stack_env
+
+    port = free_port()
+    stack = AirflowStack(home=home, port=port, env=stack_env(home, port, {**os.environ, **(env or {})}))
+    try:
+        stack.start()
+        if ready is not None:
+            ready(stack)
+    except Exception as err:  # noqa: BLE001 - the fixture fails the test with the reason
+        stack.stop()
+        pytest.fail(f"standalone Airflow did not start: {err}")
+    try:
+        yield stack
+    finally:
+        stack.stop()
 
 
 def load_dag(dag_id: str):

@@ -3,37 +3,21 @@ loopback), triggered through its REST API, its status polled until Ready."""
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from include.demo import create_source_vm, store_documents, write_store
 from include.store import FileStatusSink, SpecStore
-from tests.e2e.helpers import assert_target_matches_source
+from tests.e2e.helpers import assert_target_matches_source, running_airflow
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from airflow_stack import AirflowStack, free_port, stack_env  # noqa: E402
 
 
 @pytest.fixture
 def stack(tmp_path, store):
-    import os
-
-    port = free_port()
-    home = tmp_path / "airflow"
-    stack = AirflowStack(home=home, port=port, env=stack_env(home, port, dict(os.environ)))
-    try:
-        stack.start()
-    except Exception as err:  # noqa: BLE001 - the fixture fails the test with the reason
-        stack.stop()
-        pytest.fail(f"standalone Airflow did not start: {err}")
-    yield stack
-    stack.stop()
+    with running_airflow(tmp_path / "airflow") as stack:
+        yield stack
 
 
 def test_rest_triggered_migration_reaches_ready(stack, store, world):

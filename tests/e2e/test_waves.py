@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.parse
 from datetime import UTC, datetime, timedelta
@@ -20,29 +19,18 @@ from include import diskio, waves
 from include.demo import MiB, _write_pattern, ensure_world_pools, store_documents, write_store
 from include.diskio import qemu_img_path
 from include.store import FileStatusSink, SpecStore
+from tests.e2e.helpers import running_airflow
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from airflow_stack import AirflowStack, free_port, stack_env  # noqa: E402
 
 VMS = [f"vm{i}" for i in range(6)]
 
 
 @pytest.fixture
 def stack(tmp_path, store):
-    port = free_port()
-    home = tmp_path / "airflow"
-    env = stack_env(home, port, {**os.environ, "AIRFLOW__CORE__PARALLELISM": "12"})
-    stack = AirflowStack(home=home, port=port, env=env)
-    try:
-        stack.start()
-    except Exception as err:  # noqa: BLE001 - the fixture fails the test with the reason
-        stack.stop()
-        pytest.fail(f"standalone Airflow did not start: {err}")
-    yield stack
-    stack.stop()
+    # parallelism above the wave's limit: the limit, not the executor, is what holds
+    with running_airflow(tmp_path / "airflow", env={"AIRFLOW__CORE__PARALLELISM": "12"}) as stack:
+        yield stack
 
 
 def _tiny_vms(world, names: list[str]) -> dict[str, Path]:
