@@ -180,8 +180,16 @@ def events(kube, namespace: str, name: str) -> list[dict[str, Any]]:
     items = kube.request("GET", f"/api/v1/namespaces/{namespace}/events")[1].get("items") or []
     mine = [e for e in items if (e.get("involvedObject") or {}).get("name") == name
             and (e.get("involvedObject") or {}).get("kind") == "VMMigration"]
-    return sorted(mine, key=lambda e: (e.get("lastTimestamp") or e.get("eventTime") or "",
-                                       e["metadata"]["creationTimestamp"], e["metadata"]["name"]))
+    return sorted(mine, key=event_order)
+
+
+def event_order(event: dict[str, Any]) -> tuple[str, int, str]:
+    """Oldest first: timestamps have whole seconds, so within one second the API server's resourceVersion (etcd's
+    revision at creation, a number on every API server we know) orders them; the generated name is random."""
+    meta = event.get("metadata") or {}
+    version = str(meta.get("resourceVersion") or "")
+    return (event.get("firstTimestamp") or event.get("eventTime") or meta.get("creationTimestamp") or "",
+            int(version) if version.isdigit() else 0, meta.get("name") or "")
 
 
 def describe(kube, namespace: str, name: str) -> list[str]:

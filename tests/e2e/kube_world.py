@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from demo_kubernetes import events  # noqa: E402  (oldest first, as kubectl describe lists them)
+
 GROUP, VERSION = "infra.virtrigaud.io", "v1beta1"
 ENGINE = "engine-sa"
 
@@ -63,8 +68,7 @@ def _get(kube_api, namespace: str, name: str) -> dict:
 
 
 def _events(kube_api, namespace: str, name: str) -> list[dict]:
-    items = kube_api.request("GET", f"/api/v1/namespaces/{namespace}/events")[1]["items"]
-    return sorted((e for e in items if e["involvedObject"]["name"] == name), key=lambda e: e["metadata"]["name"])
+    return events(kube_api, namespace, name)
 
 
 
