@@ -4,7 +4,9 @@ VMMigration and runs it through its own DAG, ``vmmigration__<namespace>__<name>`
 ``submit_migration`` (include.request_form.submit) builds the VMMigration from the form, checks it as Validating
 would against the store's inventory (every error named, nothing written; with a cluster, the spec's own rules, its
 references being followed by Validating from the cluster), then writes it into the spec store
-(``<store>/submitted--<ns>.<name>.yaml``) or, with ``$VMMIGRATION_KUBERNETES_CONN_ID``, creates it in the cluster.
+(``<store>/submitted--<ns>.<name>.yaml``) or, with ``$VMMIGRATION_KUBERNETES_CONN_ID``, creates it in the cluster
+(as ``$VMMIGRATION_KUBERNETES_SUBMIT_CONN_ID``'s identity when set, deploy/rbac/submitter.yaml), where the watcher
+DAG mirrors it like any VMMigration applied with kubectl.
 ``run_migration`` starts that migration's run and waits for it.
 
 Parsing reads the store's local files for the form's proposals (no network). A worker running one of this DAG's
@@ -25,6 +27,8 @@ from operators.launch import RunMigrationOperator
 log = logging.getLogger(__name__)
 DAG_ID = "vmmigration_request"
 CONN_ID = os.environ.get("VMMIGRATION_KUBERNETES_CONN_ID")
+#: the form's own identity in the cluster (deploy/rbac/submitter.yaml: create on vmmigrations); default the engine's
+SUBMIT_CONN_ID = os.environ.get("VMMIGRATION_KUBERNETES_SUBMIT_CONN_ID") or CONN_ID
 #: submit writes the spec store the dag-processor reads: with $VMMIGRATION_STORE_QUEUE it runs beside it
 STORE_QUEUE = os.environ.get("VMMIGRATION_STORE_QUEUE") or None
 VIA = "the trigger form of vmmigration_request"
@@ -59,6 +63,7 @@ with DAG(
 
         from include.spec import SpecValidationError
         from include.store import SpecStore
+        from include.submit import ClusterRefused
 
         values = params or {}
         try:
@@ -66,13 +71,15 @@ with DAG(
                 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
                 done = request_form.submit(values, SpecStore(), via=VIA,
-                                           api_client=KubernetesHook(conn_id=CONN_ID).get_conn())
+                                           api_client=KubernetesHook(conn_id=SUBMIT_CONN_ID).get_conn())
             else:
                 # the submitter is this form run: only its own retry may replace the spec before the run starts
                 by = f"{DAG_ID}/{getattr(dag_run, 'run_id', '?')}"
                 done = request_form.submit(values, SpecStore(), via=VIA, by=by)
         except SpecValidationError as err:  # FormError too
             raise AirflowFailException(request_form.refusal(values, err)) from None
+        except ClusterRefused as err:  # no permission, no CRD: a retry would not mend it
+            raise AirflowFailException(f"{err} (connection {SUBMIT_CONN_ID})") from None
         if not done.written and done.phase == "Ready":
             raise AirflowFailException(f"VMMigration {done.key} has moved its VM already (Ready): nothing to do; "
                                        f"choose another migration_name")

@@ -196,12 +196,23 @@ def _write(path: Path, header: str, doc: dict[str, Any]) -> None:
 _VIA_ANNOTATION = "vmmigration.virtrigaud.io/submitted-via"
 
 
+class ClusterRefused(RuntimeError):
+    """The cluster refused the create for a reason no retry mends (no permission, no VMMigration resource);
+    the message says what to grant or install. Nothing was created."""
+
+
+#: what the identity that submits needs (deploy/rbac/submitter.yaml grants it, per namespace)
+SUBMITTER_RBAC = "deploy/rbac/submitter.yaml"
+
+
 def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Submitted:
     """Create ``doc`` in the cluster (checked for the spec's own rules first; references are followed by
     Validating from the cluster, as for any VMMigration applied with kubectl). An existing VMMigration of that
-    name is never replaced: the submission is refused naming metadata.name.
+    name is never replaced: the submission is refused naming metadata.name, unless it is this very submission
+    (same ``via``, same spec: a retry whose first create went through), which is then returned unwritten.
 
     :raises SpecValidationError: the problems, each naming its field (nothing was created)
+    :raises ClusterRefused: no permission to create (or read) VMMigrations there, or no such resource
     """
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
@@ -220,22 +231,41 @@ def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Subm
     except ApiException as err:
         if err.status == 409:
             # a retry whose first create went through (its reply lost): the same submission, not a clash
-            there = api.get_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", name)
+            try:
+                there = api.get_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", name)
+            except ApiException as again:
+                _refused_for_good(again, ns, "read")
+                raise
             annotations = (there.get("metadata") or {}).get("annotations") or {}
             if annotations.get(_VIA_ANNOTATION) == via and _same(there.get("spec"), doc.get("spec")):
                 meta = there["metadata"]
                 uid, generation = meta["uid"], int(meta.get("generation") or 1)
                 return Submitted(ns, name, "cluster", False, run_id=run_id_for(uid, generation),
-                                 conf={"uid": uid, "generation": generation})
+                                 conf={"uid": uid, "generation": generation},
+                                 phase=(there.get("status") or {}).get("phase"))
             raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} exists in the cluster "
                                                                    f"already; choose another name")]) from None
         if err.status == 422:
             raise SpecValidationError([FieldError("spec", f"refused by the cluster: {_reason(err)}")]) from None
+        _refused_for_good(err, ns, "create")
         raise
     meta = made["metadata"]
     uid, generation = meta["uid"], int(meta.get("generation") or 1)
     return Submitted(ns, name, "cluster", True, run_id=run_id_for(uid, generation),
                      conf={"uid": uid, "generation": generation})
+
+
+def _refused_for_good(err: Any, namespace: str, verb: str) -> None:
+    """Raise ClusterRefused for a refusal that a retry does not mend; return for the rest (5xx, 429: retried)."""
+    if err.status in (401, 403):
+        raise ClusterRefused(f"the cluster refused to {verb} VMMigrations in namespace {namespace} (HTTP "
+                             f"{err.status}: {_reason(err)}); the identity of the form's kubernetes connection "
+                             f"needs create and get on vmmigrations.infra.virtrigaud.io there ({SUBMITTER_RBAC}), "
+                             f"nothing was created") from None
+    if err.status == 404:
+        raise ClusterRefused(f"the cluster has no VMMigration resource in namespace {namespace} (HTTP 404: "
+                             f"{_reason(err)}); apply the CRDs of deploy/crds/ and create the namespace, nothing was "
+                             f"created") from None
 
 
 def _reason(err: Any) -> str:

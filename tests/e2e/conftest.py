@@ -13,4 +13,4 @@ def s3(s3, monkeypatch):
     return s3
 
 
-from tests.e2e.kube_world import clean_cluster, engine  # noqa: E402, F401 - the engine's identity, a clean cluster
+from tests.e2e.kube_world import clean_cluster, engine, submitter  # noqa: E402, F401 - the engine's and the form's identities, a clean cluster

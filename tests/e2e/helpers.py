@@ -98,3 +98,42 @@ def assert_target_matches_source(world, fmt: str = "raw", source_formats: dict[s
             assert diskio.compare(src, dst, src_fmt, fmt), f"{disk} differs from its source"
     finally:
         conn.close()
+
+
+def form_conf(world, name: str, target: str) -> dict[str, Any]:
+    """A valid conf of the trigger form (DAG vmmigration_request): the world's VM to its target Provider through
+    its NFS-style share, raw disks in the target pool."""
+    return {"migration_name": name, "source_vm": f"default/{world.vm_name}",
+            "target_provider": f"default/{world.prefix}-kvm-target", "target_name": target,
+            "target_disk_format": "raw", "target_storage_hint": world.target_pool, "storage_type": "nfs",
+            "storage_path": str(world.share), "storage_endpoint": "nfs.local",
+            "network_hints": [{"name": "eth0", "bridge": "virbr0"}], "cpu": 2, "memory_mb": 512,
+            "max_attempts": 2, "backoff_duration": "5s", "max_backoff_duration": "10s"}
+
+
+def launched(stack, form_dag: str, form_run_id: str) -> tuple[str, str]:
+    """The migration DAG and run a launcher's run started (its run_migration task's XCom)."""
+    import json
+    import urllib.parse
+
+    quoted = urllib.parse.quote(form_run_id, safe="")
+    value = stack.get(f"/api/v2/dags/{form_dag}/dagRuns/{quoted}/taskInstances/run_migration/xcomEntries/"
+                      f"return_value")["value"]
+    value = json.loads(value) if isinstance(value, str) else value
+    return value["dag_id"], value["run_id"]
+
+
+def task_log(stack, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    """A task instance's log through the REST API, as text."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    quoted = urllib.parse.quote(run_id, safe="")
+    req = urllib.request.Request(
+        f"{stack.url}/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}",
+        headers={"Accept": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        content = json.loads(resp.read()).get("content")
+    return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content) \
+        if isinstance(content, list) else str(content)

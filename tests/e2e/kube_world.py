@@ -29,6 +29,18 @@ def engine(kube_api):
     return ENGINE
 
 
+SUBMITTER = "submitter-sa"
+
+
+@pytest.fixture(scope="session")
+def submitter(kube_api, engine):
+    """The trigger form's ServiceAccount (deploy/rbac/submitter.yaml applied as it is) and a token for it."""
+    kube_api.apply_yaml(ROOT / "deploy" / "rbac" / "submitter.yaml")
+    if SUBMITTER not in kube_api.identities:
+        kube_api.add_service_account("vmmigration-submitter", "vmmigration", identity=SUBMITTER)
+    return SUBMITTER
+
+
 def _connect(monkeypatch, kube_api, identity: str) -> None:
     conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kube_api.kubeconfig(identity))}}
     monkeypatch.setenv("AIRFLOW_CONN_VMMIGRATION_K8S", json.dumps(conn))

@@ -3,13 +3,15 @@
 names, the watcher DAG ``vmmigration_kubernetes`` (its deferrable sensor in the triggerer) finds it and starts the
 one run of its generation, and the VMMigration ends Ready in the cluster as ``kubectl get -w`` and ``kubectl
 describe`` show it. Then the watcher is stopped in the middle of a round and started again: still exactly one run
-per generation, started at once (not at the end of the next watch).
+per generation, started at once (not at the end of the next watch). And the trigger form (DAG vmmigration_request)
+creates its VMMigration in the cluster, as its own identity of deploy/rbac/submitter.yaml, and runs it there.
 
 The engine runs as its ServiceAccount of deploy/rbac/engine.yaml, through an Airflow kubernetes connection. One
 Airflow serves both tests (starting one costs 30-60 s)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +24,7 @@ import pytest
 from include.demo import create_source_vm, store_documents
 from include.kube_sync import ClusterInventory, mirror_path, read_header, run_id_for, sync
 from include.store import dag_id_for
-from tests.e2e.helpers import assert_target_matches_source
+from tests.e2e.helpers import assert_target_matches_source, form_conf, launched, task_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_cluster")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,24 +38,30 @@ from demo_kubernetes import (  # noqa: E402
     describe,
     events,
     follow,
+    get_migration,
     table_row,
 )
 
 SENSOR = "wait_for_vmmigrations[-1]"
+FORM = "vmmigration_request"
 #: longer than any wait below: a run that starts only when a watch round times out fails the test
 WATCH_SECONDS = 900
 
 
 @pytest.fixture(scope="module")
-def kube_stack(kube_api, engine, tmp_path_factory):
+def kube_stack(kube_api, engine, submitter, tmp_path_factory):
     """A standalone Airflow told of the session's API server (a kubernetes connection to the engine's
-    ServiceAccount, ``VMMIGRATION_KUBERNETES_CONN_ID``), with a spec store of its own, the watcher DAG unpaused."""
+    ServiceAccount, ``VMMIGRATION_KUBERNETES_CONN_ID``, and one to the trigger form's,
+    ``VMMIGRATION_KUBERNETES_SUBMIT_CONN_ID``), with a spec store of its own, the watcher DAG unpaused."""
     root = tmp_path_factory.mktemp("quickstart")
     store = root / "store"
     store.mkdir()
     home, port = root / "airflow", free_port()
+    form_conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kube_api.kubeconfig(submitter))}}
     env = {**os.environ, "VMMIGRATION_STORE": str(store), "VMMIGRATION_STAGING": str(root / "staging"),
-           "VMMIGRATION_KUBERNETES_WATCH_SECONDS": str(WATCH_SECONDS), **connection_env(kube_api.kubeconfig(engine))}
+           "VMMIGRATION_KUBERNETES_WATCH_SECONDS": str(WATCH_SECONDS), **connection_env(kube_api.kubeconfig(engine)),
+           "AIRFLOW_CONN_VMMIGRATION_K8S_FORM": json.dumps(form_conn),
+           "VMMIGRATION_KUBERNETES_SUBMIT_CONN_ID": "vmmigration_k8s_form"}
     stack = AirflowStack(home=home, port=port, env=stack_env(home, port, env))
     try:
         stack.start()
@@ -179,3 +187,38 @@ def test_a_watcher_stopped_between_mirror_and_start_still_starts_exactly_one_run
     assert _runs(stack, dag_id) == [(run_id, "success")]
     _deferred_watcher(stack)  # rounds after: the run exists, nothing more is started
     assert _runs(stack, dag_id) == [(run_id, "success")]
+
+
+def test_the_trigger_form_creates_the_vmmigration_in_the_cluster_and_runs_its_generation(kube_stack, kube_api,
+                                                                                          world):
+    """The form in a cluster: its VMMigration is created there (not in the store), the watcher mirrors it like any
+    applied with kubectl, and the form's launcher runs, or attaches to, the one run of its generation."""
+    stack, store = kube_stack
+    name = f"form-{uuid.uuid4().hex[:6]}"
+    dag_id = dag_id_for("default", name)
+    create_source_vm(world)
+    apply_documents(kube_api, store_documents(world, name=name, target_format="raw")[1:])  # the inventory
+    form_run = stack.trigger(FORM, form_conf(world, name, f"{world.vm_name}-migrated"))
+    deadline = time.monotonic() + 300
+    while stack.run_state(FORM, form_run) not in ("success", "failed") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert stack.run_state(FORM, form_run) == "success", stack.task_states(FORM, form_run)
+
+    made = get_migration(kube_api, "default", name)
+    uid, status = made["metadata"]["uid"], made.get("status") or {}
+    assert made["metadata"]["annotations"]["vmmigration.virtrigaud.io/submitted-via"].startswith("the trigger form")
+    assert (status.get("phase"), status.get("progress")) == ("Ready", 100), status
+    assert launched(stack, FORM, form_run) == (dag_id, run_id_for(uid, 1))
+    assert _runs(stack, dag_id) == [(run_id_for(uid, 1), "success")], "exactly one run, the generation's"
+    assert not (store / f"submitted--default.{name}.yaml").exists(), "created in the cluster, not in the store"
+    assert_target_matches_source(world, "raw")
+
+    # the same name again with another target: refused naming the field; the VMMigration is left as it was
+    again = stack.trigger(FORM, form_conf(world, name, "elsewhere"))
+    while stack.run_state(FORM, again) not in ("success", "failed") and time.monotonic() < deadline + 120:
+        time.sleep(1)
+    assert stack.task_states(FORM, again) == {"submit_migration[-1]": "failed", "run_migration[-1]": "upstream_failed"}
+    log = task_log(stack, FORM, again, "submit_migration")
+    assert f"metadata.name (form field migration_name): VMMigration default/{name} exists in the cluster" in log, log
+    assert get_migration(kube_api, "default", name)["spec"]["targetName"] == f"{world.vm_name}-migrated"
+    assert _runs(stack, dag_id) == [(run_id_for(uid, 1), "success")]

@@ -9,7 +9,6 @@ One Airflow and one world for the module (starting Airflow is most of a test's t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from include import diskio, request_form
 from include.demo import DemoWorld, create_source_vm, store_documents, teardown, write_store
 from include.store import FileStatusSink, SpecStore
 from tests.e2e.browser import chromium_page, screenshot
-from tests.e2e.helpers import assert_target_matches_source
+from tests.e2e.helpers import assert_target_matches_source, form_conf, launched, task_log
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +42,7 @@ class Env:
 
     def conf(self, name: str, target: str) -> dict:
         """A valid form: the demo VM to the demo target Provider through the world's NFS-style share."""
-        w = self.world
-        return {"migration_name": name, "source_vm": f"default/{w.vm_name}",
-                "target_provider": f"default/{w.prefix}-kvm-target", "target_name": target,
-                "target_disk_format": "raw", "target_storage_hint": w.target_pool, "storage_type": "nfs",
-                "storage_path": str(w.share), "storage_endpoint": "nfs.local",
-                "network_hints": [{"name": "eth0", "bridge": "virbr0"}], "cpu": 2, "memory_mb": 512,
-                "max_attempts": 2, "backoff_duration": "5s", "max_backoff_duration": "10s"}
+        return form_conf(self.world, name, target)
 
     def files(self) -> list[str]:
         """Every file of the store (specs and state), relative to it."""
@@ -66,24 +59,11 @@ class Env:
                              f"{self.stack.task_states(dag_id, run_id)}")
 
     def log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        quoted = urllib.parse.quote(run_id, safe="")
-        req = urllib.request.Request(
-            f"{self.stack.url}/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}",
-            headers={"Accept": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            body = json.loads(resp.read())
-        content = body.get("content")
-        return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content) \
-            if isinstance(content, list) else str(content)
+        return task_log(self.stack, dag_id, run_id, task_id, try_number)
 
     def launched(self, form_run_id: str) -> tuple[str, str]:
         """The migration DAG and run the form's run started (run_migration's XCom)."""
-        quoted = urllib.parse.quote(form_run_id, safe="")
-        xcom = self.stack.get(f"/api/v2/dags/{FORM}/dagRuns/{quoted}/taskInstances/run_migration/xcomEntries/"
-                              f"return_value")
-        value = xcom["value"]
-        value = json.loads(value) if isinstance(value, str) else value
-        return value["dag_id"], value["run_id"]
+        return launched(self.stack, FORM, form_run_id)
 
     def assert_migrated(self, form_run_id: str, name: str) -> None:
         state = self.wait_run(FORM, form_run_id)

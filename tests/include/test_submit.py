@@ -1,15 +1,19 @@
-"""include.submit against a real store folder: what a submission writes, and every case where it refuses to
-replace what it did not write (another file's migration, another submitter's, one under way or Ready)."""
+"""include.submit against a real store folder and the real kube-apiserver: what a submission writes, and every
+case where it refuses to replace what it did not write (another file's migration, another submitter's, one under
+way or Ready, a VMMigration of the cluster), or to write at all (an identity without the submitter's RBAC)."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 import yaml
 
 from include.demo import DemoWorld, store_documents, write_store
+from include.kube_sync import GROUP, VERSION, run_id_for
 from include.spec import SpecValidationError
 from include.store import FileStatusSink, SpecStore
-from include.submit import submit_to_store, submitted_path
+from include.submit import ClusterRefused, submit_to_cluster, submit_to_store, submitted_path
 
 
 @pytest.fixture
@@ -93,3 +97,42 @@ def test_credentials_in_the_storage_endpoint_are_refused_before_anything_is_writ
         submit_to_store(store, doc, via="a test", by="x")
     assert [e.path for e in err.value.errors] == ["spec.storage.endpoint"] and "s3cret" not in str(err.value)
     assert not submitted_path(store, "default", "web").exists()
+
+
+def test_a_cluster_submission_creates_once_and_never_replaces(kube_api, submitter, tmp_path):
+    world = DemoWorld(uri="qemu:///system", prefix="subk", root=tmp_path)
+    name = f"form-{uuid.uuid4().hex[:6]}"
+    with kube_api.client(submitter) as api:
+        made = submit_to_cluster(api, _doc(world, name), via="the test form")
+        again = submit_to_cluster(api, _doc(world, name), via="the test form")  # a retry after a lost reply
+        with pytest.raises(SpecValidationError) as other:
+            submit_to_cluster(api, _doc(world, name, targetName="elsewhere"), via="the test form")
+        with pytest.raises(SpecValidationError) as not_mine:
+            submit_to_cluster(api, _doc(world, name), via="another form")
+    there = kube_api.request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")[1]
+    uid = there["metadata"]["uid"]
+    assert (made.where, made.written, made.run_id, made.conf) == ("cluster", True, run_id_for(uid, 1),
+                                                                  {"uid": uid, "generation": 1})
+    assert (again.written, again.run_id) == (False, made.run_id)
+    for err in (other, not_mine):
+        assert [e.path for e in err.value.errors] == ["metadata.name"] and "exists in the cluster" in str(err.value)
+    assert there["spec"]["targetName"] == _doc(world, name)["spec"]["targetName"], "never replaced"
+    assert there["metadata"]["annotations"]["vmmigration.virtrigaud.io/submitted-via"] == "the test form"
+
+
+def test_an_identity_without_the_submitter_role_is_refused_naming_it(kube_api, engine, submitter, tmp_path):
+    world = DemoWorld(uri="qemu:///system", prefix="subk", root=tmp_path)
+    name = f"form-{uuid.uuid4().hex[:6]}"
+    kube_api.apply_yaml({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "unbound"}})
+    with kube_api.client(engine) as api, pytest.raises(ClusterRefused) as as_engine:
+        submit_to_cluster(api, _doc(world, name), via="the test form")
+    with kube_api.client(submitter) as api, pytest.raises(ClusterRefused) as elsewhere:
+        submit_to_cluster(api, _doc(world, name, namespace="unbound"), via="the test form")
+    with kube_api.client(submitter) as api, pytest.raises(ClusterRefused) as no_namespace:
+        submit_to_cluster(api, _doc(world, name, namespace="no-such-ns"), via="the test form")
+    assert "HTTP 403" in str(as_engine.value) and "deploy/rbac/submitter.yaml" in str(as_engine.value)
+    assert "namespace unbound" in str(elsewhere.value) and "HTTP 403" in str(elsewhere.value)
+    assert "HTTP 404" in str(no_namespace.value) or "HTTP 403" in str(no_namespace.value)
+    for ns in ("default", "unbound"):
+        items = kube_api.request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/vmmigrations")[1]["items"]
+        assert name not in [i["metadata"]["name"] for i in items], "nothing was created"
