@@ -66,15 +66,16 @@ with DAG(
         from include.submit import ClusterRefused
 
         values = params or {}
+        # the submitter is this form run: only its own retry may replace the spec before the run starts (or, in a
+        # cluster, take a VMMigration already there for its own)
+        by = f"{DAG_ID}/{getattr(dag_run, 'run_id', '?')}"
         try:
             if CONN_ID:
                 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-                done = request_form.submit(values, SpecStore(), via=VIA,
+                done = request_form.submit(values, SpecStore(), via=VIA, by=by,
                                            api_client=KubernetesHook(conn_id=SUBMIT_CONN_ID).get_conn())
             else:
-                # the submitter is this form run: only its own retry may replace the spec before the run starts
-                by = f"{DAG_ID}/{getattr(dag_run, 'run_id', '?')}"
                 done = request_form.submit(values, SpecStore(), via=VIA, by=by)
         except SpecValidationError as err:  # FormError too
             raise AirflowFailException(request_form.refusal(values, err)) from None

@@ -439,7 +439,7 @@ def submit(values: Mapping[str, Any], store: Any, *, via: str, by: str = "?", ap
     if errors:
         raise SpecValidationError(errors)
     if api_client is not None:
-        return submit_to_cluster(api_client, doc, via=via)
+        return submit_to_cluster(api_client, doc, via=via, by=by)
     return submit_to_store(store, doc, via=via, by=by)
 
 

@@ -194,6 +194,8 @@ def _write(path: Path, header: str, doc: dict[str, Any]) -> None:
 
 
 _VIA_ANNOTATION = "vmmigration.virtrigaud.io/submitted-via"
+#: the submitter (the form's run): only its own retry is taken for the same submission
+_BY_ANNOTATION = "vmmigration.virtrigaud.io/submitted-by"
 
 
 class ClusterRefused(RuntimeError):
@@ -205,11 +207,12 @@ class ClusterRefused(RuntimeError):
 SUBMITTER_RBAC = "deploy/rbac/submitter.yaml"
 
 
-def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Submitted:
+def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str, by: str) -> Submitted:
     """Create ``doc`` in the cluster (checked for the spec's own rules first; references are followed by
     Validating from the cluster, as for any VMMigration applied with kubectl). An existing VMMigration of that
     name is never replaced: the submission is refused naming metadata.name, unless it is this very submission
-    (same ``via``, same spec: a retry whose first create went through), which is then returned unwritten.
+    (same ``via``, same submitter ``by``, same spec: a retry whose first create went through), which is then
+    returned unwritten.
 
     :raises SpecValidationError: the problems, each naming its field (nothing was created)
     :raises ClusterRefused: no permission to create (or read) VMMigrations there, or no such resource
@@ -224,7 +227,7 @@ def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Subm
     if errors:
         raise SpecValidationError(errors)
     ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
-    doc["metadata"].setdefault("annotations", {})[_VIA_ANNOTATION] = via
+    doc["metadata"].setdefault("annotations", {}).update({_VIA_ANNOTATION: via, _BY_ANNOTATION: by})
     api = CustomObjectsApi(api_client)
     try:
         made = api.create_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", doc)
@@ -234,10 +237,15 @@ def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Subm
             try:
                 there = api.get_namespaced_custom_object(GROUP, VERSION, ns, "vmmigrations", name)
             except ApiException as again:
-                _refused_for_good(again, ns, "read")
-                raise
+                if again.status in (401, 403):
+                    raise ClusterRefused(
+                        f"VMMigration {ns}/{name} exists in the cluster, and it cannot be read to tell whether "
+                        f"it is this submission's (HTTP {again.status}: {_reason(again)}); the form's identity "
+                        f"needs get on vmmigrations there ({SUBMITTER_RBAC})") from None
+                raise  # deleted since (404) or the server away: a retry looks again
             annotations = (there.get("metadata") or {}).get("annotations") or {}
-            if annotations.get(_VIA_ANNOTATION) == via and _same(there.get("spec"), doc.get("spec")):
+            if (annotations.get(_VIA_ANNOTATION), annotations.get(_BY_ANNOTATION)) == (via, by) and _same(
+                    there.get("spec"), doc.get("spec")):
                 meta = there["metadata"]
                 uid, generation = meta["uid"], int(meta.get("generation") or 1)
                 return Submitted(ns, name, "cluster", False, run_id=run_id_for(uid, generation),
@@ -245,9 +253,9 @@ def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Subm
                                  phase=(there.get("status") or {}).get("phase"))
             raise SpecValidationError([FieldError("metadata.name", f"VMMigration {ns}/{name} exists in the cluster "
                                                                    f"already; choose another name")]) from None
-        if err.status == 422:
+        if err.status in (400, 422):
             raise SpecValidationError([FieldError("spec", f"refused by the cluster: {_reason(err)}")]) from None
-        _refused_for_good(err, ns, "create")
+        _refused_for_good(err, ns)
         raise
     meta = made["metadata"]
     uid, generation = meta["uid"], int(meta.get("generation") or 1)
@@ -255,17 +263,31 @@ def submit_to_cluster(api_client: Any, doc: dict[str, Any], *, via: str) -> Subm
                      conf={"uid": uid, "generation": generation})
 
 
-def _refused_for_good(err: Any, namespace: str, verb: str) -> None:
-    """Raise ClusterRefused for a refusal that a retry does not mend; return for the rest (5xx, 429: retried)."""
-    if err.status in (401, 403):
-        raise ClusterRefused(f"the cluster refused to {verb} VMMigrations in namespace {namespace} (HTTP "
-                             f"{err.status}: {_reason(err)}); the identity of the form's kubernetes connection "
-                             f"needs create and get on vmmigrations.infra.virtrigaud.io there ({SUBMITTER_RBAC}), "
-                             f"nothing was created") from None
-    if err.status == 404:
-        raise ClusterRefused(f"the cluster has no VMMigration resource in namespace {namespace} (HTTP 404: "
-                             f"{_reason(err)}); apply the CRDs of deploy/crds/ and create the namespace, nothing was "
+def _refused_for_good(err: Any, namespace: str) -> None:
+    """Raise ClusterRefused for a refused create that a retry does not mend; return for the rest (5xx, 429)."""
+    if err.status == 401:
+        raise ClusterRefused(f"the cluster rejected the credentials of the form's kubernetes connection (HTTP 401: "
+                             f"{_reason(err)}): an expired or revoked token? Nothing was created") from None
+    if err.status == 403:
+        raise ClusterRefused(f"the cluster refused to create VMMigrations in namespace {namespace} (HTTP 403: "
+                             f"{_reason(err)}); the identity of the form's kubernetes connection needs create and "
+                             f"get on vmmigrations.infra.virtrigaud.io there ({SUBMITTER_RBAC}), nothing was "
                              f"created") from None
+    if err.status == 404:
+        details = _body(err).get("details") or {}
+        if details.get("kind") == "namespaces":
+            raise ClusterRefused(f"the cluster has no namespace {namespace} (HTTP 404: {_reason(err)}); set the "
+                                 f"form's namespace to one that exists, nothing was created") from None
+        raise ClusterRefused(f"the cluster has no VMMigration resource (HTTP 404: {_reason(err)}); apply the CRDs "
+                             f"of deploy/crds/, nothing was created") from None
+
+
+def _body(err: Any) -> dict[str, Any]:
+    try:
+        body = json.loads(err.body or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _reason(err: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from include import status as st
-from include.errors import ChecksumError, MigrationFailure
+from include.errors import AlreadyMigrated, ChecksumError, MigrationFailure
 from include.phases.context import MigrationContext, failure_message
 from include.spec import SpecValidationError
 from include.status import Phase
@@ -43,6 +43,9 @@ def record_failure(ctx: MigrationContext, phase: Phase, err: BaseException, *, f
                    attempt: int | None = None, max_attempts: int | None = None, disk: str | None = None) -> None:
     """Record a failure: in the run state and as Failed in the status when final, as a retry note on the
     phase's condition otherwise. A checksum mismatch marks the disk's checksum failed."""
+    if isinstance(err, AlreadyMigrated):  # a run refused after Ready: the migration's record stays as it was
+        ctx.logger.info("%s/%s: %s", ctx.namespace, ctx.name, err)
+        return
     reason = getattr(err, "reason", None) or ("ValidationFailed" if isinstance(err, SpecValidationError)
                                               else "PhaseFailed")
     message = failure_message(err)

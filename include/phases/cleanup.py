@@ -17,7 +17,7 @@ from include import safefs
 from include import status as st
 from include.bootcheck import DELETE_RUNNING
 from include.claims import NameClaims
-from include.errors import MigrationDeleted, NotFound, PlanChanged
+from include.errors import AlreadyMigrated, MigrationDeleted, NotFound, PlanChanged
 from include.phases.checks import ensure_same_source
 from include.phases.context import MigrationContext, host_scope
 from include.phases.source import end_point_in_time
@@ -147,7 +147,19 @@ def _summary_disks(ctx: MigrationContext) -> list[dict[str, Any]]:
 
 def finalize(ctx: MigrationContext, *, succeeded: bool, failure: str | None = None) -> dict[str, Any]:
     """Ready or Failed, with cleanup. A run of a cluster VMMigration that is gone by now (deleted after the
-    target validated) is not handed over: it rolls back as on a failure, and deleteSource never runs."""
+    target validated) is not handed over: it rolls back as on a failure, and deleteSource never runs.
+
+    :raises AlreadyMigrated: the migration ended Ready and no Validating has run since (this run was refused):
+        nothing is cleaned, rolled back or marked
+    """
+    from include.store import FileStatusSink
+
+    record = ctx.store.run_record(ctx.namespace, ctx.name)
+    if record.get("finalized") is True and (FileStatusSink(ctx.store).get(ctx.namespace, ctx.name) or {}).get(
+            "phase") == "Ready":
+        raise AlreadyMigrated(f"VMMigration {ctx.namespace}/{ctx.name} ended Ready in an earlier run and no "
+                              f"Validating has run since: nothing to finalize, nothing was touched",
+                              field="metadata.name")
     if succeeded and ctx.cluster_run is not None and ctx.cluster_present is not None:
         uid = ctx.cluster_run[0]
         if not ctx.cluster_present(ctx.namespace, ctx.name, uid):

@@ -8,15 +8,35 @@ from typing import Any
 
 from include.bootcheck import DELETE_RUNNING, delete_running_from
 from include.claims import NameClaims
-from include.errors import InvalidMigration, NotFound
+from include.errors import AlreadyMigrated, InvalidMigration, NotFound
 from include.phases.bookkeeping import begin, finish
 from include.phases.checks import ensure_object_key_free
-from include.phases.context import MigrationContext
+from include.phases.context import SPEC, MigrationContext
 from include.plan import build_plan, describe
 from include.status import Phase
 
 
+def ensure_not_ready(ctx: MigrationContext) -> None:
+    """Refuse a run of a migration that ended Ready, before anything is written (a migration moves its VM once;
+    its status, summary, run state and VMs stay as they are). A cluster VMMigration made again under the same
+    name (another uid) is another migration: the Ready of the one before does not stop it."""
+    from include.store import FileStatusSink
+
+    status = FileStatusSink(ctx.store).get(ctx.namespace, ctx.name) or {}
+    if status.get("phase") != "Ready":
+        return
+    if ctx.cluster_run is not None:
+        saved = ctx.store.state.read(ctx.namespace, ctx.name, SPEC) or {}
+        if saved.get("uid") != ctx.cluster_run[0]:
+            return
+    raise AlreadyMigrated(f"VMMigration {ctx.namespace}/{ctx.name} ended Ready at {status.get('completionTime')}"
+                          f" ({status.get('message') or 'its VM has moved'}); a migration moves its VM once, so "
+                          f"this run does nothing and leaves its status as it is: to move the VM again, create a "
+                          f"VMMigration of another name", field="metadata.name")
+
+
 def validate(ctx: MigrationContext) -> dict[str, Any]:
+    ensure_not_ready(ctx)
     ctx.validating = True
     begin(ctx, Phase.VALIDATING, message="Validating source VM and target provider")
     # the run's outcome is run state, not status: finalize decides from it, whatever sink shows the status;

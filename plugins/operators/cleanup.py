@@ -38,6 +38,7 @@ class FinalizeMigrationOperator(BaseOperator):
         self.validated_task_id = validated_task_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from include.errors import AlreadyMigrated
         from include.phases import finalize
         from operators.base import pipeline_context
 
@@ -45,7 +46,10 @@ class FinalizeMigrationOperator(BaseOperator):
                                airflow_context=context)
         try:
             succeeded, failure = self._outcome(context, ctx)
-            result = finalize(ctx, succeeded=succeeded, failure=None if succeeded else failure)
+            try:
+                result = finalize(ctx, succeeded=succeeded, failure=None if succeeded else failure)
+            except AlreadyMigrated as err:  # this run was refused at Validating: its migration stays as it was
+                raise AirflowFailException(str(err)) from None
             # finalize may find the run lost after all (its VMMigration deleted from the cluster meanwhile)
             succeeded, failure = bool(result.pop("succeeded", succeeded)), result.pop("failure", None) or failure
         finally:

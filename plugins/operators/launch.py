@@ -90,6 +90,9 @@ class RunMigrationOperator(BaseOperator):
         # run under way (started by another form or wave), nor start one after Ready (narrow race: two launchers
         # looking at once both see none; the migration's max_active_runs=1 then queues the second)
         if ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]):
+            if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]):  # ours, started meanwhile (the cluster's watcher)
+                self.log.info("run %s of %s was started meanwhile: waiting for it", run_id, dag_id)
+                return
             raise AirflowFailException(f"migration {self.namespace}/{self.migration_name} has a run under way already "
                                        f"(see the DAG {dag_id}); not starting another")
         if (self._status() or {}).get("phase") == "Ready":

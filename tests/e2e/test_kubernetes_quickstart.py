@@ -7,7 +7,7 @@ per generation, started at once (not at the end of the next watch). And the trig
 creates its VMMigration in the cluster, as its own identity of deploy/rbac/submitter.yaml, and runs it there.
 
 The engine runs as its ServiceAccount of deploy/rbac/engine.yaml, through an Airflow kubernetes connection. One
-Airflow serves both tests (starting one costs 30-60 s)."""
+Airflow serves the three tests (starting one costs 30-60 s)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import pytest
 from include import phases
 from include.demo import create_source_vm, store_documents, write_store
 from include.errors import ChecksumError, Conflict, InvalidMigration, PlanChanged, StorageError
+from include.runstate import LEDGER
 from include.store import FileStatusSink, SpecStore
 from tests.e2e.helpers import assert_target_matches_source, run_migration, task_states
 
@@ -196,6 +197,37 @@ def test_delete_source_keeps_a_volume_another_vm_uses(airflow_db, store, world):
         assert other in domains(world)
     finally:
         subprocess.run(["virsh", "-q", "-c", world.uri, "undefine", other], capture_output=True)
+
+
+def test_a_run_after_ready_is_refused_and_leaves_the_migration_as_it_was(airflow_db, store, world):
+    """Before: a second run of a Ready migration's DAG (its Trigger button) failed at Validating on the target VM
+    it had made, and finalize then marked the migration Failed: the VM had moved, the status said it had not."""
+    create_source_vm(world)
+    name = "once"
+    write_store(store, f"{name}.yaml", store_documents(world, name=name, target_format="qcow2"))
+    first = run_migration(f"vmmigration__default__{name}")
+    assert str(first.state) == "success", task_states(first)
+    specs = SpecStore(store)
+    before = (FileStatusSink(specs).get("default", name), specs.run_record("default", name),
+              specs.load_plan("default", name), specs.state.read("default", name, LEDGER),
+              sorted(p.name for p in world.share.rglob("*")))
+    assert before[0]["phase"] == "Ready" and before[0]["summary"]
+
+    again = run_migration(f"vmmigration__default__{name}")
+    states = task_states(again)
+    assert str(again.state) == "failed"
+    assert states["validate_migration[-1]"] == "failed" and states["finalize_migration[-1]"] == "failed", states
+    assert all(state == "upstream_failed" for task, state in states.items()
+               if task not in ("validate_migration[-1]", "finalize_migration[-1]")), states
+    after = (FileStatusSink(specs).get("default", name), specs.run_record("default", name),
+             specs.load_plan("default", name), specs.state.read("default", name, LEDGER),
+              sorted(p.name for p in world.share.rglob("*")))
+    assert after == before, "the status, run record, plan, ledger and share are as the Ready run left them"
+    assert world.vm_name in domains(world) and f"{world.vm_name}-migrated" in domains(world)
+    assert_target_matches_source(world, "qcow2")
+    with pytest.raises(InvalidMigration, match="ended Ready") as err:
+        phases.validate(ctx_for(store, name))
+    assert err.value.field == "metadata.name" and err.value.reason == "AlreadyReady"
 
 
 # -- plan-pinned execution --------------------------------------------------------------------------------------

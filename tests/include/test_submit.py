@@ -102,37 +102,44 @@ def test_credentials_in_the_storage_endpoint_are_refused_before_anything_is_writ
 def test_a_cluster_submission_creates_once_and_never_replaces(kube_api, submitter, tmp_path):
     world = DemoWorld(uri="qemu:///system", prefix="subk", root=tmp_path)
     name = f"form-{uuid.uuid4().hex[:6]}"
+    form = {"via": "the test form", "by": "form/run-1"}
     with kube_api.client(submitter) as api:
-        made = submit_to_cluster(api, _doc(world, name), via="the test form")
-        again = submit_to_cluster(api, _doc(world, name), via="the test form")  # a retry after a lost reply
-        with pytest.raises(SpecValidationError) as other:
-            submit_to_cluster(api, _doc(world, name, targetName="elsewhere"), via="the test form")
-        with pytest.raises(SpecValidationError) as not_mine:
-            submit_to_cluster(api, _doc(world, name), via="another form")
+        made = submit_to_cluster(api, _doc(world, name), **form)
+        again = submit_to_cluster(api, _doc(world, name), **form)  # a retry after a lost reply
+        refused = []
+        for doc, who in ((_doc(world, name, targetName="elsewhere"), form),  # another spec
+                         (_doc(world, name), {**form, "by": "form/run-2"}),  # another form run, the same values
+                         (_doc(world, name), {**form, "via": "another form"})):
+            with pytest.raises(SpecValidationError) as err:
+                submit_to_cluster(api, doc, **who)
+            refused.append(err.value)
     there = kube_api.request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/default/vmmigrations/{name}")[1]
     uid = there["metadata"]["uid"]
     assert (made.where, made.written, made.run_id, made.conf) == ("cluster", True, run_id_for(uid, 1),
                                                                   {"uid": uid, "generation": 1})
     assert (again.written, again.run_id) == (False, made.run_id)
-    for err in (other, not_mine):
-        assert [e.path for e in err.value.errors] == ["metadata.name"] and "exists in the cluster" in str(err.value)
+    for err in refused:
+        assert [e.path for e in err.errors] == ["metadata.name"] and "exists in the cluster" in str(err)
     assert there["spec"]["targetName"] == _doc(world, name)["spec"]["targetName"], "never replaced"
-    assert there["metadata"]["annotations"]["vmmigration.virtrigaud.io/submitted-via"] == "the test form"
+    annotations = there["metadata"]["annotations"]
+    assert (annotations["vmmigration.virtrigaud.io/submitted-via"],
+            annotations["vmmigration.virtrigaud.io/submitted-by"]) == ("the test form", "form/run-1")
 
 
-def test_an_identity_without_the_submitter_role_is_refused_naming_it(kube_api, engine, submitter, tmp_path):
+def test_a_cluster_that_refuses_the_create_says_what_is_missing(kube_api, engine, submitter, tmp_path):
     world = DemoWorld(uri="qemu:///system", prefix="subk", root=tmp_path)
     name = f"form-{uuid.uuid4().hex[:6]}"
+    form = {"via": "the test form", "by": "form/run-1"}
     kube_api.apply_yaml({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "unbound"}})
     with kube_api.client(engine) as api, pytest.raises(ClusterRefused) as as_engine:
-        submit_to_cluster(api, _doc(world, name), via="the test form")
+        submit_to_cluster(api, _doc(world, name), **form)
     with kube_api.client(submitter) as api, pytest.raises(ClusterRefused) as elsewhere:
-        submit_to_cluster(api, _doc(world, name, namespace="unbound"), via="the test form")
-    with kube_api.client(submitter) as api, pytest.raises(ClusterRefused) as no_namespace:
-        submit_to_cluster(api, _doc(world, name, namespace="no-such-ns"), via="the test form")
+        submit_to_cluster(api, _doc(world, name, namespace="unbound"), **form)
+    with kube_api.client("admin") as api, pytest.raises(ClusterRefused) as no_namespace:
+        submit_to_cluster(api, _doc(world, name, namespace="no-such-ns"), **form)
     assert "HTTP 403" in str(as_engine.value) and "deploy/rbac/submitter.yaml" in str(as_engine.value)
     assert "namespace unbound" in str(elsewhere.value) and "HTTP 403" in str(elsewhere.value)
-    assert "HTTP 404" in str(no_namespace.value) or "HTTP 403" in str(no_namespace.value)
+    assert "HTTP 404" in str(no_namespace.value) and "no namespace no-such-ns" in str(no_namespace.value)
     for ns in ("default", "unbound"):
         items = kube_api.request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/vmmigrations")[1]["items"]
         assert name not in [i["metadata"]["name"] for i in items], "nothing was created"
