@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from include.demo import create_source_vm, store_documents
 from include.kube_sync import ClusterInventory, mirror_path, read_header, run_id_for, sync
@@ -57,7 +58,9 @@ def kube_stack(kube_api, engine, submitter, tmp_path_factory):
     store = root / "store"
     store.mkdir()
     home, port = root / "airflow", free_port()
-    form_conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kube_api.kubeconfig(submitter))}}
+    # the form's connection carries its kubeconfig inline, as the README's Helm advice has it (a Secret's value)
+    form_conn = {"conn_type": "kubernetes",
+                 "extra": {"kube_config": yaml.safe_load(kube_api.kubeconfig(submitter).read_text())}}
     env = {**os.environ, "VMMIGRATION_STORE": str(store), "VMMIGRATION_STAGING": str(root / "staging"),
            "VMMIGRATION_KUBERNETES_WATCH_SECONDS": str(WATCH_SECONDS), **connection_env(kube_api.kubeconfig(engine)),
            "AIRFLOW_CONN_VMMIGRATION_K8S_FORM": json.dumps(form_conn),
