@@ -5,6 +5,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${VMMIG_CACHE:-$HOME/.cache/vmmigration}"
 mkdir -p "$cache"
+# one bootstrap at a time per cache: a second one waits, then finds everything built
+exec 9>"$cache/bootstrap.lock"
+flock 9
 
 # 1. Debian packages: libvirt daemon + client, qemu-img, build deps of libvirt-python, and the
 #    servers the tests start (nginx, sshd, etcd are used by later suites), Chromium for the UI tests,

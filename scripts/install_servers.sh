@@ -18,6 +18,10 @@ set -euo pipefail
 VERSITYGW_VERSION="${VERSITYGW_VERSION:-v1.8.0}"
 cache="${VMMIG_CACHE:-$HOME/.cache/vmmigration}"
 bin="$cache/bin/versitygw"
+# one install at a time per cache (a test that finds a binary missing may call this while another runs it)
+mkdir -p "$cache"
+exec 9>"$cache/install_servers.lock"
+flock 9
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 vcsim_src="$root/tests/servers/vcsim"
 kas_src="$root/tests/servers/kube/kas"
