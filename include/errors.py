@@ -126,7 +126,6 @@ class PlanChanged(InvalidMigration):
     reason = "PlanChanged"
 
 
-
 class AlreadyMigrated(InvalidMigration):
     """The migration ended Ready: a new run of it is refused, and leaves its status, run state and VMs as they
     are (a migration moves its VM once)."""

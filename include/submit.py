@@ -291,7 +291,5 @@ def _body(err: Any) -> dict[str, Any]:
 
 
 def _reason(err: Any) -> str:
-    try:
-        return str(json.loads(err.body).get("message"))[:500]
-    except Exception:  # noqa: BLE001 - no JSON body: the status line says enough
-        return str(err.reason)
+    """The API server's message of a refusal (its Status object), else the HTTP status line's reason."""
+    return str(_body(err).get("message") or err.reason)[:500]

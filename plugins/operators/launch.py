@@ -88,7 +88,8 @@ class RunMigrationOperator(BaseOperator):
             return
         # one run of a migration at a time, and a migration moves its VM once: never queue a second run behind a
         # run under way (started by another form or wave), nor start one after Ready (narrow race: two launchers
-        # looking at once both see none; the migration's max_active_runs=1 then queues the second)
+        # looking at once both see none; the migration's max_active_runs=1 then queues the second, which
+        # Validating refuses if the first ended Ready)
         if ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]):
             if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]):  # ours, started meanwhile (the cluster's watcher)
                 self.log.info("run %s of %s was started meanwhile: waiting for it", run_id, dag_id)

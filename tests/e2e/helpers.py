@@ -137,3 +137,16 @@ def task_log(stack, dag_id: str, run_id: str, task_id: str, try_number: int = 1)
         content = json.loads(resp.read()).get("content")
     return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content) \
         if isinstance(content, list) else str(content)
+
+
+def wait_run(stack, dag_id: str, run_id: str, timeout: float) -> str:
+    """The run's end state (success or failed), polled through the REST API."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = stack.run_state(dag_id, run_id)
+        if state in ("success", "failed"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"{dag_id} run {run_id} did not end in {timeout:.0f}s: {stack.task_states(dag_id, run_id)}")

@@ -25,7 +25,7 @@ import yaml
 from include.demo import create_source_vm, store_documents
 from include.kube_sync import ClusterInventory, mirror_path, read_header, run_id_for, sync
 from include.store import dag_id_for
-from tests.e2e.helpers import assert_target_matches_source, form_conf, launched, task_log
+from tests.e2e.helpers import assert_target_matches_source, form_conf, launched, task_log, wait_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_cluster")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,10 +202,7 @@ def test_the_trigger_form_creates_the_vmmigration_in_the_cluster_and_runs_its_ge
     create_source_vm(world)
     apply_documents(kube_api, store_documents(world, name=name, target_format="raw")[1:])  # the inventory
     form_run = stack.trigger(FORM, form_conf(world, name, f"{world.vm_name}-migrated"))
-    deadline = time.monotonic() + 300
-    while stack.run_state(FORM, form_run) not in ("success", "failed") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert stack.run_state(FORM, form_run) == "success", stack.task_states(FORM, form_run)
+    assert wait_run(stack, FORM, form_run, 300) == "success", stack.task_states(FORM, form_run)
 
     made = get_migration(kube_api, "default", name)
     uid, status = made["metadata"]["uid"], made.get("status") or {}
@@ -218,8 +215,7 @@ def test_the_trigger_form_creates_the_vmmigration_in_the_cluster_and_runs_its_ge
 
     # the same name again with another target: refused naming the field; the VMMigration is left as it was
     again = stack.trigger(FORM, form_conf(world, name, "elsewhere"))
-    while stack.run_state(FORM, again) not in ("success", "failed") and time.monotonic() < deadline + 120:
-        time.sleep(1)
+    assert wait_run(stack, FORM, again, 120) == "failed"
     assert stack.task_states(FORM, again) == {"submit_migration[-1]": "failed", "run_migration[-1]": "upstream_failed"}
     log = task_log(stack, FORM, again, "submit_migration")
     assert f"metadata.name (form field migration_name): VMMigration default/{name} exists in the cluster" in log, log

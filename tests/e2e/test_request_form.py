@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from include import diskio, request_form
 from include.demo import DemoWorld, create_source_vm, store_documents, teardown, write_store
 from include.store import FileStatusSink, SpecStore
 from tests.e2e.browser import chromium_page, screenshot
-from tests.e2e.helpers import assert_target_matches_source, form_conf, launched, task_log
+from tests.e2e.helpers import assert_target_matches_source, form_conf, launched, task_log, wait_run
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,14 +48,7 @@ class Env:
         return sorted(str(p.relative_to(self.store)) for p in self.store.rglob("*") if p.is_file())
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = RUN_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = self.stack.run_state(dag_id, run_id)
-            if state in ("success", "failed"):
-                return state
-            time.sleep(1)
-        raise AssertionError(f"{dag_id} run {run_id} did not end in {timeout:.0f}s: "
-                             f"{self.stack.task_states(dag_id, run_id)}")
+        return wait_run(self.stack, dag_id, run_id, timeout)
 
     def log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
         return task_log(self.stack, dag_id, run_id, task_id, try_number)
